@@ -1,0 +1,1 @@
+"""harp-bench: latency and robustness reports of exported artifacts."""

@@ -1,0 +1,26 @@
+"""Click options shared by several commands (one definition each)."""
+
+import click
+
+from ..attacks import NORMS
+from ..training.losses import LOSSES
+
+quiet = click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+device = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+data_root = click.option("--data-root", default="data", show_default=True,
+                         help="Folder holding torchvision datasets (MNIST: ../shared/data).")
+download = click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-root.")
+seed = click.option("--seed", type=int, default=0, show_default=True)
+force = click.option("--force", is_flag=True, help="Overwrite an existing output directory written by harp.")
+resume = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
+as_json = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+epochs = click.option("--epochs", type=int, default=None, help="Default: per dataset (see README).")
+adv = click.option("--adv", type=click.Choice(list(LOSSES)), default="pgd", show_default=True,
+                   help="Adversarial loss: PGD-AT, TRADES, MART, or none (natural training).")
+eps = click.option("--eps", type=float, default=None, help="Attack budget in pixel space. Default: per dataset.")
+steps = click.option("--steps", type=int, default=None, help="PGD steps. Default: per dataset.")
+step_size = click.option("--step-size", type=float, default=None, help="PGD step size. Default: 2.5*eps/steps.")
+norm = click.option("--norm", type=click.Choice(list(NORMS)), default="linf", show_default=True)
+subset = click.option("--subset", type=int, default=None, help="Use only the first N train/test examples (smoke runs).")
+batch_size = click.option("--batch-size", type=int, default=None, help="Default: per dataset.")
+lr = click.option("--lr", type=float, default=None, help="Peak learning rate. Default: per dataset.")

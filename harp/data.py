@@ -1,0 +1,194 @@
+"""Datasets by name, as in-memory uint8 tensors with per-dataset defaults.
+
+Every dataset is held as uint8 NCHW images plus int64 labels; batches are scaled to
+float [0, 1] on the fly. Normalisation is not applied here: it is the model's first
+layer (`harp.models.normalize.Normalize`), so attack budgets are in pixel space.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import HarpError
+
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model and an attack need to know about a dataset."""
+
+    name: str
+    channels: int
+    size: tuple[int, int]  # (H, W)
+    classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eps: float  # default L-inf budget in pixel space
+    train_steps: int  # PGD steps while training
+    eval_steps: int  # PGD steps for `harp eval`
+    eval_step_size: float
+    augment: bool  # random crop + flip (natural images only)
+    l2_eps: float = 0.5  # default L2 budget for `harp eval --attack pgd-l2`
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.size)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "input_shape": list(self.input_shape), "classes": self.classes,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+_SPECS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec("digits", 1, (8, 8), 10, (0.3,), (0.38,), 0.2, 10, 20, 0.02, False, 1.0),
+    "mnist": DatasetSpec("mnist", 1, (28, 28), 10, (0.1307,), (0.3081,), 0.3, 7, 40, 0.01, False, 2.0),
+    "fashion-mnist": DatasetSpec("fashion-mnist", 1, (28, 28), 10, (0.2860,), (0.3530,), 0.1, 7, 40, 0.01, False, 1.5),
+    "cifar10": DatasetSpec("cifar10", 3, (32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           8 / 255, 10, 10, 2 / 255, True),
+    "cifar100": DatasetSpec("cifar100", 3, (32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                            8 / 255, 10, 10, 2 / 255, True),
+    "svhn": DatasetSpec("svhn", 3, (32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                        8 / 255, 10, 10, 2 / 255, False),
+}
+DATASETS = tuple(_SPECS) + ("imagefolder:PATH",)
+IMAGEFOLDER_SIZE = 32
+
+
+@dataclass
+class ImageData:
+    """A split as tensors: images uint8 (N, C, H, W), labels int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None) -> ImageData:
+        return self if n is None or n >= len(self) else ImageData(self.images[:n], self.labels[:n])
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                rank: int = 0, world_size: int = 1, augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield float [0, 1] batches; with world_size > 1 each rank gets an equal, disjoint shard."""
+        n = len(self)
+        if shuffle:
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        if world_size > 1:  # equal shard sizes keep DDP's collective calls in step
+            per_rank = n // world_size
+            order = order[rank * per_rank:(rank + 1) * per_rank] if not shuffle else order[rank::world_size][:per_rank]
+        aug_gen = torch.Generator().manual_seed(seed * 7_919 + epoch * 31 + rank)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x = self.images[idx].float().div_(255.0)
+            if augment:
+                x = _crop_flip(x, aug_gen)
+            yield x, self.labels[idx]
+
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        return math.ceil((len(self) // world_size if world_size > 1 else len(self)) / batch_size)
+
+
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation: random crop from a 4-pixel zero-padded image, random flip."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (N, C, H+2p, W+2p)
+    rows = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen) + torch.arange(h)  # (N, H)
+    cols = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen) + torch.arange(w)  # (N, W)
+    flip = torch.rand(n, generator=gen) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name.startswith("imagefolder:"):
+        return _imagefolder_spec(Path(name.split(":", 1)[1]))
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise HarpError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})") from None
+
+
+def load_split(name: str, train: bool, *, root: str | Path = "data", download: bool = False) -> ImageData:
+    """Load one split of a dataset by name into memory."""
+    spec = dataset_spec(name)
+    if name == "digits":
+        return _digits(train)
+    if name.startswith("imagefolder:"):
+        return _imagefolder(Path(name.split(":", 1)[1]), train, spec)
+    return _torchvision(name, train, Path(root), download)
+
+
+def _digits(train: bool) -> ImageData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    x_tr, x_te, y_tr, y_te = train_test_split(images, bunch.target, test_size=DIGITS_TEST_FRACTION,
+                                              stratify=bunch.target, random_state=DIGITS_SPLIT_SEED)
+    x, y = (x_tr, y_tr) if train else (x_te, y_te)
+    return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+
+
+def _torchvision(name: str, train: bool, root: Path, download: bool) -> ImageData:
+    import torchvision.datasets as tvd
+
+    try:
+        if name in ("mnist", "fashion-mnist"):
+            cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+            ds = cls(str(root), train=train, download=download)
+            images, labels = ds.data.unsqueeze(1), ds.targets
+        elif name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(str(root), train=train, download=download)
+            images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+            labels = torch.tensor(ds.targets)
+        else:  # svhn
+            ds = tvd.SVHN(str(root), split="train" if train else "test", download=download)
+            images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
+    except (RuntimeError, OSError, ValueError) as e:
+        hint = "" if download else " (pass --download to fetch it, or --data-root to point at it)"
+        raise HarpError(f"dataset {name!r} not found under {root}{hint}: {str(e).splitlines()[0]}") from e
+    return ImageData(images.to(torch.uint8).contiguous(), labels.to(torch.int64))
+
+
+def _imagefolder_dirs(path: Path) -> tuple[Path, Path]:
+    train = path / "train"
+    test = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
+    if not train.is_dir() or test is None:
+        raise HarpError(f"imagefolder {path} needs subfolders train/ and val/ (or test/), one folder per class")
+    return train, test
+
+
+def _imagefolder_spec(path: Path) -> DatasetSpec:
+    train, _ = _imagefolder_dirs(path)
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise HarpError(f"imagefolder {train} has {len(classes)} class folders, need at least 2")
+    return DatasetSpec(f"imagefolder:{path}", 3, (IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), len(classes),
+                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 8 / 255, 10, 10, 2 / 255, True)
+
+
+def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+
+    folder = _imagefolder_dirs(path)[0 if train else 1]
+    tf = T.Compose([T.Resize(spec.size[0]), T.CenterCrop(spec.size), T.PILToTensor()])
+    ds = tvd.ImageFolder(str(folder), transform=lambda im: tf(im.convert("RGB")))
+    if len(ds) == 0:
+        raise HarpError(f"imagefolder {folder} holds no images")
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    return ImageData(images, torch.tensor(ds.targets, dtype=torch.int64))

@@ -1,0 +1,36 @@
+"""Output directories: refuse to clobber, clear only what harp wrote, create late."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import HarpError
+
+_OURS = ("meta.json", "state", "model.safetensors", "manifest.json")
+
+
+def check_out_dir(out: Path, *, force: bool, resume: bool) -> None:
+    """Validate --out before any work; nothing is created here."""
+    if resume:
+        if not (out / "state" / "state.json").is_file():
+            raise HarpError(f"--resume: {out} holds no interrupted run (no state/state.json)")
+        return
+    if out.exists():
+        if not out.is_dir():
+            raise HarpError(f"output {out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not force:
+                raise HarpError(f"output directory {out} already exists; pass --force to overwrite it or --resume")
+            if not any((out / name).exists() for name in _OURS):
+                raise HarpError(f"--force: {out} does not look like a harp output; refusing to delete it")
+    if not out.parent.exists():
+        raise HarpError(f"parent directory of {out} does not exist")
+
+
+def make_out_dir(out: Path, *, force: bool, resume: bool) -> None:
+    if resume:
+        return
+    if out.exists() and force:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,84 @@
+"""torchrun support: one process per rank, gloo on CPU and nccl on GPU.
+
+`torchrun --nproc_per_node=N harp train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; outside
+torchrun everything here degrades to a single process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum numbers over ranks (used for accuracy counts)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def weights_identical(self, model: nn.Module) -> bool:
+        """Every rank holds bit-identical parameters and buffers."""
+        if not self.enabled:
+            return True
+        digest = hashlib.sha256()
+        for v in model.state_dict().values():
+            digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+        mine = torch.tensor(list(digest.digest()), dtype=torch.int64)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+    return ctx
+
+
+def shutdown_distributed(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    from ..errors import HarpError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarpError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise HarpError(f"unknown device {name!r} (choose from auto, cpu, cuda)")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)

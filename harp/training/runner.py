@@ -1,0 +1,266 @@
+"""The epoch loop shared by training, pruning and fine-tuning.
+
+A `Job` says what is optimised and how (loss, parameter groups, per-epoch hooks);
+`run_job` owns everything else: optimiser and schedule, the seeded data order,
+validation, resumable per-epoch state, DDP, and the final checkpoint.
+
+Resume protocol: after every epoch the complete state (model incl. scores/rates,
+optimiser, scheduler, RNG, job state, history) is written atomically to DIR/state/.
+A run killed mid-epoch resumes from the last finished epoch and replays exactly the
+same data order, so it loses at most that epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..attacks import AttackConfig
+from ..checkpoint import save_checkpoint
+from ..data import ImageData
+from ..errors import HarpError
+from ..evaluate import accuracy, make_attack
+from ..io import atomic_save_tensors, atomic_torch_save, atomic_write_json
+from .distributed import DistContext
+from .losses import LossConfig, adversarial_loss
+
+STATE_DIR = "state"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    epochs: int
+    batch_size: int
+    optimizer: str  # "sgd" or "adam"
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    seed: int = 0
+    eps_warmup_epochs: float = 0.0  # linear ramp of the training eps (helps MNIST at eps=0.3)
+    val_size: int = 1000  # examples of the validation split scored after each epoch
+    select: str = "last"  # "last" epoch, or "best" validation robust accuracy among eligible epochs
+
+
+class Job(ABC):
+    """What an optimisation run trains; subclasses: training, pruning, fine-tuning."""
+
+    kind: str
+    model: nn.Module
+    loss_cfg: LossConfig
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def extra_loss(self, epoch: int) -> torch.Tensor | None:
+        """A term added to the adversarial loss (HARP's compression term)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (fine-tuning re-applies masks here)."""
+
+    def epoch_end(self, epoch: int) -> dict[str, Any]:
+        """Per-epoch bookkeeping; returns numbers for the log."""
+        return {}
+
+    def eligible(self) -> bool:
+        """Whether the current model may become the selected checkpoint."""
+        return True
+
+    def state_json(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_json(self, state: dict[str, Any]) -> None:
+        pass
+
+    @abstractmethod
+    def finalize(self) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+        """The plain model to checkpoint, its masks, and extra metadata."""
+
+
+class _MultiForward(nn.Module):
+    """One forward call over several batches, so DDP sees one forward per backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        return [self.model(x) for x in xs]
+
+
+def _optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise HarpError(f"unknown optimizer {cfg.optimizer!r} (choose from sgd, adam)")
+
+
+def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: ImageData, out: Path,
+            meta: dict[str, Any], *, eval_attack: AttackConfig, device: torch.device,
+            dist: DistContext, resume: bool = False, quiet: bool = False, augment: bool = False) -> dict[str, Any]:
+    """Optimise `job` for cfg.epochs and write the selected model as a checkpoint to `out`."""
+    model = job.model.to(device)
+    forward = _MultiForward(model)
+    if dist.enabled:
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = _optimizer(cfg, job.parameter_groups())
+    steps_per_epoch = train.num_batches(cfg.batch_size, dist.world_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(1, cfg.epochs * steps_per_epoch),
+        pct_start=0.15, anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
+    state_dir = out / STATE_DIR
+    history: list[dict[str, Any]] = []
+    best = {"epoch": -1, "robust": -1.0}
+    start_epoch = 0
+    if resume:
+        start_epoch, history, best = _load_state(state_dir, job, opt, sched, cfg, device)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    val_attack = make_attack("pgd", eval_attack)
+    val_small = val.subset(cfg.val_size)
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        total_loss, seen = 0.0, 0
+        batches = train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                rank=dist.rank, world_size=dist.world_size, augment=augment)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"{job.kind} {epoch + 1}/{cfg.epochs}",
+                   disable=quiet or not dist.is_main, leave=False)
+        for i, (x, y) in enumerate(bar):
+            x, y = x.to(device), y.to(device)
+            loss_cfg = _ramped(job.loss_cfg, cfg, epoch + i / steps_per_epoch)
+            loss = adversarial_loss(model, forward, x, y, loss_cfg)
+            extra = job.extra_loss(epoch)
+            if extra is not None:
+                loss = loss + extra
+            if not torch.isfinite(loss):
+                raise HarpError(f"{job.kind}: loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            job.after_step()
+            total_loss += loss.item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        epoch_time = time.perf_counter() - t0
+        info = job.epoch_end(epoch)
+        nat = accuracy(model, val_small, device, dist_ctx=dist)
+        rob = accuracy(model, val_small, device, attack=val_attack, dist_ctx=dist)
+        record = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "epoch_seconds": round(epoch_time, 2),
+                  "val_natural": nat, "val_robust": rob, **info}
+        history.append(record)
+        if cfg.select == "best" and job.eligible() and rob >= best["robust"]:
+            best = {"epoch": epoch + 1, "robust": rob}
+            if dist.is_main:
+                atomic_save_tensors(state_dir / "best.safetensors", job.model.state_dict())
+        if dist.is_main:
+            _save_state(state_dir, epoch + 1, job, opt, sched, cfg, history, best, meta)
+            if not quiet:
+                print(_format_record(job.kind, cfg.epochs, record), flush=True)
+        dist.barrier()
+
+    if cfg.select == "best":
+        if best["epoch"] < 0:
+            raise HarpError(f"{job.kind}: no epoch met the target; raise --epochs or --gamma0")
+        best_state = _load_tensors(state_dir / "best.safetensors", device, dist)
+        job.model.load_state_dict(best_state)
+    final_model, masks, extra_meta = job.finalize()
+    final_model = final_model.to(device)
+    metrics = {
+        "natural_accuracy": accuracy(final_model, test, device, dist_ctx=dist, quiet=quiet, desc="test clean"),
+        "robust_accuracy": accuracy(final_model, test, device, attack=val_attack, dist_ctx=dist, quiet=quiet,
+                                    desc="test pgd"),
+        "robust_attack": {"name": "pgd", **asdict(eval_attack)},
+        "test_examples": len(test),
+        "epochs": cfg.epochs,
+        "selected_epoch": best["epoch"] if cfg.select == "best" else cfg.epochs,
+        "mean_epoch_seconds": _mean([h["epoch_seconds"] for h in history]),
+        "wall_seconds": round(time.perf_counter() - t_run, 1),
+    }
+    identical = dist.weights_identical(final_model)
+    if dist.is_main:
+        full_meta = {**meta, **extra_meta, "run": asdict(cfg), "metrics": metrics, "history": history}
+        if dist.enabled:
+            full_meta["distributed"] = {"world_size": dist.world_size, "weights_identical": identical}
+        save_checkpoint(out, final_model.cpu(), full_meta, masks)
+    dist.barrier()
+    return metrics
+
+
+def _ramped(loss_cfg: LossConfig, cfg: RunConfig, progress: float) -> LossConfig:
+    if cfg.eps_warmup_epochs <= 0 or progress >= cfg.eps_warmup_epochs:
+        return loss_cfg
+    frac = max(progress / cfg.eps_warmup_epochs, 0.05)
+    atk = loss_cfg.attack
+    return replace(loss_cfg, attack=replace(atk, eps=atk.eps * frac, step_size=atk.step_size * frac))
+
+
+def _mean(xs: list[float]) -> float:
+    return round(sum(xs) / len(xs), 2) if xs else math.nan
+
+
+def _format_record(kind: str, epochs: int, r: dict[str, Any]) -> str:
+    extras = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in r.items() if k not in ("epoch", "loss", "epoch_seconds", "val_natural", "val_robust"))
+    return (f"{kind} epoch {r['epoch']}/{epochs}  loss {r['loss']:.4f}  val natural {r['val_natural']:.2%}  "
+            f"val pgd {r['val_robust']:.2%}  {r['epoch_seconds']:.1f}s {extras}").rstrip()
+
+
+def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfig,
+                history: list[dict[str, Any]], best: dict[str, Any], meta: dict[str, Any]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(state_dir / "model.safetensors", job.model.state_dict())
+    atomic_torch_save(state_dir / "optim.pt", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                               "rng": torch.get_rng_state()})
+    # state.json last: its epoch is only advanced once the tensors above are on disk
+    identity = {"architecture": meta["architecture"], "dataset": meta["dataset"]["name"]}
+    atomic_write_json(state_dir / "state.json", {"epoch": epoch, "kind": job.kind, "meta": identity, "run": asdict(cfg),
+                                                 "job": job.state_json(), "history": history, "best": best})
+
+
+def _load_tensors(path: Path, device: torch.device, dist: DistContext) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.to(device) for k, v in load_file(str(path)).items()}
+
+
+def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: torch.device):
+    try:
+        state = json.loads((state_dir / "state.json").read_text())
+    except FileNotFoundError:
+        raise HarpError(f"--resume: no saved state in {state_dir} (nothing to resume)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HarpError(f"--resume: {state_dir / 'state.json'} is corrupted ({e})") from e
+    if state.get("kind") != job.kind:
+        raise HarpError(f"--resume: {state_dir.parent} holds a {state.get('kind')!r} run, not {job.kind!r}")
+    saved_run = state.get("run", {})
+    if saved_run.get("epochs") != cfg.epochs or saved_run.get("batch_size") != cfg.batch_size:
+        raise HarpError(f"--resume: the saved run used epochs={saved_run.get('epochs')} "
+                        f"batch_size={saved_run.get('batch_size')}; pass the same options")
+    try:
+        model_state = _load_tensors(state_dir / "model.safetensors", device, DistContext())
+        job.model.load_state_dict(model_state, strict=True)
+        extra = torch.load(state_dir / "optim.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(extra["optimizer"])
+        sched.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng"].cpu())
+    except (RuntimeError, OSError, KeyError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HarpError(f"--resume: saved state in {state_dir} does not fit this run "
+                        f"(architecture or method mismatch?): {first}") from e
+    job.load_state_json(state.get("job", {}))
+    return int(state["epoch"]), list(state.get("history", [])), dict(state.get("best", {"epoch": -1, "robust": -1.0}))

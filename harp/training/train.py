@@ -1,0 +1,170 @@
+"""Adversarial (or natural) training of a dense model from scratch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attacks import AttackConfig
+from ..data import DatasetSpec, ImageData, dataset_spec, load_split
+from ..errors import HarpError
+from ..models import build_model, default_arch
+from ..outdir import check_out_dir, make_out_dir
+from .distributed import init_distributed, resolve_device, shutdown_distributed
+from .losses import LossConfig, check_loss_kind
+from .runner import Job, RunConfig, run_job
+
+VAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Optimisation defaults of one dataset family."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    eps_warmup_epochs: float
+
+
+# Documented in the README; chosen to reach the acceptance numbers on two CPU cores.
+TRAIN_DEFAULTS: dict[str, Budget] = {
+    "digits": Budget(40, 64, "adam", 2e-3, 0.0, 5.0),
+    "mnist": Budget(8, 128, "adam", 1e-3, 0.0, 2.0),
+    "fashion-mnist": Budget(8, 128, "adam", 1e-3, 0.0, 2.0),
+    "natural-images": Budget(100, 128, "sgd", 0.1, 5e-4, 0.0),  # CIFAR, SVHN, imagefolder
+}
+
+
+def budget_for(spec: DatasetSpec) -> Budget:
+    return TRAIN_DEFAULTS.get(spec.name, TRAIN_DEFAULTS["natural-images"])
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    dataset: str = "digits"
+    arch: str | None = None
+    adv: str = "pgd"
+    eps: float | None = None
+    steps: int | None = None
+    step_size: float | None = None
+    norm: str = "linf"
+    beta: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    seed: int = 0
+    data_root: str = "data"
+    download: bool = False
+    device: str = "auto"
+    subset: int | None = None  # use only the first N training and test examples (smoke runs)
+
+
+def train_attack(spec: DatasetSpec, eps: float | None, steps: int | None, step_size: float | None,
+                 norm: str = "linf") -> AttackConfig:
+    eps = spec.eps if eps is None else eps
+    steps = spec.train_steps if steps is None else steps
+    # Madry et al.'s rule: 2.5 eps spread over the steps reaches the ball's boundary
+    step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    return AttackConfig(eps=eps, step_size=step_size, steps=steps, norm=norm)
+
+
+def eval_attack(spec: DatasetSpec, eps: float | None = None, steps: int | None = None,
+                step_size: float | None = None, norm: str = "linf", restarts: int = 1) -> AttackConfig:
+    eps = spec.eps if eps is None else eps
+    steps = spec.eval_steps if steps is None else steps
+    if step_size is None:
+        step_size = spec.eval_step_size if eps == spec.eps and norm == "linf" else 2.5 * eps / max(steps, 1)
+    return AttackConfig(eps=eps, step_size=step_size, steps=steps, norm=norm, restarts=restarts)
+
+
+@dataclass
+class SplitData:
+    train: ImageData
+    val: ImageData
+    test: ImageData
+
+
+def load_data(spec: DatasetSpec, data_root: str, download: bool, seed: int, subset: int | None = None) -> SplitData:
+    """Train/validation/test; the validation split is a seeded 10% of the training split."""
+    full = load_split(spec.name, True, root=data_root, download=download)
+    test = load_split(spec.name, False, root=data_root, download=download)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(len(full) * VAL_FRACTION))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train = ImageData(full.images[train_idx], full.labels[train_idx])
+    val = ImageData(full.images[val_idx], full.labels[val_idx])
+    if subset is not None:
+        train, val, test = train.subset(subset), val.subset(max(subset // 4, 1)), test.subset(subset)
+    return SplitData(train, val, test)
+
+
+class TrainJob(Job):
+    kind = "train"
+
+    def __init__(self, model: nn.Module, loss_cfg: LossConfig) -> None:
+        self.model = model
+        self.loss_cfg = loss_cfg
+
+    def finalize(self):
+        return self.model, {}, {}
+
+
+def base_meta(arch: str, spec: DatasetSpec, **extra: Any) -> dict[str, Any]:
+    return {"architecture": arch, "dataset": spec.to_json(), **extra}
+
+
+def train(opts: TrainOptions, out: str | Path, *, resume: bool = False, force: bool = False,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train a model on a dataset and write a checkpoint directory; returns the test metrics."""
+    out = Path(out)
+    spec = dataset_spec(opts.dataset)
+    arch = opts.arch or default_arch(spec)
+    check_loss_kind(opts.adv)
+    device = resolve_device(opts.device)
+    budget = budget_for(spec)
+    cfg = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget.batch_size,
+                    optimizer=opts.optimizer or budget.optimizer, lr=opts.lr or budget.lr,
+                    weight_decay=budget.weight_decay, seed=opts.seed,
+                    eps_warmup_epochs=budget.eps_warmup_epochs if opts.adv != "none" else 0.0)
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise HarpError("--epochs and --batch-size must be positive")
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise HarpError(f"unknown optimizer {cfg.optimizer!r} (choose from sgd, adam)")
+    attack = train_attack(spec, opts.eps, opts.steps, opts.step_size, opts.norm)
+    model = build_model(arch, spec)
+    check_out_dir(out, force=force, resume=resume)
+    if resume:
+        _check_resume_matches(out, arch, spec)
+    data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)
+    dist = init_distributed(device)
+    try:
+        if dist.is_main:
+            make_out_dir(out, force=force, resume=resume)
+        dist.barrier()
+        job = TrainJob(model, LossConfig(opts.adv, attack, opts.beta))
+        meta = base_meta(arch, spec, training={**asdict(opts), "attack": asdict(attack)})
+        return run_job(job, cfg, data.train, data.val, data.test, out, meta,
+                       eval_attack=eval_attack(spec, opts.eps if opts.norm == "linf" else None), device=device,
+                       dist=dist, resume=resume, quiet=quiet, augment=spec.augment)
+    finally:
+        shutdown_distributed(dist)
+
+
+def _check_resume_matches(out: Path, arch: str, spec: DatasetSpec) -> None:
+    import json
+
+    try:
+        saved = json.loads((out / "state" / "state.json").read_text()).get("meta", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise HarpError(f"--resume: {out}/state/state.json is corrupted ({e})") from e
+    if saved and (saved.get("architecture") != arch or saved.get("dataset") != spec.name):
+        raise HarpError(f"--resume: {out} was started with --arch {saved.get('architecture')} "
+                        f"--dataset {saved.get('dataset')}, not --arch {arch} --dataset {spec.name}")

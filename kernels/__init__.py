@@ -1,0 +1,1 @@
+"""numba CSR kernels and the torch-free runtime that executes exported bundles."""

@@ -80,8 +80,9 @@ def perturb(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor],
     delta = ((x + _project(delta, cfg.eps, cfg.norm)).clamp(0, 1) - x).detach()
     for _ in range(cfg.steps):
         delta.requires_grad_(True)
-        loss = loss_fn(model(x + delta))
-        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.enable_grad():  # callers may sit inside torch.no_grad()
+            loss = loss_fn(model(x + delta))
+            (grad,) = torch.autograd.grad(loss, delta)
         delta = _project(delta.detach() + _ascent_step(grad, cfg.step_size, cfg.norm), cfg.eps, cfg.norm)
         delta = ((x + delta).clamp(0, 1) - x).detach()
     return (x + delta).detach()

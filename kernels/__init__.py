@@ -1,1 +1,20 @@
-"""numba CSR kernels and the torch-free runtime that executes exported bundles."""
+"""numba CSR kernels and the torch-free runtime that executes exported bundles.
+
+Importing this package imports nothing; import the module you need. Every
+operator has its kernel, its NumPy reference twin (`reference.py`) and its test
+(tests/kernels/test_<module>.py):
+
+    conv2d (sparse)      conv.sparse_conv2d, conv.plan_sparse_conv2d    reference.conv2d_ref
+    conv2d (dense)       dense.dense_conv2d                             reference.conv2d_ref
+    linear (sparse)      spmm.sparse_linear, spmm.spmm                  reference.linear_ref, csr_matmul_ref
+    linear (dense)       dense.dense_linear                             reference.linear_ref
+    maxpool2d            pool.maxpool2d                                 reference.maxpool2d_ref
+    avgpool2d            pool.avgpool2d                                 reference.avgpool2d_ref
+    global_avgpool       pool.global_avgpool                            reference.global_avgpool_ref
+    add/relu/clip/affine elementwise.*                                  reference.*_ref
+
+Shared pieces: `csr` (canonical-form check, index dtypes), `epilogue` (fused
+bias/activation/residual), `packing` (the conv input layout), `threads`
+(thread count and wait policy), `warmup` (compile or load every kernel).
+Only numpy and numba (and threadpoolctl, optionally) are imported in this package.
+"""

@@ -5,9 +5,11 @@ A `Job` says what is optimised and how (loss, parameter groups, per-epoch hooks)
 validation, resumable per-epoch state, DDP, and the final checkpoint.
 
 Resume protocol: after every epoch the complete state (model incl. scores/rates,
-optimiser, scheduler, RNG, job state, history) is written atomically to DIR/state/.
-A run killed mid-epoch resumes from the last finished epoch and replays exactly the
-same data order, so it loses at most that epoch.
+optimiser, scheduler, RNG, job state, history) goes to DIR/state/ as files named
+after the epoch, then state.json (written atomically, last) points at them; older
+files are removed only after that. A kill at any instant leaves state.json naming
+a complete set, so a run resumes from its last finished epoch, replays exactly the
+same data order, and loses at most the epoch it was in.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         if cfg.select == "best" and job.eligible() and rob >= best["robust"]:
             best = {"epoch": epoch + 1, "robust": rob}
             if dist.is_main:
-                atomic_save_tensors(state_dir / "best.safetensors", job.model.state_dict())
+                atomic_save_tensors(state_dir / f"best-{epoch + 1}.safetensors", job.model.state_dict())
         if dist.is_main:
             _save_state(state_dir, epoch + 1, job, opt, sched, cfg, history, best, meta)
             if not quiet:
@@ -176,7 +178,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     if cfg.select == "best":
         if best["epoch"] < 0:
             raise HarpError(f"{job.kind}: no epoch met the target; raise --epochs or --gamma0")
-        best_state = _load_tensors(state_dir / "best.safetensors", device, dist)
+        best_state = _load_tensors(state_dir / f"best-{best['epoch']}.safetensors", device, dist)
         job.model.load_state_dict(best_state)
     final_model, masks, extra_meta = job.finalize()
     final_model = final_model.to(device)
@@ -223,13 +225,17 @@ def _format_record(kind: str, epochs: int, r: dict[str, Any]) -> str:
 def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfig,
                 history: list[dict[str, Any]], best: dict[str, Any], meta: dict[str, Any]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(state_dir / "model.safetensors", job.model.state_dict())
-    atomic_torch_save(state_dir / "optim.pt", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                               "rng": torch.get_rng_state()})
-    # state.json last: its epoch is only advanced once the tensors above are on disk
+    atomic_save_tensors(state_dir / f"model-{epoch}.safetensors", job.model.state_dict())
+    atomic_torch_save(state_dir / f"optim-{epoch}.pt", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                        "rng": torch.get_rng_state()})
+    # state.json last: it only names files that are already complete on disk
     identity = {"architecture": meta["architecture"], "dataset": meta["dataset"]["name"]}
     atomic_write_json(state_dir / "state.json", {"epoch": epoch, "kind": job.kind, "meta": identity, "run": asdict(cfg),
                                                  "job": job.state_json(), "history": history, "best": best})
+    keep = {f"model-{epoch}.safetensors", f"optim-{epoch}.pt", f"best-{best['epoch']}.safetensors", "state.json"}
+    for f in state_dir.iterdir():
+        if f.name not in keep and not f.name.startswith("."):
+            f.unlink(missing_ok=True)
 
 
 def _load_tensors(path: Path, device: torch.device, dist: DistContext) -> dict[str, torch.Tensor]:
@@ -252,13 +258,14 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: t
         raise HarpError(f"--resume: the saved run used epochs={saved_run.get('epochs')} "
                         f"batch_size={saved_run.get('batch_size')}; pass the same options")
     try:
-        model_state = _load_tensors(state_dir / "model.safetensors", device, DistContext())
+        epoch = int(state["epoch"])
+        model_state = _load_tensors(state_dir / f"model-{epoch}.safetensors", device, DistContext())
         job.model.load_state_dict(model_state, strict=True)
-        extra = torch.load(state_dir / "optim.pt", map_location=device, weights_only=True)
+        extra = torch.load(state_dir / f"optim-{epoch}.pt", map_location=device, weights_only=True)
         opt.load_state_dict(extra["optimizer"])
         sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"].cpu())
-    except (RuntimeError, OSError, KeyError, ValueError) as e:
+    except (RuntimeError, OSError, KeyError, ValueError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HarpError(f"--resume: saved state in {state_dir} does not fit this run "
                         f"(architecture or method mismatch?): {first}") from e

@@ -139,6 +139,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False, force: b
     if cfg.optimizer not in ("sgd", "adam"):
         raise HarpError(f"unknown optimizer {cfg.optimizer!r} (choose from sgd, adam)")
     attack = train_attack(spec, opts.eps, opts.steps, opts.step_size, opts.norm)
+    torch.manual_seed(opts.seed)  # the initial weights are part of the seeded run
     model = build_model(arch, spec)
     check_out_dir(out, force=force, resume=resume)
     if resume:

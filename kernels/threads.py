@@ -1,0 +1,83 @@
+"""Thread settings of the kernels: numba's parallel regions and the BLAS of the dense fallback.
+
+Call `init_threads` once, before the first kernel runs (a runtime does it at load
+time, before `warmup()`). It picks how idle kernel threads wait between parallel
+regions: "passive" (sleep) or "active" (spin). Spinning saves a few microseconds
+per region on an idle machine but is ruinous on a busy one, where the spinning
+thread holds the core the thread it waits for needs (measured on a loaded 2-core
+host: 12-24 ms per conv instead of 0.1 ms). The default is "passive". numba reads
+the setting once, when its OpenMP layer starts; later calls cannot change it.
+
+numba's thread count is per calling thread: set it from the thread that runs the
+kernels. BLAS (used by the dense fallback) is the other thread pool: OpenBLAS
+workers spin for a long time after each call, which on a 2-core host starves
+numba's threads (a dense conv measured 24 ms instead of 1.6 ms). So when
+`threadpoolctl` is installed (it is optional), `set_num_threads` pins BLAS to
+one thread and the dense kernels split each matrix product across `n` plain
+Python threads themselves (`dense_split`); without it, BLAS keeps its own
+threads and the dense kernels call it once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+
+WAIT_POLICIES = ("passive", "active")
+
+# How many ways the dense kernels split a BLAS call; 1 unless BLAS is pinned to one thread.
+_dense_split = 1
+
+
+def max_threads() -> int:
+    """The most threads numba can use in this process (NUMBA_NUM_THREADS)."""
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def init_threads(n: int | None = None, wait_policy: str = "passive") -> bool:
+    """Set the wait policy (if numba's thread pool has not started yet) and, if given, `n` threads.
+
+    Returns True when the wait policy took effect, False when the pool was already
+    running with whatever policy it started with.
+    """
+    if wait_policy not in WAIT_POLICIES:
+        raise ValueError(f"init_threads: wait_policy must be one of {WAIT_POLICIES}, got {wait_policy!r}")
+    applied = not _pool_started()
+    if applied:
+        # libgomp reads this when numba loads it, at the first parallel kernel call.
+        os.environ["OMP_WAIT_POLICY"] = wait_policy.upper()
+    if n is not None:
+        set_num_threads(n)
+    return applied
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads in numba kernels and in the dense kernels' BLAS calls (see module doc)."""
+    global _dense_split
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_threads():
+        raise ValueError(f"set_num_threads: expected an int in 1..{max_threads()}, got {n!r}")
+    numba.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        _dense_split = 1
+        return
+    threadpool_limits(limits=1, user_api="blas")
+    _dense_split = n
+
+
+def dense_split() -> int:
+    """Ways the dense kernels split a BLAS call across Python threads (BLAS itself runs on one)."""
+    return _dense_split
+
+
+def get_num_threads() -> int:
+    """Threads numba kernels started from this thread will use."""
+    return int(numba.get_num_threads())
+
+
+def _pool_started() -> bool:
+    from numba.np.ufunc import parallel
+
+    return bool(getattr(parallel, "_is_initialized", True))

@@ -1,0 +1,60 @@
+"""Compile (first run) or load from numba's on-disk cache (later runs) every kernel.
+
+A runtime calls `warmup()` at load time so no request pays for compilation.
+Every kernel is jitted with `cache=True`; each is called here once on tiny
+inputs with every argument type it is used with (uint8/16/32 CSR indices, batch
+1 and >1, with and without residual), which is the whole set of signatures.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .conv import sparse_conv2d
+from .csr import INDEX_DTYPES, dense_to_csr
+from .dense import dense_conv2d, dense_linear
+from .elementwise import add, affine, clip, relu
+from .pool import avgpool2d, global_avgpool, maxpool2d
+from .spmm import sparse_linear, spmm
+
+
+def warmup() -> dict[str, float]:
+    """Run every kernel once on tiny inputs; returns seconds spent per kernel family."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)  # (N, C, H, W)
+    weight = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    weight[:, :, 0] = 0.0
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        fn()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+    zeros = np.zeros((2, 4, 5, 5), np.float32)
+    features = x[:, 0, 0]  # (N, I) = (2, 5)
+    linear_weight = rng.standard_normal((3, 5)).astype(np.float32)  # (O, I)
+    linear_weight[1] = 0.0
+    for dtype in INDEX_DTYPES:
+        indptr, indices, values = dense_to_csr(weight.reshape(4, -1), dtype)
+        timed("sparse_conv2d", lambda: sparse_conv2d(x, indptr, indices, values, weight.shape, None,
+                                                     1, 1, act="relu", residual=zeros))
+        timed("sparse_conv2d", lambda: sparse_conv2d(x[:1], indptr, indices, values, weight.shape))
+        timed("spmm", lambda: spmm(indptr, indices, values, rng.standard_normal((36, 3)).astype(np.float32),
+                                   act="relu", residual=np.zeros((4, 3), np.float32)))
+        indptr, indices, values = dense_to_csr(linear_weight, dtype)
+        timed("spmm", lambda: sparse_linear(features, indptr, indices, values))
+    timed("dense_conv2d", lambda: dense_conv2d(x, weight, None, 2, 1, act="relu6", residual=np.zeros(
+        (2, 4, 3, 3), np.float32)))
+    timed("dense_linear", lambda: dense_linear(features, linear_weight, None, act="relu",
+                                               residual=np.zeros((2, 3), np.float32)))
+    timed("pool", lambda: maxpool2d(x, 2, 2, 1, ceil_mode=True))
+    timed("pool", lambda: avgpool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False))
+    timed("pool", lambda: global_avgpool(x))
+    timed("elementwise", lambda: add(x, x, act="relu"))
+    timed("elementwise", lambda: relu(x))
+    timed("elementwise", lambda: clip(x, -1.0, 1.0))
+    timed("elementwise", lambda: affine(x, np.ones(4, np.float32), np.zeros(4, np.float32)))
+    return timings

@@ -1,0 +1,58 @@
+import torch
+
+from harp.attacks import AttackConfig, fgsm, pgd
+from harp.checkpoint import load_checkpoint
+from harp.data import load_split
+from harp.evaluate import accuracy, make_attack
+
+
+def _model_and_batch(ckpt_dir):
+    model = load_checkpoint(ckpt_dir).build_model().eval()
+    x, y = next(load_split("digits", False).batches(200))
+    return model, x, y
+
+
+def test_pgd_lowers_accuracy_and_beats_fgsm(digits_ckpt):
+    model, x, y = _model_and_batch(digits_ckpt)
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    cfg = AttackConfig(eps=0.2, step_size=0.02, steps=20)
+    with torch.no_grad():
+        after_fgsm = (model(fgsm(model, x, y, 0.2)).argmax(1) == y).float().mean().item()
+        after_pgd = (model(pgd(model, x, y, cfg)).argmax(1) == y).float().mean().item()
+    assert clean > 0.85
+    assert after_pgd < clean - 0.3
+    assert after_pgd <= after_fgsm + 0.02
+
+
+def test_linf_and_l2_stay_in_ball_and_in_pixel_range(digits_ckpt):
+    model, x, y = _model_and_batch(digits_ckpt)
+    adv = pgd(model, x, y, AttackConfig(eps=0.1, step_size=0.05, steps=5))
+    assert (adv - x).abs().max() <= 0.1 + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    adv2 = pgd(model, x, y, AttackConfig(eps=0.5, step_size=0.2, steps=5, norm="l2"))
+    assert (adv2 - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert adv2.min() >= 0 and adv2.max() <= 1
+
+
+def test_attack_leaves_batchnorm_statistics_and_mode_alone():
+    from harp.data import dataset_spec
+    from harp.models import build_model
+
+    model = build_model("vgg16_bn", dataset_spec("digits")).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    pgd(model, x, y, AttackConfig(eps=0.1, step_size=0.05, steps=2))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_restarts_never_hurt(digits_ckpt):
+    model, _, _ = _model_and_batch(digits_ckpt)
+    test = load_split("digits", False).subset(200)
+    one = AttackConfig(eps=0.1, step_size=0.01, steps=5, restarts=1)
+    three = AttackConfig(eps=0.1, step_size=0.01, steps=5, restarts=3)
+    torch.manual_seed(0)
+    a1 = accuracy(model, test, torch.device("cpu"), attack=make_attack("pgd", one))
+    torch.manual_seed(0)
+    a3 = accuracy(model, test, torch.device("cpu"), attack=make_attack("pgd", three))
+    assert a3 <= a1

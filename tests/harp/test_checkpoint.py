@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from harp.checkpoint import load_checkpoint
+from harp.errors import HarpError
+
+
+def test_round_trip_rebuilds_the_same_model(digits_ckpt):
+    ckpt = load_checkpoint(digits_ckpt)
+    model = ckpt.build_model().eval()
+    again = load_checkpoint(digits_ckpt).build_model().eval()
+    x = torch.rand(5, 1, 8, 8)
+    assert torch.equal(model(x), again(x))
+    meta = ckpt.meta
+    assert meta["architecture"] == "small_cnn" and meta["dataset"]["input_shape"] == [1, 8, 8]
+    assert {"torch", "harp"} <= set(meta["versions"])
+    assert 0.85 < meta["metrics"]["natural_accuracy"] <= 1
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_weights_are_refused(digits_ckpt, tmp_path):
+    bad = _copy(digits_ckpt, tmp_path / "bad")
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(HarpError, match="SHA-256"):
+        load_checkpoint(bad)
+
+
+def test_truncated_and_missing_files_are_refused(digits_ckpt, tmp_path):
+    bad = _copy(digits_ckpt, tmp_path / "trunc")
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(HarpError):
+        load_checkpoint(bad)
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(HarpError, match="not valid JSON"):
+        load_checkpoint(bad)
+    with pytest.raises(HarpError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_architecture_mismatch_is_refused(digits_ckpt, tmp_path):
+    bad = _copy(digits_ckpt, tmp_path / "arch")
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["architecture"] = "vgg16_bn"
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(HarpError, match="do not fit architecture"):
+        load_checkpoint(bad).build_model()

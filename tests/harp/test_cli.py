@@ -1,0 +1,76 @@
+"""Every bad input gives one line on stderr, exit status 2, and writes nothing."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from harp.cli import cli, run_cli
+
+
+def _run(capsys, *args):
+    code = run_cli(cli, list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--dataset", "imagenet42", "--out", "{tmp}/o"], "unknown dataset"),
+    (["train", "--arch", "lenet99", "--out", "{tmp}/o"], "unknown architecture"),
+    (["train", "--adv", "fgsm-free", "--out", "{tmp}/o"], "Invalid value for '--adv'"),
+    (["train", "--dataset", "mnist", "--data-root", "{tmp}/empty", "--out", "{tmp}/o"], "not found"),
+    (["train", "--arch", "torchvision:nonet", "--out", "{tmp}/o"], "unknown torchvision model"),
+    (["train", "--out", "{tmp}/o", "--resume"], "no interrupted run"),
+    (["eval", "{tmp}/nowhere"], "does not exist"),
+    (["info", "{tmp}/empty"], "not a harp checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    code, out, err = _run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, "train", "--out", str(tmp_path / "o"), "--epochs", "1")
+    assert code == 2 and "already exists" in err
+    code, _, err = _run(capsys, "train", "--out", str(tmp_path / "o"), "--epochs", "1", "--force")
+    assert code == 2 and "does not look like a harp output" in err
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+def test_tampered_checkpoint_exits_2(capsys, digits_ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(digits_ckpt, bad)
+    blob = bytearray((bad / "model.safetensors").read_bytes())
+    blob[200] ^= 1
+    (bad / "model.safetensors").write_bytes(bytes(blob))
+    code, _, err = _run(capsys, "eval", str(bad), "--quiet")
+    assert code == 2 and "SHA-256" in err
+
+
+def test_eval_and_info_json(capsys, digits_ckpt):
+    code, out, _ = _run(capsys, "eval", str(digits_ckpt), "--json", "--quiet", "--n", "200", "--steps", "5")
+    assert code == 0
+    result = json.loads(out)
+    assert 0.85 < result["natural_accuracy"] <= 1
+    assert 0 <= result["robust_accuracy"] < result["natural_accuracy"]
+    assert result["sparsity"] == 0.0
+    code, out, _ = _run(capsys, "info", str(digits_ckpt), "--json")
+    info = json.loads(out)
+    assert info["sparsity"] == 0.0
+    assert [layer["name"] for layer in info["layers"]] == [
+        "net.features.0", "net.features.3", "net.features.6", "net.classifier.1", "net.classifier.3"]
+    assert info["layers"][0] == {"name": "net.features.0", "shape": [32, 1, 3, 3], "density": 1.0}
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    harp = shutil.which("harp") or str(__import__("pathlib").Path(sys.executable).parent / "harp")
+    proc = subprocess.run([harp, "eval", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("harp: error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from harp.data import dataset_spec, load_split
+from harp.errors import HarpError
+from harp.training.train import load_data
+from tests.conftest import SHARED_DATA
+
+
+def test_digits_split_is_stratified_and_deterministic():
+    train, test = load_split("digits", True), load_split("digits", False)
+    assert len(train) + len(test) == 1797
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (1, 8, 8)
+    counts = torch.bincount(test.labels, minlength=10)
+    assert counts.min() >= 43 and counts.max() <= 47  # 25% of each class (~180 per class)
+    assert torch.equal(load_split("digits", False).labels, test.labels)
+
+
+def test_batches_are_pixels_in_unit_range_and_shards_are_disjoint():
+    data = load_split("digits", True)
+    x, _ = next(data.batches(64, shuffle=True, seed=1))
+    assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.9
+    seen = [torch.cat([y for _, y in data.batches(50, shuffle=True, seed=3, rank=r, world_size=2)]) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == len(data) // 2
+
+
+def test_validation_split_is_disjoint_from_training():
+    split = load_data(dataset_spec("digits"), "data", False, seed=0)
+    train_px = {bytes(x.numpy()) for x in split.train.images}
+    assert len(split.val) == int(1347 * 0.1)
+    assert sum(bytes(x.numpy()) in train_px for x in split.val.images) < 5  # digits has a few exact duplicates
+
+
+def test_unknown_dataset_and_missing_root_are_user_errors(tmp_path):
+    with pytest.raises(HarpError, match="unknown dataset"):
+        dataset_spec("imagenet42")
+    with pytest.raises(HarpError, match="not found"):
+        load_split("mnist", False, root=tmp_path)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="shared MNIST not present")
+def test_mnist_loads_offline_from_shared_data():
+    test = load_split("mnist", False, root=SHARED_DATA)
+    assert len(test) == 10_000 and test.images.shape[1:] == (1, 28, 28)
+    assert torch.bincount(test.labels).tolist()[:3] == [980, 1135, 1032]

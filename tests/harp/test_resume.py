@@ -1,0 +1,56 @@
+"""A training run killed with SIGKILL mid-epoch resumes and ends where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+ARGS = ["train", "--dataset", "digits", "--epochs", "12", "--steps", "3", "--subset", "600", "--quiet"]
+
+
+def _harp(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "harp", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = _harp(*ARGS, "--out", str(killed))
+    state = killed / "state" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["epoch"]
+    assert 3 <= done < 12, "the run must be killed mid-way"
+    assert not (killed / "meta.json").exists()
+
+    resumed = _harp(*ARGS, "--out", str(killed), "--resume")
+    reference = _harp(*ARGS, "--out", str(clean))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()
+    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()
+
+    meta = json.loads((killed / "meta.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == list(range(1, 13))
+    a, b = load_file(str(killed / "model.safetensors")), load_file(str(clean / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert _harp("train", "--epochs", "1", "--subset", "200", "--quiet", "--out", str(out)).wait() == 0
+    (out / "meta.json").unlink()  # pretend it was interrupted
+    proc = _harp("train", "--epochs", "1", "--subset", "200", "--quiet", "--out", str(out), "--resume",
+                 "--arch", "vgg16_bn")
+    assert proc.wait() == 2
+    assert b"--arch small_cnn" in proc.stderr.read()

@@ -1,0 +1,119 @@
+"""Dense fallback conv and linear against their reference twins."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harp.kernels import dense, packing
+from harp.kernels.dense import dense_conv2d, dense_linear
+from harp.kernels.reference import conv2d_ref, epilogue_ref, linear_ref
+from harp.kernels.threads import get_num_threads, max_threads, set_num_threads
+
+ACTS = [("none", None), ("relu", None), ("relu6", None), ("clip", (-0.5, 0.75))]
+
+
+def assert_close(actual, expected):
+    atol = 1e-4 * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=atol)
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 2, 3]))
+    cg, og = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    h = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 11))
+    w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 11))
+    return (draw(st.integers(1, 4)), groups, cg, og, (kh, kw), stride, padding, dilation, (h, w),
+            draw(st.sampled_from(ACTS)), draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_cases())
+def test_dense_conv2d_matches_reference(case):
+    n, groups, cg, og, kernel, stride, padding, dilation, hw, (act, clip_range), with_residual, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cg * groups, *hw)).astype(np.float32)
+    weight = rng.standard_normal((og * groups, cg, *kernel)).astype(np.float32)
+    bias = rng.standard_normal(og * groups).astype(np.float32)
+    expected = conv2d_ref(x, weight, bias, stride, padding, dilation, groups)
+    residual = rng.standard_normal(expected.shape).astype(np.float32) if with_residual else None
+    expected = epilogue_ref(expected, act, clip_range, residual)
+    actual = dense_conv2d(x, weight, bias, stride, padding, dilation, groups, act=act, clip_range=clip_range,
+                          residual=residual)
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("min_plane_pixels", [1, 10**9])  # every image alone / whole batch interleaved
+@pytest.mark.parametrize("n", [1, 5])
+def test_dense_conv2d_in_row_slices(monkeypatch, n, min_plane_pixels):
+    # A tiny im2col budget forces one output row per slice.
+    monkeypatch.setattr(dense, "IM2COL_ELEMS", 8)
+    monkeypatch.setattr(packing, "MIN_PLANE_PIXELS", min_plane_pixels)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, 3, 9, 7)).astype(np.float32)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    out = np.empty((n, 4, 9, 7), np.float32)
+    residual = rng.standard_normal(out.shape).astype(np.float32)
+    assert dense_conv2d(x, weight, None, 1, 1, residual=residual, out=out) is out
+    assert_close(out, conv2d_ref(x, weight, None, (1, 1), (1, 1), (1, 1), 1) + residual)
+
+
+def test_dense_conv2d_out_may_be_the_input():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 6, 40, 40)).astype(np.float32)
+    weight = rng.standard_normal((6, 6, 1, 1)).astype(np.float32)
+    expected = conv2d_ref(x, weight, None, (1, 1), (0, 0), (1, 1), 1)
+    dense_conv2d(x, weight, out=x)
+    assert_close(x, expected)
+
+
+def test_dense_conv2d_rejects_bad_weight():
+    with pytest.raises(ValueError, match="dense_conv2d: weight must be a float32"):
+        dense_conv2d(np.zeros((1, 2, 4, 4), np.float32), np.zeros((2, 2, 3, 3)), None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 17), st.integers(1, 40), st.integers(1, 20), st.sampled_from(ACTS), st.booleans(),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_dense_linear_matches_reference(n, i, o, act, with_bias, with_residual, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, i)).astype(np.float32)
+    weight = rng.standard_normal((o, i)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32) if with_bias else None
+    residual = rng.standard_normal((n, o)).astype(np.float32) if with_residual else None
+    expected = epilogue_ref(linear_ref(x, weight, bias), act[0], act[1], residual)
+    assert_close(dense_linear(x, weight, bias, act[0], act[1], residual), expected)
+
+
+def test_dense_linear_rejects_mismatch():
+    with pytest.raises(ValueError, match=r"input \(2, 3\) does not match weight \(4, 5\)"):
+        dense_linear(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32))
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_split_dot_matches_single_product(monkeypatch, parts):
+    monkeypatch.setattr(dense, "dense_split", lambda: parts)
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((37, 20)).astype(np.float32)
+    b = rng.standard_normal((20, 11)).astype(np.float32)
+    out = np.full((37, 11), np.nan, np.float32)
+    dense.split_dot(a, b, out)
+    assert_close(out, a @ b)
+
+
+def test_dense_conv2d_with_all_threads():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 8, 10, 10)).astype(np.float32)
+    weight = rng.standard_normal((32, 8, 3, 3)).astype(np.float32)
+    before = get_num_threads()
+    try:
+        set_num_threads(max_threads())
+        actual = dense_conv2d(x, weight, None, 1, 1)
+    finally:
+        set_num_threads(before)
+    assert_close(actual, conv2d_ref(x, weight, None, (1, 1), (1, 1), (1, 1), 1))

@@ -1,0 +1,48 @@
+"""The packed input layout, element by element, against its definition."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harp.kernels.packing import pack_input, packed_hw, packed_size, tap_offsets
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 7),
+       st.integers(1, 7), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(0, 2))
+def test_pack_input_layout(batch, c, h, w, sh, sw, ph, pw):
+    n, g = batch
+    x = np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)
+    hq, wq = packed_hw((h, w), (sh, sw), (ph, pw))
+    size = packed_size(n, c, (h, w), (sh, sw), (ph, pw))
+    packed = pack_input(x, (sh, sw), (ph, pw), g, np.full(size + 3, np.nan, np.float32))
+    layout = packed[:size].reshape(n // g, c, sh, sw, hq, wq, g)
+    xpad = np.zeros((n, c, hq * sh, wq * sw), np.float32)
+    xpad[:, :, ph : ph + h, pw : pw + w] = x
+    for pi in range(sh):
+        for pj in range(sw):
+            phase = xpad[:, :, pi::sh, pj::sw].reshape(n // g, g, c, hq, wq)
+            expected = phase.transpose(0, 2, 3, 4, 1)  # (N/G, C, hq, wq, G)
+            np.testing.assert_array_equal(layout[:, :, pi, pj], expected)
+
+
+def test_pack_input_rejects_group_not_dividing_batch():
+    with pytest.raises(ValueError, match="image group 2 does not divide batch 3"):
+        pack_input(np.zeros((3, 1, 2, 2), np.float32), (1, 1), (0, 0), 2)
+
+
+def test_tap_offsets_follow_phase_and_shift():
+    # 3x3 taps, stride 2, dilation 1, input 6x6 padded by 1: phase planes of 4x4.
+    taps = tap_offsets((3, 3), (2, 2), (1, 1), (1, 1), (6, 6))
+    plane = 4 * 4
+    # tap (i, j) = (2, 1): row phase 0 shifted one row, column phase 1.
+    assert taps[2 * 3 + 1] == (0 * 2 + 1) * plane + 1 * 4 + 0
+    assert taps[0] == 0
+
+
+def test_pack_input_is_a_view_when_layout_is_nchw():
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    packed = pack_input(x, (1, 1), (0, 0), 1)
+    assert np.shares_memory(packed, x)
+    np.testing.assert_array_equal(packed, x.ravel())

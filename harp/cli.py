@@ -12,11 +12,17 @@ import sys
 import click
 
 from .commands.eval import eval_command
+from .commands.export import export_command
 from .commands.info import info_command
+from .commands.pipeline import pipeline_command
+from .commands.prune import finetune_command, prune_command
+from .commands.run import run_command
 from .commands.train import train_command
+from .commands.verify import verify_command
 from .errors import HarpError
 
-COMMANDS = [train_command, eval_command, info_command]
+COMMANDS = [train_command, prune_command, finetune_command, pipeline_command, eval_command, info_command, export_command,
+            verify_command, run_command]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

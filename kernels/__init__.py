@@ -13,8 +13,17 @@ operator has its kernel, its NumPy reference twin (`reference.py`) and its test
     global_avgpool       pool.global_avgpool                            reference.global_avgpool_ref
     add/relu/clip/affine elementwise.*                                  reference.*_ref
 
-Shared pieces: `csr` (canonical-form check, index dtypes), `epilogue` (fused
-bias/activation/residual), `packing` (the conv input layout), `threads`
-(thread count and wait policy), `warmup` (compile or load every kernel).
-Only numpy and numba (and threadpoolctl, optionally) are imported in this package.
+Shared pieces: `csr` (a checked `harp.export.csr.CSRTensor` as kernel arrays,
+row blocks), `epilogue` (fused bias/activation/residual), `packing` (the conv
+input layout), `layout` (bordered, image-grouped activation buffers the runtime
+passes between steps), `threads` (thread count and wait policy), `warmup`
+(compile or load every kernel).
+
+The runtime: `runtime.load_runtime(path) -> Runtime` loads a bundle through
+`harp.export.bundle.load_bundle`, `plan.plan_graph` fuses and allocates it once,
+`steps.EXECUTORS` bind each step's kernels per batch size (`bind_*` functions of
+the kernel modules: checked once, then plain kernel calls).
+
+Only numpy and numba (and threadpoolctl, optionally) are imported in this package,
+plus harp's numpy-only `harp.export.bundle/csr/graph`.
 """

@@ -21,8 +21,10 @@ import time
 
 import numpy as np
 
+from harp.export.csr import dense_to_csr
+
 from .conv import plan_sparse_conv2d, sparse_conv2d, sparse_conv2d_workspace
-from .csr import dense_to_csr
+from .csr import kernel_csr
 from .dense import dense_conv2d
 from .threads import WAIT_POLICIES, init_threads
 
@@ -52,7 +54,7 @@ def bench_layer(c, o, hw, batch, density, budget_s, rng):
     weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
     weight *= rng.random(weight.shape) < density
     bias = rng.standard_normal(o).astype(np.float32)
-    indptr, indices, values = dense_to_csr(weight.reshape(o, -1))
+    indptr, indices, values = kernel_csr(dense_to_csr(weight))
     plan = plan_sparse_conv2d(indptr, indices, weight.shape, (hw, hw), 1, 1)
     workspace = np.empty(sparse_conv2d_workspace(plan, batch), np.float32)
     out = np.empty((batch, o, hw, hw), np.float32)

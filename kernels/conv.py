@@ -15,7 +15,9 @@ tile stay in its cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numba
 import numpy as np
@@ -24,6 +26,7 @@ from numba import njit, prange
 from .arrays import as_kernel_array
 from .csr import INDEX_DTYPES, balanced_blocks
 from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_out, resolve_residual
+from .layout import Layout, row_offset
 from .packing import image_group, pack_input, packed_hw, packed_size, tap_offsets
 from .reference import conv2d_output_hw
 
@@ -55,6 +58,7 @@ class SparseConvPlan:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
+    border: tuple[int, int]  # the padding of the packed input (>= padding, stride 1 only)
     offsets: np.ndarray
     row_cost: np.ndarray
     _blocks: dict = field(default_factory=dict, compare=False, repr=False)
@@ -67,11 +71,16 @@ class SparseConvPlan:
 
 
 def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padding=(0, 0),
-                       dilation=(1, 1), groups=1) -> SparseConvPlan:
-    """Decode a CSR conv weight's columns into packed-input offsets for inputs of `in_hw`."""
+                       dilation=(1, 1), groups=1, border=None) -> SparseConvPlan:
+    """Decode a CSR conv weight's columns into packed-input offsets for inputs of `in_hw`.
+
+    `border` (stride 1 only): the input is read straight from a runtime `layout`
+    buffer whose border is `border` >= `padding` instead of from `pack_input`.
+    """
     o, cg, kh, kw = (int(d) for d in weight_shape)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     in_hw = _pair(in_hw)
+    border = padding if border is None else _pair(border)
     _check_geometry("sparse_conv2d", o, cg, kh, kw, stride, padding, dilation, groups)
     if indices.dtype not in INDEX_DTYPES or indptr.dtype != np.int64 or indptr.shape != (o + 1,):
         raise ValueError(
@@ -82,9 +91,9 @@ def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padd
     if out_hw[0] <= 0 or out_hw[1] <= 0:
         raise ValueError(f"sparse_conv2d: input {in_hw} gives empty output {out_hw} "
                          f"for weight {weight_shape}")
-    hq, wq = packed_hw(in_hw, stride, padding)
+    hq, wq = packed_hw(in_hw, stride, border)
     chan_pix = stride[0] * stride[1] * hq * wq
-    taps = tap_offsets((kh, kw), stride, padding, dilation, in_hw)
+    taps = tap_offsets((kh, kw), stride, padding, dilation, in_hw, border=border)
     counts = np.diff(indptr)
     if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(counts < 0):
         raise ValueError(f"sparse_conv2d: indptr of weight {weight_shape} is not 0..nnz={indices.shape[0]} "
@@ -98,7 +107,7 @@ def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padd
     offsets = channel * chan_pix + taps[cols % (kh * kw)]
     return SparseConvPlan(
         weight_shape=(o, cg, kh, kw), in_hw=in_hw, out_hw=out_hw, packed_hw=(hq, wq),
-        stride=stride, padding=padding, dilation=dilation, groups=int(groups),
+        stride=stride, padding=padding, dilation=dilation, groups=int(groups), border=border,
         offsets=np.ascontiguousarray(offsets, np.int64), row_cost=(counts + 1).astype(np.float64),
     )
 
@@ -121,30 +130,96 @@ def sparse_conv2d(x, indptr, indices, values, weight_shape, bias=None, stride=(1
     if plan is None:
         plan = plan_sparse_conv2d(indptr, indices, weight_shape, x.shape[2:], *geometry)
     elif (plan.in_hw, plan.weight_shape) != (tuple(x.shape[2:]), tuple(weight_shape)) or (
-            plan.stride, plan.padding, plan.dilation, plan.groups) != geometry:
+            plan.stride, plan.padding, plan.dilation, plan.groups) != geometry or plan.border != plan.padding:
         raise ValueError(f"{op}: plan is for input {plan.in_hw}, weight {plan.weight_shape}, stride "
-                         f"{plan.stride}, padding {plan.padding}, dilation {plan.dilation}, groups "
-                         f"{plan.groups}; got input {x.shape[2:]}, weight {tuple(weight_shape)}, "
-                         f"stride/padding/dilation/groups {geometry}")
-    if values.dtype != np.float32 or values.shape != plan.offsets.shape:
-        raise ValueError(f"{op}: values must be float32 with one entry per nonzero "
-                         f"({plan.offsets.shape[0]}), got {values.dtype} {values.shape}")
+                         f"{plan.stride}, padding {plan.padding} (border {plan.border}), dilation "
+                         f"{plan.dilation}, groups {plan.groups}; got input {x.shape[2:]}, weight "
+                         f"{tuple(weight_shape)}, stride/padding/dilation/groups {geometry}")
     n = x.shape[0]
     o = plan.weight_shape[0]
     ho, wo = plan.out_hw
     act_code, lo, hi = resolve_activation(op, act, clip_range)
     bias = resolve_bias(op, bias, o)
-    res, has_res = resolve_residual(op, residual, (n, o, ho, wo))
     out = resolve_out(op, out, (n, o, ho, wo))
-    wq = plan.packed_hw[1]
-    group = image_group(n, (ho - 1) * wq + wo)
+    out_layout = Layout(o, ho, wo)
+    res_layout = None
+    if residual is not None:
+        res_layout = out_layout
+        residual = resolve_residual(op, residual, (n, o, ho, wo))[0].reshape(-1)
+    group = image_group(n, (ho - 1) * plan.packed_hw[1] + wo)
     packed = pack_input(x, plan.stride, plan.padding, group, workspace,
                         allow_view=not np.may_share_memory(out, x))
-    block_elems = x.shape[1] * plan.stride[0] * plan.stride[1] * plan.packed_hw[0] * wq * group
-    tile_pix = max(1, TILE_ELEMS // group)
-    _sparse_conv(packed, plan.offsets, as_kernel_array(indptr), as_kernel_array(values), n, group, block_elems, ho, wo, wq, tile_pix,
-                 plan.blocks(numba.get_num_threads()), bias, act_code, lo, hi, res, has_res, out)
+    run = bind_sparse_conv2d(plan, indptr, values, packed, n, group, bias, act_code, lo, hi,
+                             residual, res_layout, out.reshape(-1), out_layout)
+    run()
     return out
+
+
+def bind_sparse_conv2d(plan: SparseConvPlan, indptr, values, packed, n: int, group: int, bias, act: int,
+                       lo, hi, residual, res_layout: Layout | None, out, out_layout: Layout,
+                       n_threads: int | None = None) -> Callable[[], None]:
+    """A no-argument callable computing the conv of `plan` from a packed input into `out`.
+
+    packed: flat float32, the packed input (or a runtime layout buffer) of a batch
+    of n images in groups of `group`, laid out for `plan` (border included);
+    out / residual: flat float32 buffers in `out_layout` / `res_layout` (the
+    output geometry; any border and image group). `act, lo, hi` come from
+    `epilogue.resolve_activation`. Everything is checked here, once; the callable
+    only runs the kernel, so the runtime can call it on every request.
+    """
+    op = "sparse_conv2d"
+    o, cg, _, _ = plan.weight_shape
+    ho, wo = plan.out_hw
+    hq, wq = plan.packed_hw
+    channels = cg * plan.groups
+    if group < 1 or n % group:
+        raise ValueError(f"{op}: image group {group} does not divide batch {n}")
+    block_elems = channels * plan.stride[0] * plan.stride[1] * hq * wq * group
+    _check_flat(op, "packed input", packed, block_elems * (n // group))
+    if values.dtype != np.float32 or values.shape != plan.offsets.shape or not values.flags.c_contiguous:
+        raise ValueError(f"{op}: values must be contiguous float32 with one entry per nonzero "
+                         f"({plan.offsets.shape[0]}), got {values.dtype} {values.shape}")
+    if indptr.dtype != np.int64 or indptr.shape != (o + 1,):
+        raise ValueError(f"{op}: indptr must be int64 of {o + 1} entries, got {indptr.dtype} {indptr.shape}")
+    res_params, has_res = _check_output_layouts(op, (o, ho, wo), n, out, out_layout, residual, res_layout)
+    if bias.dtype != np.float32 or bias.shape != (o,):
+        raise ValueError(f"{op}: bias must be float32 ({o},), got {bias.dtype} {bias.shape}")
+    tile_pix = max(1, TILE_ELEMS // group)
+    threads = numba.get_num_threads() if n_threads is None else n_threads
+    res = residual if has_res else _NO_RES
+    return partial(_sparse_conv, packed, block_elems, plan.offsets, as_kernel_array(indptr),
+                   as_kernel_array(values), n, group, ho, wo, wq, tile_pix, plan.blocks(threads), bias,
+                   act, np.float32(lo), np.float32(hi), res, res_params, has_res, out, out_layout.params())
+
+
+def _check_flat(op, what, a, size) -> None:
+    if (not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 1 or a.shape[0] < size
+            or not a.flags.c_contiguous):
+        raise ValueError(f"{op}: {what} must be a flat contiguous float32 array of >= {size} elements, "
+                         f"got {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+
+
+_NO_RES = np.zeros(1, np.float32)
+
+
+def _check_output_layouts(op, chw, n, out, out_layout, residual, res_layout) -> tuple[np.ndarray, bool]:
+    """Check the output and residual buffers of an epilogue; (residual layout params, has residual)."""
+    if (out_layout.channels, out_layout.height, out_layout.width) != tuple(chw):
+        raise ValueError(f"{op}: output layout {out_layout} does not hold a {tuple(chw)} output")
+    out_layout.check_batch(n)
+    _check_flat(op, "out", out, out_layout.size(n))
+    if not out.flags.writeable:
+        raise ValueError(f"{op}: out is read-only")
+    if residual is None:
+        return out_layout.params(), False
+    if res_layout is None or (res_layout.channels, res_layout.height, res_layout.width) != tuple(chw):
+        raise ValueError(f"{op}: residual layout {res_layout} does not hold a {tuple(chw)} output")
+    res_layout.check_batch(n)
+    _check_flat(op, "residual", residual, res_layout.size(n))
+    if np.may_share_memory(out, residual) and (res_layout != out_layout or out.ctypes.data != residual.ctypes.data):
+        raise ValueError(f"{op}: out may be the residual buffer itself, in the same layout, "
+                         f"but must not overlap it otherwise")
+    return res_layout.params(), True
 
 
 def sparse_conv2d_workspace(plan: SparseConvPlan, n: int) -> int:
@@ -153,13 +228,10 @@ def sparse_conv2d_workspace(plan: SparseConvPlan, n: int) -> int:
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
-def _sparse_conv(packed, offsets, indptr, values, n, g, block_elems, ho, wo, wq, tile_pix, blocks,
-                 bias, act, lo, hi, res, has_res, out):
+def _sparse_conv(packed, block_elems, offsets, indptr, values, n, g, ho, wo, wq, tile_pix, blocks,
+                 bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
     # Work item = (image block, tile of output pixels, run of output channels), in that
     # order, so each thread gets consecutive tiles and their input rows stay cached.
-    n_ch = indptr.shape[0] - 1
-    out_flat = out.reshape(out.size)
-    res_flat = res.reshape(res.size)
     l_pix = (ho - 1) * wq + wo
     n_tiles = (l_pix + tile_pix - 1) // tile_pix
     n_blocks = blocks.shape[0] - 1
@@ -175,8 +247,8 @@ def _sparse_conv(packed, offsets, indptr, values, n, g, block_elems, ho, wo, wq,
         start = img_block * block_elems + q0 * g
         for o in range(blocks[block], blocks[block + 1]):
             accumulate_row(acc, packed, offsets, values, indptr[o], indptr[o + 1], start, g)
-            store_row(acc, o, q0, q1, img_block * g, g, n_ch, ho, wq, wo, bias[o], act, lo, hi,
-                      res_flat, has_res, out_flat)
+            store_tile(acc, o, q0, q1, img_block, g, ho, wq, wo, bias[o], act, lo, hi,
+                       res, res_lay, has_res, out, out_lay)
 
 
 @njit(cache=True, inline="always", error_model="numpy", fastmath=FASTMATH)
@@ -184,60 +256,107 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
     """acc[k] = sum over nonzeros p in [p0, p1) of values[p] * packed[offsets[p]*g + start + k].
 
     Indices are uint64 so numba adds no wraparound test and LLVM vectorises the
-    k loop; four nonzeros per pass cut the loads and stores of `acc` by four.
+    k loop; eight (then four, then one) nonzeros per pass cut the loads and
+    stores of `acc`, and the first pass assigns instead of adding to zeros.
     """
     length = _U(acc.shape[0])
-    for k in range(length):
-        acc[k] = 0.0
     p = p0
-    while p + 4 <= p1:
+    first = True
+    while p + 8 <= p1:
+        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+        v4, v5, v6, v7 = values[p + 4], values[p + 5], values[p + 6], values[p + 7]
+        s0 = _U(offsets[p] * g + start)
+        s1 = _U(offsets[p + 1] * g + start)
+        s2 = _U(offsets[p + 2] * g + start)
+        s3 = _U(offsets[p + 3] * g + start)
+        s4 = _U(offsets[p + 4] * g + start)
+        s5 = _U(offsets[p + 5] * g + start)
+        s6 = _U(offsets[p + 6] * g + start)
+        s7 = _U(offsets[p + 7] * g + start)
+        if first:
+            for k in range(length):
+                acc[k] = (v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
+                          + v4 * packed[s4 + k] + v5 * packed[s5 + k] + v6 * packed[s6 + k] + v7 * packed[s7 + k])
+        else:
+            for k in range(length):
+                acc[k] += (v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
+                           + v4 * packed[s4 + k] + v5 * packed[s5 + k] + v6 * packed[s6 + k] + v7 * packed[s7 + k])
+        first = False
+        p += 8
+    if p + 4 <= p1:
         v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
         s0 = _U(offsets[p] * g + start)
         s1 = _U(offsets[p + 1] * g + start)
         s2 = _U(offsets[p + 2] * g + start)
         s3 = _U(offsets[p + 3] * g + start)
-        for k in range(length):
-            acc[k] += v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
+        if first:
+            for k in range(length):
+                acc[k] = v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
+        else:
+            for k in range(length):
+                acc[k] += v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
+        first = False
         p += 4
     while p < p1:
         v0 = values[p]
         s0 = _U(offsets[p] * g + start)
-        for k in range(length):
-            acc[k] += v0 * packed[s0 + k]
+        if first:
+            for k in range(length):
+                acc[k] = v0 * packed[s0 + k]
+        else:
+            for k in range(length):
+                acc[k] += v0 * packed[s0 + k]
+        first = False
         p += 1
+    if first:  # an empty row
+        for k in range(length):
+            acc[k] = 0.0
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def store_row(acc, o, q0, q1, img0, g, n_ch, ho, wq, wo, b, act, lo, hi, res, has_res, out):
-    """Write output channel o's packed pixels q0..q1 of images img0..img0+g into flat NCHW `out`.
+def store_tile(acc, o, q0, q1, blk, g, ho, wq, wo, b, act, lo, hi, res, res_lay, has_res, out, out_lay):
+    """out = act(acc + b + res) for output channel o, packed pixels q0..q1 of image block blk.
 
     Pixel q is (oh, ow) = divmod(q, wq); columns ow >= wo are garbage and dropped.
     acc holds (q1 - q0) pixels of g images each, image innermost. `out` and `res`
-    are flattened (N, n_ch, ho, wo) arrays; `res` is read only when `has_res`.
+    are flat buffers in layouts `out_lay` and `res_lay` (see `layout`); `res` is
+    read only when `has_res`. When both use image group g, each output row is one
+    contiguous run; otherwise images are written one by one.
     """
-    ug = _U(g)
+    same = out_lay[5] == g and (not has_res or res_lay[5] == g)
     oh = q0 // wq
     row_start = oh * wq
-    while row_start < q1:
+    while row_start < q1 and oh < ho:
         c0 = max(q0 - row_start, 0)
         c1 = min(q1 - row_start, wo)
-        width = _U(max(c1 - c0, 0))
-        for k in range(g):
-            src = _U((row_start + c0 - q0) * g + k)
-            dst = _U((((img0 + k) * n_ch + o) * ho + oh) * wo + c0)
-            if g == 1:
-                if has_res:
-                    for j in range(width):
-                        out[dst + j] = apply_act(acc[src + j] + b + res[dst + j], act, lo, hi)
-                else:
-                    for j in range(width):
-                        out[dst + j] = apply_act(acc[src + j] + b, act, lo, hi)
-            elif has_res:
-                for j in range(width):
-                    out[dst + j] = apply_act(acc[src + j * ug] + b + res[dst + j], act, lo, hi)
+        width = max(c1 - c0, 0)
+        src0 = (row_start + c0 - q0) * g
+        if same:
+            src = _U(src0)
+            dst = _U(row_offset(out_lay, blk, o, oh) + c0 * g)
+            run = _U(width * g)
+            if has_res:
+                r = _U(row_offset(res_lay, blk, o, oh) + c0 * g)
+                for j in range(run):
+                    out[dst + j] = apply_act(acc[src + j] + b + res[r + j], act, lo, hi)
             else:
-                for j in range(width):
-                    out[dst + j] = apply_act(acc[src + j * ug] + b, act, lo, hi)
+                for j in range(run):
+                    out[dst + j] = apply_act(acc[src + j] + b, act, lo, hi)
+        else:
+            gd = out_lay[5]
+            gr = res_lay[5]
+            for k in range(g):
+                img = blk * g + k
+                src = _U(src0 + k)
+                dst = _U(row_offset(out_lay, img // gd, o, oh) + c0 * gd + img % gd)
+                if has_res:
+                    r = _U(row_offset(res_lay, img // gr, o, oh) + c0 * gr + img % gr)
+                    for j in range(_U(width)):
+                        out[dst + j * _U(gd)] = apply_act(acc[src + j * _U(g)] + b + res[r + j * _U(gr)],
+                                                          act, lo, hi)
+                else:
+                    for j in range(_U(width)):
+                        out[dst + j * _U(gd)] = apply_act(acc[src + j * _U(g)] + b, act, lo, hi)
         oh += 1
         row_start += wq
 

@@ -18,12 +18,22 @@ computed and then dropped.
 G = 1 keeps each image's planes contiguous (a plain padded copy, cheap to make
 and to write back); G = N makes runs N times longer, which small planes need to
 keep the inner loops vectorised. `image_group` picks between them.
+
+The source of a pack is any buffer in a runtime `layout` (NCHW is one). For a
+stride-1 conv no pack is needed at all when the input buffer already has the
+conv's image group and a border at least as wide as its padding: that buffer
+is the packed input, read with shifted tap offsets (`tap_offsets(..., border=)`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 from numba import njit, prange
+
+from .layout import Layout, row_offset
 
 
 def packed_hw(in_hw, stride, padding) -> tuple[int, int]:
@@ -48,16 +58,28 @@ def packed_size(n: int, channels: int, in_hw, stride, padding) -> int:
     return channels * stride[0] * stride[1] * hq * wq * n
 
 
-def tap_offsets(kernel_hw, stride, padding, dilation, in_hw) -> np.ndarray:
-    """Offset in pixels, from a channel's packed block start, of each tap t = i*kw + j."""
+def tap_offsets(kernel_hw, stride, padding, dilation, in_hw, border=None) -> np.ndarray:
+    """Offset in pixels, from a channel's packed block start, of each tap t = i*kw + j.
+
+    `border` (stride 1 only) is the padding the packed input really has, when it
+    is at least `padding`: each tap then reads (border - padding) rows and
+    columns further in.
+    """
     kh, kw = kernel_hw
     sh, sw = stride
     dh, dw = dilation
+    shift_h = shift_w = 0
+    if border is not None and tuple(border) != tuple(padding):
+        if (sh, sw) != (1, 1) or border[0] < padding[0] or border[1] < padding[1]:
+            raise ValueError(f"tap_offsets: a border {tuple(border)} needs stride 1 and at least "
+                             f"padding {tuple(padding)}, got stride {tuple(stride)}")
+        shift_h, shift_w = border[0] - padding[0], border[1] - padding[1]
+        padding = border
     hq, wq = packed_hw(in_hw, stride, padding)
     i = np.repeat(np.arange(kh, dtype=np.int64), kw) * dh
     j = np.tile(np.arange(kw, dtype=np.int64), kh) * dw
     phase = (i % sh) * sw + (j % sw)
-    return phase * (hq * wq) + (i // sh) * wq + (j // sw)
+    return phase * (hq * wq) + (i // sh + shift_h) * wq + (j // sw + shift_w)
 
 
 def pack_input(x: np.ndarray, stride, padding, group: int, out: np.ndarray | None = None,
@@ -73,14 +95,44 @@ def pack_input(x: np.ndarray, stride, padding, group: int, out: np.ndarray | Non
     nchw = group == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
     if allow_view and nchw and x.flags.c_contiguous:
         return x.reshape(-1)
-    size = packed_size(n, c, (h, w), stride, padding)
-    if out is None:
-        out = np.empty(size, np.float32)
-    elif out.dtype != np.float32 or out.ndim != 1 or out.shape[0] < size:
-        raise ValueError(f"pack_input: workspace must be 1-D float32 with >= {size} elements, "
-                         f"got {out.dtype} {out.shape}")
+    out = _resolve_workspace(out, packed_size(n, c, (h, w), stride, padding))
+    bind_pack(np.ascontiguousarray(x).reshape(-1), Layout(c, h, w), n, stride, padding, group, out)()
+    return out
+
+
+def bind_pack(src: np.ndarray, src_layout: Layout, n: int, stride, padding, group: int,
+              out: np.ndarray, phases: np.ndarray | None = None) -> Callable[[], None]:
+    """A no-argument callable packing the batch of n held in `src` (in `src_layout`) into `out`.
+
+    Checks everything once; the callable only runs the kernel (the runtime calls it
+    every time). `out` needs `packed_size(...)` elements. `phases` (from
+    `used_phases`) leaves the stride phases no tap reads unwritten, e.g. three of
+    the four of a 1x1 stride-2 conv.
+    """
+    c, h, w = src_layout.channels, src_layout.height, src_layout.width
+    src_layout.check_batch(n)
+    if group < 1 or n % group:
+        raise ValueError(f"pack_input: image group {group} does not divide batch {n}")
+    if src.dtype != np.float32 or src.ndim != 1 or src.shape[0] < src_layout.size(n):
+        raise ValueError(f"pack_input: source must be flat float32 with >= {src_layout.size(n)} elements, "
+                         f"got {src.dtype} {src.shape}")
+    _resolve_workspace(out, packed_size(n, c, (h, w), stride, padding))
     hq, wq = packed_hw((h, w), stride, padding)
-    _pack(x, padding[0], padding[1], stride[0], stride[1], hq, wq, group, out)
+    if phases is None:
+        phases = np.ones(int(stride[0]) * int(stride[1]), np.bool_)
+    elif phases.dtype != np.bool_ or phases.shape != (int(stride[0]) * int(stride[1]),):
+        raise ValueError(f"pack_input: phases must be {int(stride[0]) * int(stride[1])} bools, got "
+                         f"{phases.dtype} {phases.shape}")
+    return partial(_pack, src, src_layout.params(), n, int(padding[0]), int(padding[1]), int(stride[0]),
+                   int(stride[1]), hq, wq, int(group), phases, out)
+
+
+def _resolve_workspace(out, size: int) -> np.ndarray:
+    if out is None:
+        return np.empty(size, np.float32)
+    if out.dtype != np.float32 or out.ndim != 1 or out.shape[0] < size or not out.flags.writeable:
+        raise ValueError(f"pack_input: workspace must be 1-D writeable float32 with >= {size} elements, "
+                         f"got {out.dtype} {out.shape}")
     return out
 
 
@@ -90,10 +142,8 @@ _U = np.uint64
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _pack(x, ph, pw, sh, sw, hq, wq, g, packed):
-    n, c, h, w = x.shape
-    xf = x.reshape(x.size)
-    ug, usw = _U(g), _U(sw)
+def _pack(src, lay, n, ph, pw, sh, sw, hq, wq, g, phases, packed):
+    c, h, w = lay[0], lay[1], lay[2]
     plane = hq * wq * g
     # Rows a in [a_lo, a_hi) and columns b in [b_lo, b_hi) of phase plane (pi, pj)
     # hold input pixels (not padding); integer division is slow, so do it once here.
@@ -110,29 +160,54 @@ def _pack(x, ph, pw, sh, sw, hq, wq, g, packed):
         ch = item - blk * c
         for pi in range(sh):
             for pj in range(sw):
-                base = ((item * sh + pi) * sw + pj) * plane
-                w0 = b_lo[pj] * sw + pj - pw
-                width = _U(b_hi[pj] - b_lo[pj])
-                # Zero the whole phase plane (one contiguous run), then copy the input rows in.
-                fill_zero(packed, _U(base), _U(plane))
-                if width == 0:
-                    continue
-                for a in range(a_lo[pi], a_hi[pi]):
-                    row = base + a * wq * g
-                    h_in = a * sh + pi - ph
-                    for k in range(g):
-                        src = _U(((blk * g + k) * c + ch) * h + h_in) * _U(w) + _U(w0)
-                        dst = _U(row + b_lo[pj] * g + k)
-                        if g == 1 and sw == 1:
-                            for j in range(width):
-                                packed[dst + j] = xf[src + j]
-                        else:
-                            for j in range(width):
-                                packed[dst + j * ug] = xf[src + j * usw]
+                if phases[pi * sw + pj]:  # a phase no tap reads stays unwritten
+                    _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo[pi], a_hi[pi], b_lo[pj],
+                                b_hi[pj], hq, ((item * sh + pi) * sw + pj) * plane, packed)
 
 
-@njit(cache=True, inline="always")
-def fill_zero(a, start, count):
-    """a[start : start + count] = 0 (uint64 bounds)."""
-    for k in range(count):
-        a[start + k] = 0.0
+@njit(cache=True, error_model="numpy")
+def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_lo, b_hi, hq, base, packed):
+    """One phase plane of one channel of one image block: input rows copied in, padding zeroed.
+
+    A plain (not inlined) function: the same loops written inside the prange body
+    of `_pack` compile to slower code.
+    """
+    gs = lay[5]
+    ug = _U(g)
+    w0 = b_lo * sw + pj - pw
+    width = _U(max(b_hi - b_lo, 0))
+    for j in range(_U(hq * wq * g)):  # zero the plane (one contiguous run), then copy the rows in
+        packed[_U(base) + j] = 0.0
+    if width == 0:
+        return
+    for a in range(a_lo, a_hi):
+        h_in = a * sh + pi - ph
+        d0 = _U(base + (a * wq + b_lo) * g)
+        if gs == g and sw == 1:  # same image group, unit stride: one run of width*g values
+            s0 = _U(row_offset(lay, blk, ch, h_in) + w0 * gs)
+            for j in range(width * ug):
+                packed[d0 + j] = src[s0 + j]
+        elif g == 1:  # one image, strided columns
+            s0 = _U(row_offset(lay, blk // gs, ch, h_in) + w0 * gs + blk % gs)
+            step = _U(sw * gs)
+            for j in range(width):
+                packed[d0 + j] = src[s0 + j * step]
+        else:
+            step = _U(sw * gs)
+            for k in range(g):
+                img = blk * g + k
+                s0 = _U(row_offset(lay, img // gs, ch, h_in) + w0 * gs + img % gs)
+                for j in range(width):
+                    packed[d0 + _U(k) + j * ug] = src[s0 + j * step]
+
+
+def used_phases(kernel_hw, stride, dilation) -> np.ndarray:
+    """Which stride phases (pi*sw + pj) some tap of the kernel reads; a pack may skip the others."""
+    kh, kw = kernel_hw
+    sh, sw = stride
+    dh, dw = dilation
+    phases = np.zeros(sh * sw, np.bool_)
+    for i in range(kh):
+        for j in range(kw):
+            phases[(i * dh) % sh * sw + (j * dw) % sw] = True
+    return phases

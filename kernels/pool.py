@@ -2,58 +2,117 @@
 
 Each (image, channel) plane is independent; planes are split between threads.
 Output sizes, ceil_mode and the average divisor follow `reference` exactly.
+The kernels read and write any runtime `layout` (bordered, image-grouped);
+the NCHW functions are the special case the tests and simple callers use, the
+`bind_*` functions what the runtime calls.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 from numba import njit, prange
 
 from .arrays import as_kernel_array
+from .layout import Layout, row_offset
 from .reference import pool_output_size
 
 
 def maxpool2d(x, kernel, stride=None, padding=(0, 0), dilation=(1, 1), ceil_mode=False,
               out=None) -> np.ndarray:
     """torch max_pool2d: padding is -inf, NaN propagates; `stride` defaults to `kernel`."""
-    op = "maxpool2d"
-    kernel, stride, padding, dilation = _pairs(kernel, stride, padding, dilation)
-    x = _check_input(op, x)
-    if 2 * padding[0] > kernel[0] or 2 * padding[1] > kernel[1]:
-        raise ValueError(f"{op}: padding {padding} exceeds half the kernel {kernel}")
-    out = _resolve_out(op, x, kernel, stride, padding, dilation, ceil_mode, out)
-    _maxpool(x, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
-             dilation[0], dilation[1], out)
+    x = _check_input("maxpool2d", x)
+    n, c, h, w = x.shape
+    shape = pool2d_output_shape("maxpool2d", (c, h, w), kernel, stride, padding, dilation, ceil_mode)
+    out = _resolve_out("maxpool2d", out, (n, *shape))
+    bind_maxpool2d(x.reshape(-1), Layout(c, h, w), n, kernel, stride, padding, dilation, ceil_mode,
+                   out.reshape(-1), Layout(*shape))()
     return out
 
 
 def avgpool2d(x, kernel, stride=None, padding=(0, 0), ceil_mode=False, count_include_pad=True,
               out=None) -> np.ndarray:
     """torch avg_pool2d (no divisor_override); `stride` defaults to `kernel`."""
-    op = "avgpool2d"
-    kernel, stride, padding, _ = _pairs(kernel, stride, padding, (1, 1))
-    x = _check_input(op, x)
-    if 2 * padding[0] > kernel[0] or 2 * padding[1] > kernel[1]:
-        raise ValueError(f"{op}: padding {padding} exceeds half the kernel {kernel}")
-    out = _resolve_out(op, x, kernel, stride, padding, (1, 1), ceil_mode, out)
-    _avgpool(x, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
-             bool(count_include_pad), out)
+    x = _check_input("avgpool2d", x)
+    n, c, h, w = x.shape
+    shape = pool2d_output_shape("avgpool2d", (c, h, w), kernel, stride, padding, (1, 1), ceil_mode)
+    out = _resolve_out("avgpool2d", out, (n, *shape))
+    bind_avgpool2d(x.reshape(-1), Layout(c, h, w), n, kernel, stride, padding, ceil_mode, count_include_pad,
+                   out.reshape(-1), Layout(*shape))()
     return out
 
 
 def global_avgpool(x, out=None) -> np.ndarray:
     """Mean over H and W: (N, C, H, W) -> (N, C, 1, 1)."""
-    op = "global_avgpool"
-    x = _check_input(op, x)
-    if x.shape[2] * x.shape[3] == 0:
-        raise ValueError(f"{op}: empty spatial size in input {x.shape}")
-    shape = (x.shape[0], x.shape[1], 1, 1)
-    if out is None:
-        out = np.empty(shape, np.float32)
-    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"{op}: out must be a C-contiguous float32 {shape} array")
-    _global_avgpool(x.reshape(shape[0] * shape[1], -1), out.reshape(-1))
+    x = _check_input("global_avgpool", x)
+    n, c, h, w = x.shape
+    out = _resolve_out("global_avgpool", out, (n, c, 1, 1))
+    bind_global_avgpool(x.reshape(-1), Layout(c, h, w), n, out.reshape(-1), Layout(c, 1, 1))()
     return out
+
+
+def pool2d_output_shape(op, chw, kernel, stride, padding, dilation, ceil_mode) -> tuple[int, int, int]:
+    """(C, Ho, Wo) of a pooling window over per-image (C, H, W); raises on bad geometry."""
+    kernel, stride, padding, dilation = _pairs(kernel, stride, padding, dilation)
+    if 2 * padding[0] > kernel[0] or 2 * padding[1] > kernel[1]:
+        raise ValueError(f"{op}: padding {padding} exceeds half the kernel {kernel}")
+    c, h, w = chw
+    ho = pool_output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    wo = pool_output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"{op}: input {tuple(chw)} gives empty output ({ho}, {wo}) for kernel {kernel}")
+    return c, ho, wo
+
+
+def bind_maxpool2d(src, src_layout: Layout, n: int, kernel, stride, padding, dilation, ceil_mode, out,
+                   out_layout: Layout) -> Callable[[], None]:
+    """A no-argument callable max-pooling a batch of n from `src` into `out` (flat, in their layouts)."""
+    op = "maxpool2d"
+    kernel, stride, padding, dilation = _pairs(kernel, stride, padding, dilation)
+    shape = pool2d_output_shape(op, _chw(src_layout), kernel, stride, padding, dilation, ceil_mode)
+    _check_buffers(op, src, src_layout, n, out, out_layout, shape)
+    return partial(_maxpool, src, src_layout.params(), n, kernel[0], kernel[1], stride[0], stride[1],
+                   padding[0], padding[1], dilation[0], dilation[1], out, out_layout.params())
+
+
+def bind_avgpool2d(src, src_layout: Layout, n: int, kernel, stride, padding, ceil_mode, count_include_pad,
+                   out, out_layout: Layout) -> Callable[[], None]:
+    """A no-argument callable average-pooling a batch of n from `src` into `out` (flat, in their layouts)."""
+    op = "avgpool2d"
+    kernel, stride, padding, _ = _pairs(kernel, stride, padding, (1, 1))
+    shape = pool2d_output_shape(op, _chw(src_layout), kernel, stride, padding, (1, 1), ceil_mode)
+    _check_buffers(op, src, src_layout, n, out, out_layout, shape)
+    return partial(_avgpool, src, src_layout.params(), n, kernel[0], kernel[1], stride[0], stride[1],
+                   padding[0], padding[1], bool(count_include_pad), out, out_layout.params())
+
+
+def bind_global_avgpool(src, src_layout: Layout, n: int, out, out_layout: Layout) -> Callable[[], None]:
+    """A no-argument callable averaging each plane of a batch of n from `src` into `out` (C, 1, 1)."""
+    op = "global_avgpool"
+    c, h, w = _chw(src_layout)
+    if h * w == 0:
+        raise ValueError(f"{op}: empty spatial size in input {(c, h, w)}")
+    _check_buffers(op, src, src_layout, n, out, out_layout, (c, 1, 1))
+    return partial(_global_avgpool, src, src_layout.params(), n, out, out_layout.params())
+
+
+def _chw(layout: Layout) -> tuple[int, int, int]:
+    return layout.channels, layout.height, layout.width
+
+
+def _check_buffers(op, src, src_layout, n, out, out_layout, out_shape) -> None:
+    if _chw(out_layout) != tuple(out_shape):
+        raise ValueError(f"{op}: output layout {out_layout} does not hold a {tuple(out_shape)} output")
+    for what, a, layout in (("input", src, src_layout), ("out", out, out_layout)):
+        layout.check_batch(n)
+        if (not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 1
+                or a.shape[0] < layout.size(n) or not a.flags.c_contiguous):
+            raise ValueError(f"{op}: {what} must be a flat contiguous float32 array of >= {layout.size(n)} "
+                             f"elements, got {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    if not out.flags.writeable or np.may_share_memory(src, out):
+        raise ValueError(f"{op}: out must be writeable and must not overlap the input")
 
 
 def _pairs(kernel, stride, padding, dilation):
@@ -79,75 +138,135 @@ def _check_input(op, x) -> np.ndarray:
     return as_kernel_array(x)
 
 
-def _resolve_out(op, x, kernel, stride, padding, dilation, ceil_mode, out) -> np.ndarray:
-    n, c, h, w = x.shape
-    ho = pool_output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
-    wo = pool_output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
-    if ho <= 0 or wo <= 0:
-        raise ValueError(f"{op}: input {x.shape} gives empty output ({ho}, {wo}) for kernel {kernel}")
+def _resolve_out(op, out, shape) -> np.ndarray:
     if out is None:
-        return np.empty((n, c, ho, wo), np.float32)
-    if out.shape != (n, c, ho, wo) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"{op}: out must be a C-contiguous float32 {(n, c, ho, wo)} array")
+        return np.empty(shape, np.float32)
+    if out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"{op}: out must be a C-contiguous float32 {tuple(shape)} array")
     return out
 
 
-@njit(parallel=True, cache=True)
-def _maxpool(x, kh, kw, sh, sw, ph, pw, dh, dw, out):
-    n, c, h, w = x.shape
-    ho, wo = out.shape[2], out.shape[3]
-    for plane in prange(n * c):
-        img, ch = plane // c, plane % c
-        src, dst = x[img, ch], out[img, ch]
-        for oh in range(ho):
-            r0 = oh * sh - ph
-            for ow in range(wo):
-                c0 = ow * sw - pw
-                m = -np.inf
-                for a in range(kh):
-                    r = r0 + a * dh
-                    if r < 0 or r >= h:
-                        continue
-                    for b in range(kw):
-                        col = c0 + b * dw
-                        if 0 <= col < w:
-                            v = src[r, col]
-                            if v > m or v != v:  # NaN wins, as in torch
-                                m = v
-                dst[oh, ow] = m
+# Kernels: one (image block of the output, channel) per work item, its images one by one.
+# Pixel (h, w) of image i, channel c of a buffer in layout `lay` is at
+# row_offset(lay, i // G, c, h) + w*G + i % G. Each work item calls a plain
+# (not inlined) njit function: loop nests written inside a prange body compile
+# to code several times slower (measured 4x on maxpool).
 
 
-@njit(parallel=True, cache=True)
-def _avgpool(x, kh, kw, sh, sw, ph, pw, count_include_pad, out):
-    n, c, h, w = x.shape
-    ho, wo = out.shape[2], out.shape[3]
-    for plane in prange(n * c):
-        img, ch = plane // c, plane % c
-        src, dst = x[img, ch], out[img, ch]
-        for oh in range(ho):
-            r0 = oh * sh - ph
-            r1 = min(r0 + kh, h + ph)  # the window clipped to the padded input
-            rr0, rr1 = max(r0, 0), min(r1, h)
-            for ow in range(wo):
-                c0 = ow * sw - pw
-                c1 = min(c0 + kw, w + pw)
-                cc0, cc1 = max(c0, 0), min(c1, w)
-                total = np.float32(0.0)
-                for r in range(rr0, rr1):
-                    for col in range(cc0, cc1):
-                        total += src[r, col]
-                if count_include_pad:
-                    divisor = (r1 - r0) * (c1 - c0)
-                else:
-                    divisor = (rr1 - rr0) * (cc1 - cc0)
-                dst[oh, ow] = total / np.float32(divisor)
+@njit(parallel=True, cache=True, error_model="numpy")
+def _maxpool(src, sl, n, kh, kw, sh, sw, ph, pw, dh, dw, out, ol):
+    go, c = ol[5], ol[0]
+    # The VGG/ResNet case, 2x2 windows at stride 2 without padding, all inside the input, has its own loop.
+    halving = (kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1
+               and 2 * ol[1] <= sl[1] and 2 * ol[2] <= sl[2])
+    for item in prange((n // go) * c):
+        blk, ch = item // c, item % c
+        for k in range(go):
+            img = blk * go + k
+            if halving:
+                _maxpool_2x2_plane(src, sl, img // sl[5], img % sl[5], ch, out, ol, blk, k)
+            else:
+                _maxpool_plane(src, sl, img // sl[5], img % sl[5], ch, kh, kw, sh, sw, ph, pw, dh, dw,
+                               out, ol, blk, k)
 
 
-@njit(parallel=True, cache=True)
-def _global_avgpool(planes, out):
-    size = planes.shape[1]
-    for p in prange(planes.shape[0]):
-        total = 0.0
-        for k in range(size):
-            total += planes[p, k]
-        out[p] = total / size
+@njit(cache=True, error_model="numpy")
+def _maxpool_2x2_plane(src, sl, s_blk, s_k, ch, out, ol, blk, k):
+    gs, go = sl[5], ol[5]
+    ho, wo = ol[1], ol[2]
+    for oh in range(ho):
+        r0 = row_offset(sl, s_blk, ch, 2 * oh) + s_k
+        r1 = row_offset(sl, s_blk, ch, 2 * oh + 1) + s_k
+        d = row_offset(ol, blk, ch, oh) + k
+        for ow in range(wo):
+            j0, j1 = 2 * ow * gs, (2 * ow + 1) * gs
+            a, b, e, f = src[r0 + j0], src[r0 + j1], src[r1 + j0], src[r1 + j1]
+            m = a if a > b else b
+            m2 = e if e > f else f
+            m = m if m > m2 else m2
+            if a != a or b != b or e != e or f != f:  # NaN wins, as in torch
+                m = np.float32(np.nan)
+            out[d + ow * go] = m
+
+
+@njit(cache=True, error_model="numpy")
+def _maxpool_plane(src, sl, s_blk, s_k, ch, kh, kw, sh, sw, ph, pw, dh, dw, out, ol, blk, k):
+    h, w, gs = sl[1], sl[2], sl[5]
+    ho, wo, go = ol[1], ol[2], ol[5]
+    rows = np.empty(kh, np.int64)
+    for oh in range(ho):
+        n_rows = 0  # the window rows inside the input, as buffer offsets
+        for a in range(kh):
+            r = oh * sh - ph + a * dh
+            if 0 <= r < h:
+                rows[n_rows] = row_offset(sl, s_blk, ch, r) + s_k
+                n_rows += 1
+        d = row_offset(ol, blk, ch, oh) + k
+        for ow in range(wo):
+            c0 = ow * sw - pw
+            m = np.float32(-np.inf)
+            for b in range(kw):
+                col = c0 + b * dw
+                if 0 <= col < w:
+                    for a in range(n_rows):
+                        v = src[rows[a] + col * gs]
+                        if v > m or v != v:  # NaN wins, as in torch
+                            m = v
+            out[d + ow * go] = m
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _avgpool(src, sl, n, kh, kw, sh, sw, ph, pw, count_include_pad, out, ol):
+    go, c = ol[5], ol[0]
+    for item in prange((n // go) * c):
+        blk, ch = item // c, item % c
+        for k in range(go):
+            img = blk * go + k
+            _avgpool_plane(src, sl, img // sl[5], img % sl[5], ch, kh, kw, sh, sw, ph, pw, count_include_pad,
+                           out, ol, blk, k)
+
+
+@njit(cache=True, error_model="numpy")
+def _avgpool_plane(src, sl, s_blk, s_k, ch, kh, kw, sh, sw, ph, pw, count_include_pad, out, ol, blk, k):
+    h, w, gs = sl[1], sl[2], sl[5]
+    ho, wo, go = ol[1], ol[2], ol[5]
+    for oh in range(ho):
+        r0 = oh * sh - ph
+        r1 = min(r0 + kh, h + ph)  # the window clipped to the padded input
+        rr0, rr1 = max(r0, 0), min(r1, h)
+        d = row_offset(ol, blk, ch, oh) + k
+        for ow in range(wo):
+            c0 = ow * sw - pw
+            c1 = min(c0 + kw, w + pw)
+            cc0, cc1 = max(c0, 0), min(c1, w)
+            total = np.float32(0.0)
+            for r in range(rr0, rr1):
+                base = row_offset(sl, s_blk, ch, r) + s_k
+                for col in range(cc0, cc1):
+                    total += src[base + col * gs]
+            if count_include_pad:
+                divisor = (r1 - r0) * (c1 - c0)
+            else:
+                divisor = (rr1 - rr0) * (cc1 - cc0)
+            out[d + ow * go] = total / np.float32(divisor)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _global_avgpool(src, sl, n, out, ol):
+    go, c = ol[5], ol[0]
+    for item in prange((n // go) * c):
+        blk, ch = item // c, item % c
+        for k in range(go):
+            img = blk * go + k
+            out[row_offset(ol, blk, ch, 0) + k] = _plane_mean(src, sl, img // sl[5], img % sl[5], ch)
+
+
+@njit(cache=True, error_model="numpy")
+def _plane_mean(src, sl, s_blk, s_k, ch):
+    h, w, gs = sl[1], sl[2], sl[5]
+    total = 0.0
+    for r in range(h):
+        base = row_offset(sl, s_blk, ch, r) + s_k
+        for col in range(w):
+            total += src[base + col * gs]
+    return total / (h * w)

@@ -11,6 +11,9 @@ same kernel, so a batch of N becomes the vector width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -31,17 +34,40 @@ def spmm(indptr, indices, values, x, bias=None, act="none", clip_range=None, res
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
         raise ValueError(f"{op}: x must be a float32 (K, M) array, got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    if indices.shape[0] and int(indices.max()) >= x.shape[0]:
-        raise ValueError(f"{op}: column index {int(indices.max())} out of range for x with {x.shape[0]} rows")
     n_out = indptr.shape[0] - 1
     act_code, lo, hi = resolve_activation(op, act, clip_range)
     bias = resolve_bias(op, bias, n_out)
-    res, has_res = resolve_residual(op, residual, (n_out, x.shape[1]))
+    res = resolve_residual(op, residual, (n_out, x.shape[1]))[0] if residual is not None else None
     out = resolve_out(op, out, (n_out, x.shape[1]))
-    blocks = balanced_blocks((np.diff(indptr) + 1).astype(np.float64), numba.get_num_threads())
-    _spmm(as_kernel_array(indptr), as_kernel_array(indices), as_kernel_array(values), as_kernel_array(x),
-          blocks, bias, act_code, lo, hi, res, has_res, out)
+    bind_spmm(as_kernel_array(indptr), as_kernel_array(indices), as_kernel_array(values), as_kernel_array(x),
+              bias, act_code, lo, hi, res, out)()
     return out
+
+
+def bind_spmm(indptr, indices, values, x, bias, act: int, lo, hi, residual, out,
+              n_threads: int | None = None) -> Callable[[], None]:
+    """A no-argument callable computing `spmm` into `out` (O, M); every array contiguous, checked once.
+
+    `act, lo, hi` come from `epilogue.resolve_activation`; `residual` is (O, M) or None.
+    """
+    op = "spmm"
+    _check_csr_args(op, indptr, indices, values)
+    for what, a in (("x", x), ("out", out)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2 or not a.flags.c_contiguous:
+            raise ValueError(f"{op}: {what} must be a contiguous float32 2-D array, got "
+                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    if indices.shape[0] and int(indices.max()) >= x.shape[0]:
+        raise ValueError(f"{op}: column index {int(indices.max())} out of range for x with {x.shape[0]} rows")
+    n_out = indptr.shape[0] - 1
+    if out.shape != (n_out, x.shape[1]) or not out.flags.writeable:
+        raise ValueError(f"{op}: out must be a writeable ({n_out}, {x.shape[1]}) array, got {out.shape}")
+    if bias.dtype != np.float32 or bias.shape != (n_out,):
+        raise ValueError(f"{op}: bias must be float32 ({n_out},), got {bias.dtype} {bias.shape}")
+    res, has_res = resolve_residual(op, residual, out.shape)
+    threads = numba.get_num_threads() if n_threads is None else n_threads
+    blocks = balanced_blocks((np.diff(indptr) + 1).astype(np.float64), threads)
+    return partial(_spmm, indptr, indices, values, x, blocks, bias, act, np.float32(lo), np.float32(hi),
+                   res, has_res, out)
 
 
 def sparse_linear(x, indptr, indices, values, bias=None, act="none", clip_range=None, residual=None,

@@ -12,9 +12,11 @@ import time
 
 import numpy as np
 
+from harp.export.csr import dense_to_csr
+
 from .conv import sparse_conv2d
-from .csr import INDEX_DTYPES, dense_to_csr
-from .dense import dense_conv2d, dense_linear
+from .csr import INDEX_DTYPES, kernel_csr
+from .dense import bind_dense_linear, dense_conv2d, dense_linear
 from .elementwise import add, affine, clip, relu
 from .pool import avgpool2d, global_avgpool, maxpool2d
 from .spmm import sparse_linear, spmm
@@ -38,18 +40,21 @@ def warmup() -> dict[str, float]:
     linear_weight = rng.standard_normal((3, 5)).astype(np.float32)  # (O, I)
     linear_weight[1] = 0.0
     for dtype in INDEX_DTYPES:
-        indptr, indices, values = dense_to_csr(weight.reshape(4, -1), dtype)
+        indptr, indices, values = kernel_csr(dense_to_csr(weight), dtype)
         timed("sparse_conv2d", lambda: sparse_conv2d(x, indptr, indices, values, weight.shape, None,
                                                      1, 1, act="relu", residual=zeros))
         timed("sparse_conv2d", lambda: sparse_conv2d(x[:1], indptr, indices, values, weight.shape))
         timed("spmm", lambda: spmm(indptr, indices, values, rng.standard_normal((36, 3)).astype(np.float32),
                                    act="relu", residual=np.zeros((4, 3), np.float32)))
-        indptr, indices, values = dense_to_csr(linear_weight, dtype)
+        indptr, indices, values = kernel_csr(dense_to_csr(linear_weight), dtype)
         timed("spmm", lambda: sparse_linear(features, indptr, indices, values))
     timed("dense_conv2d", lambda: dense_conv2d(x, weight, None, 2, 1, act="relu6", residual=np.zeros(
         (2, 4, 3, 3), np.float32)))
     timed("dense_linear", lambda: dense_linear(features, linear_weight, None, act="relu",
                                                residual=np.zeros((2, 3), np.float32)))
+    timed("dense_linear", bind_dense_linear(linear_weight, np.ascontiguousarray(features.T), np.zeros(3, np.float32),
+                                            0, np.float32(-np.inf), np.float32(np.inf), None,
+                                            np.zeros((3, 2), np.float32)))
     timed("pool", lambda: maxpool2d(x, 2, 2, 1, ceil_mode=True))
     timed("pool", lambda: avgpool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False))
     timed("pool", lambda: global_avgpool(x))

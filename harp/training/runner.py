@@ -67,8 +67,11 @@ class Job(ABC):
         """A term added to the adversarial loss (HARP's compression term)."""
         return None
 
+    def before_step(self) -> None:
+        """Called between backward and the optimiser step (gradients may be rescaled here)."""
+
     def after_step(self) -> None:
-        """Called after each optimiser step (fine-tuning re-applies masks here)."""
+        """Called after each optimiser step."""
 
     def epoch_end(self, epoch: int) -> dict[str, Any]:
         """Per-epoch bookkeeping; returns numbers for the log."""
@@ -122,6 +125,8 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(1, cfg.epochs * steps_per_epoch),
         pct_start=0.15, anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     state_dir = out / STATE_DIR
+    if dist.is_main:
+        state_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
     best = {"epoch": -1, "robust": -1.0}
     start_epoch = 0
@@ -152,6 +157,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
                 raise HarpError(f"{job.kind}: loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            job.before_step()
             opt.step()
             sched.step()
             job.after_step()
@@ -217,7 +223,8 @@ def _mean(xs: list[float]) -> float:
 
 def _format_record(kind: str, epochs: int, r: dict[str, Any]) -> str:
     extras = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in r.items() if k not in ("epoch", "loss", "epoch_seconds", "val_natural", "val_robust"))
+                      for k, v in r.items()
+                      if k not in ("epoch", "loss", "epoch_seconds", "val_natural", "val_robust") and not isinstance(v, dict))
     return (f"{kind} epoch {r['epoch']}/{epochs}  loss {r['loss']:.4f}  val natural {r['val_natural']:.2%}  "
             f"val pgd {r['val_robust']:.2%}  {r['epoch_seconds']:.1f}s {extras}").rstrip()
 

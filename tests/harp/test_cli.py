@@ -65,7 +65,7 @@ def test_eval_and_info_json(capsys, digits_ckpt):
     info = json.loads(out)
     assert info["sparsity"] == 0.0
     assert [layer["name"] for layer in info["layers"]] == [
-        "net.features.0", "net.features.3", "net.features.6", "net.classifier.1", "net.classifier.3"]
+        "net.features.0", "net.features.4", "net.features.8", "net.classifier.1", "net.classifier.4"]
     assert info["layers"][0] == {"name": "net.features.0", "shape": [32, 1, 3, 3], "density": 1.0}
 
 

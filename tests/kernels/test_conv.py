@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from harp.kernels import conv, packing
 from harp.kernels.conv import plan_sparse_conv2d, sparse_conv2d, sparse_conv2d_workspace
-from harp.kernels.csr import INDEX_DTYPES, dense_to_csr
+from harp.export.csr import dense_to_csr as export_csr
+from harp.kernels.csr import INDEX_DTYPES, kernel_csr
 from harp.kernels.reference import conv2d_ref, epilogue_ref
 from harp.kernels.threads import get_num_threads, max_threads, set_num_threads
 
@@ -25,7 +26,8 @@ def sparse_weight(rng, shape, density):
 
 
 def csr(weight, dtype=None):
-    return dense_to_csr(weight.reshape(weight.shape[0], -1), dtype)
+    """Kernel CSR arrays of a conv weight, with indices of `dtype`."""
+    return kernel_csr(export_csr(weight), dtype)
 
 
 @st.composite

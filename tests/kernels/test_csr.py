@@ -1,76 +1,51 @@
-"""CSR invariants: the canonical-form check, conversions, index dtypes, row blocks."""
+"""Kernel-side CSR helpers: conversion of a checked CSRTensor, and row blocks for the thread split."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harp.kernels.csr import balanced_blocks, check_csr, dense_to_csr, index_dtype_for
+from harp.export.csr import dense_to_csr
+from harp.kernels.csr import INDEX_DTYPES, balanced_blocks, kernel_csr
 from harp.kernels.reference import csr_to_dense
 
 
-def sample_csr():
+def test_kernel_csr_converts_to_kernel_dtypes_and_round_trips():
     dense = np.array([[0, 2, 0, 3], [0, 0, 0, 0], [1, 0, 0, 4]], np.float32)
-    return dense, dense_to_csr(dense)
-
-
-def test_dense_to_csr_is_canonical_and_round_trips():
-    dense, (indptr, indices, values) = sample_csr()
-    check_csr(indptr, indices, values, dense.shape)
-    np.testing.assert_array_equal(indptr, [0, 2, 2, 4])
-    np.testing.assert_array_equal(indices, [1, 3, 0, 3])
-    assert indices.dtype == np.uint8 and indptr.dtype == np.int64 and values.dtype == np.float32
+    t = dense_to_csr(dense)
+    assert t.indptr.dtype == np.uint16  # the narrow dtypes the exporter and the loader use
+    indptr, indices, values = kernel_csr(t)
+    assert indptr.dtype == np.int64 and indices.dtype == np.uint8 and values.dtype == np.float32
+    for a in (indptr, indices, values):
+        assert a.flags.c_contiguous and a.flags.writeable
     np.testing.assert_array_equal(csr_to_dense(indptr, indices, values, dense.shape), dense)
 
 
-@pytest.mark.parametrize("n_cols, dtype", [(1, np.uint8), (256, np.uint8), (257, np.uint16),
-                                           (65536, np.uint16), (65537, np.uint32)])
-def test_index_dtype_for_picks_narrowest(n_cols, dtype):
-    assert index_dtype_for(n_cols) == np.dtype(dtype)
+def test_kernel_csr_copies_read_only_arrays():
+    t = dense_to_csr(np.eye(3, dtype=np.float32))
+    for a in (t.indptr, t.indices, t.values):
+        a.flags.writeable = False
+    indptr, indices, values = kernel_csr(t)
+    assert indptr.flags.writeable and indices.flags.writeable and values.flags.writeable
+    assert not np.shares_memory(values, t.values)
 
 
-def test_index_dtype_for_rejects_huge():
-    with pytest.raises(ValueError, match="uint32"):
-        index_dtype_for(2**32 + 1)
+@pytest.mark.parametrize("dtype", INDEX_DTYPES)
+def test_kernel_csr_widens_indices(dtype):
+    t = dense_to_csr(np.eye(5, dtype=np.float32))
+    _, indices, _ = kernel_csr(t, dtype)
+    assert indices.dtype == dtype
+    np.testing.assert_array_equal(indices, np.arange(5))
 
 
-def _broken(kind):
-    dense, (indptr, indices, values) = sample_csr()
-    indptr, indices, values = indptr.copy(), indices.copy(), values.copy()
-    if kind == "indptr dtype":
-        indptr = indptr.astype(np.int32)
-    elif kind == "indices dtype":
-        indices = indices.astype(np.int64)
-    elif kind == "values dtype":
-        values = values.astype(np.float64)
-    elif kind == "indptr length":
-        indptr = indptr[:-1]
-    elif kind == "nnz":
-        values = values[:-1]
-    elif kind == "indptr end":
-        indptr[-1] = 3
-    elif kind == "decreasing":
-        indptr[1], indptr[2] = 3, 2
-    elif kind == "range":
-        indices[-1] = 4
-    elif kind == "unsorted":
-        indices[0], indices[1] = 3, 1
-    elif kind == "duplicate":
-        indices[1] = 1
-    return indptr, indices, values, dense.shape
-
-
-@pytest.mark.parametrize("kind", ["indptr dtype", "indices dtype", "values dtype", "indptr length", "nnz",
-                                  "indptr end", "decreasing", "range", "unsorted", "duplicate"])
-def test_check_csr_rejects(kind):
-    indptr, indices, values, shape = _broken(kind)
-    with pytest.raises(ValueError, match="CSR layer3"):
-        check_csr(indptr, indices, values, shape, name="layer3")
-
-
-def test_check_csr_allows_descending_across_rows():
-    dense = np.array([[0, 0, 5], [7, 0, 0]], np.float32)
-    check_csr(*dense_to_csr(dense), dense.shape)
+def test_kernel_csr_rejects_indices_too_narrow_and_non_csr():
+    t = dense_to_csr(np.eye(2, 300, dtype=np.float32))
+    with pytest.raises(ValueError, match="300 columns .* do not fit uint8"):
+        kernel_csr(t, np.uint8)
+    with pytest.raises(ValueError, match="index dtype int64"):
+        kernel_csr(t, np.int64)
+    with pytest.raises(TypeError, match="expected a CSRTensor"):
+        kernel_csr(np.eye(2, dtype=np.float32))
 
 
 @settings(max_examples=30, deadline=None)

@@ -67,3 +67,12 @@ def test_pool_rejects_too_much_padding():
         maxpool2d(x, 2, 1, 2)
     with pytest.raises(ValueError, match="avgpool2d: padding"):
         avgpool2d(x, 2, 1, 2)
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (5, 5), (4, 5), (3, 2)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_maxpool2d_halving_windows_at_the_edge(hw, ceil_mode):
+    # 2x2 / stride 2 has its own loop; with ceil_mode and odd sizes the last window overhangs the input.
+    x = np.random.default_rng(2).standard_normal((2, 3, *hw)).astype(np.float32)
+    expected = maxpool2d_ref(x, (2, 2), (2, 2), (0, 0), (1, 1), ceil_mode)
+    np.testing.assert_array_equal(maxpool2d(x, 2, 2, ceil_mode=ceil_mode), expected)

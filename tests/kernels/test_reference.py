@@ -7,11 +7,18 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harp.kernels.csr import dense_to_csr
+from harp.export.csr import dense_to_csr as export_csr
+from harp.kernels.csr import kernel_csr
 from harp.kernels.reference import (
     add_ref, affine_ref, avgpool2d_ref, clip_ref, conv2d_output_hw, conv2d_ref, csr_matmul_ref,
     epilogue_ref, global_avgpool_ref, linear_ref, maxpool2d_ref, relu_ref,
 )
+
+
+def dense_to_csr(weight, index_dtype=None):
+    """Kernel CSR arrays (int64 indptr, indices of `index_dtype`, float32 values) of a dense matrix."""
+    return kernel_csr(export_csr(weight), index_dtype)
+
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -5,9 +5,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harp.kernels.csr import INDEX_DTYPES, dense_to_csr
+from harp.export.csr import dense_to_csr as export_csr
+from harp.kernels.csr import INDEX_DTYPES, kernel_csr
 from harp.kernels.reference import csr_matmul_ref, epilogue_ref, linear_ref
 from harp.kernels.spmm import sparse_linear, spmm
+
+
+def dense_to_csr(weight, index_dtype=None):
+    """Kernel CSR arrays (int64 indptr, indices of `index_dtype`, float32 values) of a dense matrix."""
+    return kernel_csr(export_csr(weight), index_dtype)
+
 
 ACTS = [("none", None), ("relu", None), ("relu6", None), ("clip", (-0.5, 0.75))]
 DENSITIES = [0.0, 0.05, 0.3, 1.0]

@@ -1,0 +1,27 @@
+"""`harp verify`: re-check an export directory against its manifest and stored torch logits."""
+
+import json
+
+import click
+
+from . import options as o
+from .export import echo_files, echo_parity
+
+
+@click.command("verify")
+@click.argument("directory", type=click.Path())
+@click.option("--executor", type=click.Choice(["auto", "runtime", "reference"]), default="auto", show_default=True,
+              help="What runs the CSR bundle: the numba runtime if importable (auto), or force one.")
+@o.as_json
+def verify_command(directory, executor, as_json):
+    """Check DIRECTORY's file hashes and re-run every format on the stored parity inputs."""
+    from ..export.verify import verify_artifact
+
+    result = verify_artifact(directory, executor=executor)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{directory}: ok, {len(result['files'])} files match manifest.json")
+    echo_files(result["files"], directory)
+    click.echo("parity against the stored torch logits:")
+    echo_parity(result["parity"])

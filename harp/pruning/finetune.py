@@ -1,0 +1,49 @@
+"""Fine-tuning: train the weights of a pruned checkpoint under its fixed masks."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import load_checkpoint
+from ..errors import HarpError
+from ..outdir import check_out_dir, make_out_dir
+from ..training.distributed import init_distributed, resolve_device, shutdown_distributed
+from ..training.runner import RunConfig, run_job
+from ..training.train import budget_for, eval_attack, load_data
+from .jobs import FinetuneJob
+from .methods import FINETUNE_DEFAULTS, PruneOptions, _loss, _source, stage_budget
+
+
+def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = PruneOptions(), *,
+                        resume: bool = False, force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Adversarially fine-tune the weights of pruned checkpoint `src`; masks never change."""
+    out = Path(out)
+    ckpt = load_checkpoint(src)
+    if not ckpt.masks or "pruning" not in ckpt.meta:
+        raise HarpError(f"{src} is not a pruned checkpoint (no masks); run `harp prune` first")
+    spec = ckpt.spec
+    device = resolve_device(opts.device)
+    loss = _loss(ckpt, opts)
+    check_out_dir(out, force=force, resume=resume)
+    budget = stage_budget(FINETUNE_DEFAULTS, spec.name)
+    run = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget_for(spec).batch_size,
+                    optimizer=budget.optimizer, lr=opts.lr or budget.lr, seed=opts.seed,
+                    weight_decay=budget_for(spec).weight_decay)
+    model = ckpt.build_model()
+    job = FinetuneJob(model, ckpt.masks, ckpt.meta["pruning"]["granularity"], loss)
+    data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)
+    meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
+            "training": ckpt.meta.get("training"), "source": _source(ckpt), "pruning": ckpt.meta["pruning"],
+            "pruning_metrics": ckpt.meta.get("metrics"),
+            "finetune": {"adv": opts.adv, "attack": asdict(loss.attack)}}
+    dist = init_distributed(device)
+    try:
+        if dist.is_main:
+            make_out_dir(out, force=force, resume=resume)
+        dist.barrier()
+        return run_job(job, run, data.train, data.val, data.test, out, meta, eval_attack=eval_attack(spec, opts.eps),
+                       device=device, dist=dist, resume=resume, quiet=quiet, augment=spec.augment)
+    finally:
+        shutdown_distributed(dist)

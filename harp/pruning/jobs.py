@@ -1,0 +1,164 @@
+"""Optimisation jobs of the pruning pipeline: learned masks (HARP, HYDRA) and fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import prunable_layers
+from ..training.losses import LossConfig
+from ..training.runner import Job
+from .flops import LayerCost, layer_costs
+from .layers import _Scored, bake, make_masked, make_scored
+from .masks import keep_count, topk_mask
+from .rates import project_to_budget
+
+
+class ScoreJob(Job):
+    """Learn importance scores (HYDRA) and optionally per-layer rates (HARP).
+
+    HARP's loss adds gamma * max(0, density / target - 1), where density is the
+    differentiable kept fraction of parameters (weight granularity) or of FLOPs
+    (channel granularity). gamma = (epoch + 1) * gamma0 until the term first
+    reaches zero at an epoch's end, then stays frozen at that value.
+    """
+
+    kind = "prune"
+
+    def __init__(self, model: nn.Module, loss_cfg: LossConfig, *, target_density: float, granularity: str,
+                 densities: dict[str, float], a_min: float, learn_rate: bool, gamma0: float,
+                 score_lr: float, rate_lr: float, input_shape: tuple[int, int, int]) -> None:
+        self.loss_cfg = loss_cfg
+        self.target = target_density
+        self.granularity = granularity
+        self.learn_rate = learn_rate
+        self.gamma0 = gamma0
+        self.gamma = gamma0
+        self.gamma_frozen = False
+        self.score_lr, self.rate_lr = score_lr, rate_lr
+        self.costs: dict[str, LayerCost] = layer_costs(model, input_shape)
+        # the classifier's outputs are the logits: channel pruning never removes them
+        self.frozen_output = {prunable_layers(model)[-1][0]} if granularity == "channel" else set()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.layers = make_scored(model, granularity, densities, a_min, learn_rate, self.frozen_output)
+        self.model = model
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        groups = [{"params": [m.scores for m in self.layers.values()], "lr": self.score_lr}]
+        rates = [m.rate for m in self.layers.values() if m.rate.requires_grad]
+        if rates:
+            groups.append({"params": rates, "lr": self.rate_lr, "weight_decay": 0.0})
+        return groups
+
+    # -- density of the current masks -------------------------------------------------
+    def soft_density(self) -> torch.Tensor:
+        """Differentiable kept fraction of parameters (weight) or FLOPs (channel)."""
+        if self.granularity == "weight":
+            kept = sum(m.fraction() * m.weight.numel() for m in self.layers.values())
+            return kept / sum(m.weight.numel() for m in self.layers.values())
+        fr = {n: m.fraction() for n, m in self.layers.items()}
+        kept = sum(fr[n] * (fr[c.producer] if c.producer else 1.0) * c.flops for n, c in self.costs.items())
+        return kept / sum(c.flops for c in self.costs.values())
+
+    def density(self) -> float:
+        """The kept fraction the masks actually have now (integer keep counts)."""
+        if self.granularity == "weight":
+            kept = sum(keep_count(m.scores.numel(), float(m.fraction().detach())) for m in self.layers.values())
+            return kept / sum(m.weight.numel() for m in self.layers.values())
+        return channel_flops_density(self.costs, {n: float(m.channel_gate().mean()) for n, m in self.layers.items()})
+
+    def before_step(self) -> None:
+        # Rates take sign steps: the balance between the robustness gradient (STE) and
+        # the compression gradient decides each layer's direction, while a 288-weight
+        # conv and a 70k-weight layer adapt at the same speed.
+        for m in self.layers.values():
+            if m.rate.grad is not None:
+                m.rate.grad.sign_()
+
+    def extra_loss(self, epoch: int) -> torch.Tensor | None:
+        if not self.learn_rate:
+            return None
+        if not self.gamma_frozen:
+            self.gamma = (epoch + 1) * self.gamma0
+        return self.gamma * torch.relu(self.soft_density() / self.target - 1.0)
+
+    def epoch_end(self, epoch: int) -> dict[str, Any]:
+        density = self.density()
+        if self.learn_rate and not self.gamma_frozen and float(self.soft_density().detach()) <= self.target:
+            self.gamma_frozen = True
+        layer_density = {n: round(keep_count(m.scores.numel(), float(m.fraction().detach())) / m.scores.numel(), 5)
+                         for n, m in self.layers.items()}
+        return {"density": density, "gamma": self.gamma if self.learn_rate else 0.0, "layer_density": layer_density}
+
+    def eligible(self) -> bool:
+        # within 0.1 percentage points of the target; finalize() then makes it exact
+        return self.density() <= self.target + 1e-3
+
+    def state_json(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "gamma_frozen": self.gamma_frozen}
+
+    def load_state_json(self, state: dict[str, Any]) -> None:
+        self.gamma = float(state.get("gamma", self.gamma0))
+        self.gamma_frozen = bool(state.get("gamma_frozen", False))
+
+    # -- the final masks ----------------------------------------------------------------
+    def finalize(self):
+        if self.granularity == "weight" and self.learn_rate:
+            self._fix_counts_to_target()
+        plain, masks = bake(self.model, self.layers)
+        return plain, masks, {}
+
+    def _fix_counts_to_target(self) -> None:
+        """Hit the target exactly: one common shift of all rate logits (see project_to_budget)."""
+        numel = {n: m.weight.numel() for n, m in self.layers.items()}
+        budget = keep_count(sum(numel.values()), self.target)
+        a_min = next(iter(self.layers.values())).a_min
+        counts = project_to_budget({n: float(m.fraction().detach()) for n, m in self.layers.items()}, numel, budget, a_min)
+        for name, m in self.layers.items():
+            with torch.no_grad():
+                frac = counts[name] / numel[name]
+                # pin the layer to exactly this count (the mask is top-k of the learned scores)
+                m.rate.data.fill_(_logit_for(frac, m.a_min, numel[name]))
+
+
+def _logit_for(frac: float, a_min: float, numel: int) -> float:
+    """A rate whose fraction rounds up to exactly round(frac * numel) kept weights."""
+    target = round(frac * numel)
+    lo, hi = -60.0, 60.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        f = a_min + (1 - a_min) * float(torch.sigmoid(torch.tensor(mid, dtype=torch.float64)))
+        if keep_count(numel, f) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def channel_flops_density(costs: dict[str, LayerCost], kept: dict[str, float]) -> float:
+    total = sum(c.flops for c in costs.values())
+    done = sum(kept[n] * (kept[c.producer] if c.producer else 1.0) * c.flops for n, c in costs.items())
+    return done / total
+
+
+class FinetuneJob(Job):
+    """Train the weights under fixed masks with the adversarial loss."""
+
+    kind = "finetune"
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], granularity: str,
+                 loss_cfg: LossConfig) -> None:
+        self.loss_cfg = loss_cfg
+        self.layers = make_masked(model, masks, granularity)
+        self.model = model
+
+    def finalize(self):
+        plain, masks = bake(self.model, self.layers)
+        return plain, masks, {}
+
+
+def masks_for_scores(layers: dict[str, _Scored], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    return {n: topk_mask(m.scores, counts[n]) for n, m in layers.items()}

@@ -1,0 +1,284 @@
+"""Prunable layers for training: learned-mask (scores + rate) and fixed-mask variants.
+
+`ScoredConv2d` / `ScoredLinear` keep the pretrained weight frozen and learn
+importance scores S (and, for HARP, a rate parameter r). Their forward uses
+w * mask with mask = top-k(|S|), k = keep_count(a * N); a straight-through estimator
+sends the mask's gradient to S and its sum to the kept fraction a (hence to r).
+
+`MaskedConv2d` / `MaskedLinear` train the weight under a fixed mask (fine-tuning).
+
+With granularity "channel", scores are per output channel and the mask zeroes whole
+output channels. The layer's output gate is applied after its BatchNorm (when one
+directly follows), so a pruned channel is exactly zero and the exporter can remove it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import prunable_layers
+from .masks import keep_count
+
+GRANULARITIES = ("weight", "channel")
+
+
+class TopKMask(torch.autograd.Function):
+    """Forward: exact top-k mask of the scores. Backward: straight-through.
+
+    The scores get the mask's gradient unchanged; the kept fraction gets its sum,
+    i.e. the first-order change of the loss if every candidate weight were kept.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, fraction: torch.Tensor, n_keep: int) -> torch.Tensor:
+        mask = torch.zeros_like(scores)
+        flat = mask.view(-1)
+        flat[torch.topk(scores.detach().view(-1), n_keep, sorted=False).indices] = 1.0
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.sum(), None
+
+
+def rate_to_fraction(rate: torch.Tensor, a_min: float) -> torch.Tensor:
+    """HARP's mapping of the trainable rate r into [a_min, 1]."""
+    return a_min + (1.0 - a_min) * torch.sigmoid(rate)
+
+
+def fraction_to_rate(fraction: float, a_min: float) -> float:
+    """Inverse of rate_to_fraction, clipped away from the sigmoid's flat ends."""
+    p = (fraction - a_min) / max(1.0 - a_min, 1e-12)
+    p = min(max(p, 1e-4), 1.0 - 1e-4)
+    return math.log(p / (1.0 - p))
+
+
+class _Scored:
+    """Mixin: frozen weight, learned scores and rate."""
+
+    granularity: str
+    a_min: float
+    learn_rate: bool
+
+    def _init_pruning(self, granularity: str, density: float, a_min: float, learn_rate: bool) -> None:
+        w = self.weight
+        w.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.granularity = granularity
+        self.a_min = a_min
+        self.learn_rate = learn_rate
+        # HYDRA's scaled initialisation: proportional to |w|, at the scale of Kaiming init
+        fan_in = w[0].numel()
+        if granularity == "weight":
+            init = math.sqrt(6.0 / fan_in) * w.detach() / w.detach().abs().max().clamp_min(1e-12)
+        else:  # one score per output channel: its L1 norm, scaled the same way
+            norms = w.detach().flatten(1).abs().sum(1)
+            init = math.sqrt(6.0 / fan_in) * norms / norms.max().clamp_min(1e-12)
+        self.scores = nn.Parameter(init.clone())
+        self.rate = nn.Parameter(torch.tensor(fraction_to_rate(density, a_min)), requires_grad=learn_rate)
+
+    def fraction(self) -> torch.Tensor:
+        return rate_to_fraction(self.rate, self.a_min)
+
+    def mask(self) -> torch.Tensor:
+        """Mask over the scores (weight-shaped, or per output channel)."""
+        frac = self.fraction()
+        k = keep_count(self.scores.numel(), float(frac.detach()))
+        return TopKMask.apply(self.scores.abs(), frac, k)
+
+    def weight_mask(self) -> torch.Tensor:
+        m = self.mask()
+        return m if self.granularity == "weight" else m.view(-1, *[1] * (self.weight.dim() - 1)).expand_as(self.weight)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight * self.weight_mask()
+
+    def channel_gate(self) -> torch.Tensor | None:
+        return self.mask().detach() if self.granularity == "channel" else None
+
+
+class _Masked:
+    """Mixin: trainable weight under a fixed mask buffer."""
+
+    def _init_mask(self, mask: torch.Tensor, granularity: str) -> None:
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+        self.granularity = granularity
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def channel_gate(self) -> torch.Tensor | None:
+        if self.granularity != "channel":
+            return None
+        return (self.mask.flatten(1).sum(1) > 0).to(self.weight.dtype)
+
+
+class _GatedOutput:
+    """Applies the channel gate to the layer's own output unless a BatchNorm does it."""
+
+    gate_after_bn: bool = False
+
+    def _gate(self, y: torch.Tensor) -> torch.Tensor:
+        gate = None if self.gate_after_bn else self.channel_gate()
+        if gate is None:
+            return y
+        return y * gate.view(1, -1, *[1] * (y.dim() - 2))
+
+
+class ScoredConv2d(_Scored, _GatedOutput, nn.Conv2d):
+    def forward(self, x):
+        return self._gate(self._conv_forward(x, self.effective_weight(), self.bias))
+
+
+class ScoredLinear(_Scored, _GatedOutput, nn.Linear):
+    def forward(self, x):
+        return self._gate(F.linear(x, self.effective_weight(), self.bias))
+
+
+class MaskedConv2d(_Masked, _GatedOutput, nn.Conv2d):
+    def forward(self, x):
+        return self._gate(self._conv_forward(x, self.effective_weight(), self.bias))
+
+
+class MaskedLinear(_Masked, _GatedOutput, nn.Linear):
+    def forward(self, x):
+        return self._gate(F.linear(x, self.effective_weight(), self.bias))
+
+
+def _clone_as(layer: nn.Module, cls: type) -> nn.Module:
+    """A new instance of cls (a subclass of layer's type) sharing layer's parameters."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    fresh = set(new.__dict__) - {"training"}  # nn.Module's own registries stay new
+    new.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in fresh})
+    for name, p in layer._parameters.items():
+        new.register_parameter(name, p)
+    for name, b in layer._buffers.items():
+        new.register_buffer(name, b)
+    return new
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _subclass_for(layer: nn.Module, conv_cls: type, linear_cls: type) -> type:
+    return conv_cls if isinstance(layer, nn.Conv2d) else linear_cls
+
+
+def make_scored(model: nn.Module, granularity: str, densities: dict[str, float], a_min: float,
+                learn_rate: bool, frozen_output: set[str] = frozenset()) -> dict[str, _Scored]:
+    """Swap every prunable layer for a scored twin; returns them by name.
+
+    Layers in `frozen_output` (the classifier under channel pruning) keep every
+    output: their rate is pinned at density 1.
+    """
+    layers = {}
+    for name, layer in prunable_layers(model):
+        new = _clone_as(layer, _subclass_for(layer, ScoredConv2d, ScoredLinear))
+        dens = 1.0 if name in frozen_output else densities[name]
+        new._init_pruning(granularity, dens, 0.0 if name in frozen_output else a_min,
+                          learn_rate and name not in frozen_output)
+        if name in frozen_output:
+            new.rate.data.fill_(30.0)  # sigmoid saturates: the fraction is 1
+        _replace(model, name, new)
+        layers[name] = new
+    if granularity == "channel":
+        attach_channel_gates(model, layers)
+    return layers
+
+
+def make_masked(model: nn.Module, masks: dict[str, torch.Tensor], granularity: str) -> dict[str, _Masked]:
+    """Swap every prunable layer for a fixed-mask twin (fine-tuning)."""
+    layers = {}
+    for name, layer in prunable_layers(model):
+        new = _clone_as(layer, _subclass_for(layer, MaskedConv2d, MaskedLinear))
+        new._init_mask(masks[name].to(layer.weight.device), granularity)
+        _replace(model, name, new)
+        layers[name] = new
+    if granularity == "channel":
+        attach_channel_gates(model, layers)
+    return layers
+
+
+def following_batchnorms(model: nn.Module) -> dict[str, str]:
+    """Prunable layer name -> the BatchNorm that directly and solely consumes its output."""
+    import torch.fx as fx
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - untraceable models gate at the layer itself
+        return {}
+    modules = dict(model.named_modules())
+    pairs = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d | nn.Linear):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and \
+                isinstance(modules.get(users[0].target), nn.BatchNorm2d | nn.BatchNorm1d):
+            pairs[node.target] = users[0].target
+    return pairs
+
+
+def attach_channel_gates(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Gate pruned channels after the following BatchNorm, so they are exactly zero."""
+    for layer_name, bn_name in following_batchnorms(model).items():
+        layer = layers.get(layer_name)
+        if layer is None:
+            continue
+        layer.gate_after_bn = True
+        model.get_submodule(bn_name).register_forward_hook(_gate_hook(layer))
+
+
+def _gate_hook(layer: nn.Module) -> Callable:
+    def hook(_module, _inputs, output):
+        gate = layer.channel_gate()
+        return output * gate.view(1, -1, *[1] * (output.dim() - 2))
+    return hook
+
+
+def bake(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A plain model (original layer types) with masks baked in, plus the masks.
+
+    For channel pruning the BatchNorm after a pruned channel gets weight = bias = 0
+    there (and a layer without BN loses that bias entry), so the channel's output is
+    exactly zero in the plain model too.
+    """
+    import copy
+
+    plain = copy.deepcopy(model)
+    masks, pairs = {}, following_batchnorms(model) if any(
+        getattr(m, "granularity", "weight") == "channel" for m in layers.values()) else {}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            wmask = (layer.weight_mask() if isinstance(layer, _Scored) else layer.mask).detach().bool()
+            base = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+            new = _clone_as(layer, base)
+            new.weight = nn.Parameter(layer.weight.detach() * wmask)
+            if layer.bias is not None:
+                new.bias = nn.Parameter(layer.bias.detach().clone())
+            gate = layer.channel_gate()
+            if gate is not None:
+                dead = gate == 0
+                if name in pairs:
+                    bn = plain.get_submodule(pairs[name])
+                    bn.weight.data[dead] = 0
+                    bn.bias.data[dead] = 0
+                elif new.bias is not None:
+                    new.bias.data[dead] = 0
+        for attr in ("scores", "rate", "mask"):
+            new._parameters.pop(attr, None)
+            new._buffers.pop(attr, None)
+        _replace(plain, name, new)
+        masks[name] = wmask.cpu()
+    for m in plain.modules():
+        m._forward_hooks.clear()
+    return plain, masks

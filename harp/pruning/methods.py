@@ -1,0 +1,344 @@
+"""Pruning methods as configs plus handlers, behind one entry point.
+
+Each method is a small frozen dataclass; METHODS maps its name to (config type,
+handler). `prune_checkpoint(src, out, config, options)` is the single entry point
+used by the CLI, the pipeline and the tests. Learned methods (harp, hydra) run an
+optimisation job through the shared epoch loop; one-shot methods (lwm,
+global-magnitude, random) compute masks directly. Every result is a checkpoint
+directory whose weights have the masks baked in.
+
+Sparsity semantics: with granularity "weight" it is the fraction of zero weights
+over all Conv/Linear layers; with "channel" it is the fraction of multiply-adds
+removed (FLOPs reduction), since channel pruning exists to save compute.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attacks import AttackConfig
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..errors import HarpError
+from ..evaluate import accuracy, make_attack
+from ..io import sha256_file
+from ..models import prunable_layers
+from ..outdir import check_out_dir, make_out_dir
+from ..sparsity import layer_densities, model_sparsity
+from ..training.distributed import init_distributed, resolve_device, shutdown_distributed
+from ..training.losses import LossConfig, check_loss_kind
+from ..training.runner import RunConfig, run_job
+from ..training.train import budget_for, eval_attack, load_data, train_attack
+from .flops import layer_costs
+from .jobs import ScoreJob, channel_flops_density
+from .layers import GRANULARITIES, bake, make_masked
+from .masks import Masks, check_sparsity, global_magnitude_masks, keep_count, layerwise_magnitude_masks
+from .rates import RATE_INITS, initial_densities
+
+
+@dataclass(frozen=True)
+class HarpConfig:
+    sparsity: float
+    granularity: str = "weight"
+    gamma0: float = 0.1  # compression weight grows as (epoch + 1) * gamma0 until the target is met
+    alpha: float = 0.1  # a_min = alpha * target density
+    rate_init: str = "uniform"  # or "erk"
+    init_density: float | None = None  # where the rates start; default sqrt(target density)
+
+
+@dataclass(frozen=True)
+class HydraConfig:
+    sparsity: float
+    granularity: str = "weight"
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig:
+    sparsity: float
+    granularity: str = "weight"
+    scope: str = "layer"  # "layer" (lwm, uniform density) or "global"
+
+
+@dataclass(frozen=True)
+class RandomConfig:
+    sparsity: float
+    granularity: str = "weight"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """How to run a pruning or fine-tuning stage (everything but the method)."""
+
+    epochs: int | None = None
+    adv: str = "pgd"
+    eps: float | None = None
+    steps: int | None = None
+    lr: float | None = None  # score learning rate (prune) or weight learning rate (finetune)
+    rate_lr: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    data_root: str = "data"
+    download: bool = False
+    device: str = "auto"
+    subset: int | None = None
+
+
+Handler = Callable[[Checkpoint, Any, PruneOptions, Path, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    epochs: int
+    optimizer: str
+    lr: float
+    rate_lr: float = 0.0
+
+
+# Defaults per dataset family (documented in the README).
+PRUNE_DEFAULTS = {"digits": StageBudget(20, "sgd", 0.1, 0.01), "mnist": StageBudget(3, "sgd", 0.1, 0.01),
+                  "fashion-mnist": StageBudget(3, "sgd", 0.1, 0.01),
+                  "natural-images": StageBudget(20, "sgd", 0.1, 0.01)}
+FINETUNE_DEFAULTS = {"digits": StageBudget(20, "adam", 1e-3), "mnist": StageBudget(3, "adam", 5e-4),
+                     "fashion-mnist": StageBudget(3, "adam", 5e-4), "natural-images": StageBudget(20, "sgd", 0.01)}
+
+
+def stage_budget(table: dict[str, StageBudget], dataset: str) -> StageBudget:
+    return table.get(dataset, table["natural-images"])
+
+
+# -- one-shot mask rules ------------------------------------------------------------------
+
+def _channel_fraction_for_flops(model: nn.Module, input_shape, target_density: float) -> float:
+    """The uniform kept-channel fraction whose FLOPs density is the target."""
+    costs = layer_costs(model, input_shape)
+    last = prunable_layers(model)[-1][0]
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        kept = {n: 1.0 if n == last else mid for n in costs}
+        if channel_flops_density(costs, kept) > target_density:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def _channel_masks(model: nn.Module, fraction: float, rank: Callable[[nn.Module], torch.Tensor]) -> Masks:
+    """Keep the top `fraction` of output channels of every layer but the classifier."""
+    layers = prunable_layers(model)
+    masks = {}
+    for name, m in layers:
+        rows = m.weight.shape[0]
+        keep = rows if name == layers[-1][0] else keep_count(rows, fraction)
+        chosen = torch.topk(rank(m), keep).indices
+        row_mask = torch.zeros(rows, dtype=torch.bool)
+        row_mask[chosen] = True
+        masks[name] = row_mask.view(-1, *[1] * (m.weight.dim() - 1)).expand_as(m.weight).clone()
+    return masks
+
+
+def _one_shot(rule: str) -> Handler:
+    def handler(ckpt: Checkpoint, config, opts: PruneOptions, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        model = ckpt.build_model()
+        density = 1.0 - config.sparsity
+        gen = torch.Generator().manual_seed(getattr(config, "seed", 0))
+        if config.granularity == "channel":
+            frac = _channel_fraction_for_flops(model, ckpt.spec.input_shape, density)
+            if rule == "random":
+                rank = lambda m: torch.rand(m.weight.shape[0], generator=gen)  # noqa: E731
+            elif rule == "global":
+                raise HarpError("global-magnitude prunes weights only; use --granularity weight")
+            else:
+                rank = lambda m: m.weight.detach().flatten(1).abs().sum(1)  # noqa: E731
+            masks = _channel_masks(model, frac, rank)
+        elif rule == "global":
+            masks = global_magnitude_masks(model, config.sparsity)
+        elif rule == "layer":
+            masks = layerwise_magnitude_masks(model, initial_densities(model, density, "uniform"))
+        else:
+            masks = {n: _random_mask(m.weight, keep_count(m.weight.numel(), density), gen)
+                     for n, m in prunable_layers(model)}
+        layers = make_masked(model, masks, config.granularity)
+        plain, masks = bake(model, layers)
+        return _save_pruned(plain, masks, ckpt, config, opts, out, meta, stage_metrics=None)
+    return handler
+
+
+def _random_mask(w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[torch.randperm(w.numel(), generator=gen)[:k]] = True
+    return mask.view_as(w)
+
+
+# -- learned masks --------------------------------------------------------------------------
+
+def _learned(learn_rate: bool) -> Handler:
+    def handler(ckpt: Checkpoint, config, opts: PruneOptions, out: Path, meta: dict[str, Any],
+                resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+        spec = ckpt.spec
+        device = resolve_device(opts.device)
+        budget = stage_budget(PRUNE_DEFAULTS, spec.name)
+        model = ckpt.build_model()
+        density = 1.0 - config.sparsity
+        if config.granularity == "channel":
+            frac = _channel_fraction_for_flops(model, spec.input_shape, density)
+            densities = {n: frac for n, _ in prunable_layers(model)}
+        elif learn_rate:
+            # HARP starts above the target (a functional network) and gamma drives it down
+            start = config.init_density or math.sqrt(density)
+            densities = initial_densities(model, max(start, density), config.rate_init)
+        else:
+            densities = initial_densities(model, density, "uniform")
+        a_min = getattr(config, "alpha", 0.0) * (densities[next(iter(densities))] if config.granularity == "channel"
+                                                 else density)
+        job = ScoreJob(model, _loss(ckpt, opts), target_density=density, granularity=config.granularity,
+                       densities=densities, a_min=a_min, learn_rate=learn_rate,
+                       gamma0=getattr(config, "gamma0", 0.0), score_lr=opts.lr or budget.lr,
+                       rate_lr=opts.rate_lr or budget.rate_lr, input_shape=spec.input_shape)
+        run = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget_for(spec).batch_size,
+                        optimizer=budget.optimizer, lr=opts.lr or budget.lr, seed=opts.seed, select="best")
+        return _run_and_save(job, run, ckpt, config, opts, out, meta, device, resume, quiet)
+    return handler
+
+
+def _loss(ckpt: Checkpoint, opts: PruneOptions) -> LossConfig:
+    check_loss_kind(opts.adv)
+    return LossConfig(opts.adv, train_attack(ckpt.spec, opts.eps, opts.steps, None))
+
+
+def _run_and_save(job, run: RunConfig, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,
+                  meta: dict[str, Any], device, resume: bool, quiet: bool) -> dict[str, Any]:
+    spec = ckpt.spec
+    data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)
+    dist = init_distributed(device)
+    try:
+        if dist.is_main:
+            make_out_dir(out, force=meta.pop("_force", False), resume=resume)
+        dist.barrier()
+        full_meta = {**meta, "pruning": _pruning_meta(config, None)}
+        metrics = run_job(job, run, data.train, data.val, data.test, out, full_meta,
+                          eval_attack=eval_attack(spec, opts.eps), device=device, dist=dist, resume=resume,
+                          quiet=quiet, augment=spec.augment)
+    finally:
+        shutdown_distributed(dist)
+    if dist.is_main:  # record what the masks achieved, next to what was asked
+        _finish_pruning_meta(out, config, ckpt)
+    return metrics
+
+
+# -- registry and entry point -------------------------------------------------------------
+
+METHODS: dict[str, tuple[type, Handler]] = {
+    "harp": (HarpConfig, _learned(learn_rate=True)),
+    "hydra": (HydraConfig, _learned(learn_rate=False)),
+    "lwm": (MagnitudeConfig, _one_shot("layer")),
+    "global-magnitude": (MagnitudeConfig, _one_shot("global")),
+    "random": (RandomConfig, _one_shot("random")),
+}
+
+
+def make_config(method: str, **kw: Any):
+    """The config dataclass of `method` from keyword arguments (None means default)."""
+    if method not in METHODS:
+        raise HarpError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
+    cls = METHODS[method][0]
+    fields = cls.__dataclass_fields__
+    unknown = [k for k, v in kw.items() if v is not None and k not in fields]
+    if unknown:
+        raise HarpError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in unknown)} do not apply to {method}")
+    config = cls(**{k: v for k, v in kw.items() if v is not None and k in fields})
+    check_sparsity(config.sparsity)
+    if config.granularity not in GRANULARITIES:
+        raise HarpError(f"unknown granularity {config.granularity!r} (choose from {', '.join(GRANULARITIES)})")
+    if isinstance(config, HarpConfig):
+        if config.rate_init not in RATE_INITS:
+            raise HarpError(f"unknown rate initialisation {config.rate_init!r} (choose from {', '.join(RATE_INITS)})")
+        if config.gamma0 <= 0 or not 0 <= config.alpha < 1:
+            raise HarpError("--gamma0 must be > 0 and --alpha in [0, 1)")
+        if config.init_density is not None and not 0 < config.init_density <= 1:
+            raise HarpError("--init-density must be in (0, 1]")
+    return config
+
+
+def method_name(config) -> str:
+    if isinstance(config, MagnitudeConfig):
+        return "global-magnitude" if config.scope == "global" else "lwm"
+    return {HarpConfig: "harp", HydraConfig: "hydra", RandomConfig: "random"}[type(config)]
+
+
+def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOptions = PruneOptions(), *,
+                     resume: bool = False, force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Prune the model in checkpoint `src` with `config`; writes a checkpoint to `out`."""
+    out = Path(out)
+    ckpt = load_checkpoint(src)
+    if ckpt.masks:
+        raise HarpError(f"{src} is already pruned ({ckpt.meta.get('pruning', {}).get('method')}); "
+                        "prune the dense checkpoint instead")
+    name = method_name(config)
+    check_loss_kind(opts.adv)
+    resolve_device(opts.device)
+    check_out_dir(out, force=force, resume=resume)
+    meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
+            "training": ckpt.meta.get("training"), "source": _source(ckpt), "_force": force}
+    handler = METHODS[name][1]
+    if name in ("harp", "hydra"):
+        return handler(ckpt, config, opts, out, meta, resume=resume, quiet=quiet)
+    if resume:
+        raise HarpError(f"--resume: {name} is one-shot; there is nothing to resume")
+    make_out_dir(out, force=meta.pop("_force"), resume=False)
+    return handler(ckpt, config, opts, out, meta)
+
+
+def _source(ckpt: Checkpoint) -> dict[str, Any]:
+    return {"path": str(ckpt.path), "meta_sha256": sha256_file(ckpt.path / "meta.json")}
+
+
+def _pruning_meta(config, model: nn.Module | None, costs=None) -> dict[str, Any]:
+    info: dict[str, Any] = {"method": method_name(config), "granularity": config.granularity,
+                            "target_sparsity": config.sparsity, "config": asdict(config)}
+    if model is not None:
+        info["achieved_sparsity"] = model_sparsity(model)
+        info["layers"] = [{"name": d["name"], "shape": d["shape"], "density": d["density"]}
+                          for d in layer_densities(model)]
+        if costs is not None:
+            info["flops_reduction"] = 1.0 - flops_density(model, costs)
+    return info
+
+
+def flops_density(model: nn.Module, costs) -> float:
+    """Kept multiply-add fraction, counting only live output channels of each layer and its producer."""
+    live = {n: float((m.weight.detach().flatten(1).abs().sum(1) > 0).float().mean()) for n, m in prunable_layers(model)}
+    return channel_flops_density(costs, live)
+
+
+def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,
+                 meta: dict[str, Any], stage_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    spec = ckpt.spec
+    device = resolve_device(opts.device)
+    test = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset).test
+    atk = eval_attack(spec, opts.eps)
+    plain = plain.to(device)
+    metrics = stage_metrics or {
+        "natural_accuracy": accuracy(plain, test, device),
+        "robust_accuracy": accuracy(plain, test, device, attack=make_attack("pgd", atk)),
+        "robust_attack": {"name": "pgd", **asdict(atk)}, "test_examples": len(test)}
+    costs = layer_costs(plain, spec.input_shape)
+    save_checkpoint(out, plain.cpu(), {**meta, "pruning": _pruning_meta(config, plain, costs), "metrics": metrics},
+                    masks)
+    return metrics
+
+
+def _finish_pruning_meta(out: Path, config, ckpt: Checkpoint) -> None:
+    done = load_checkpoint(out)
+    model = done.build_model()
+    costs = layer_costs(model, ckpt.spec.input_shape)
+    meta = {k: v for k, v in done.meta.items() if k not in ("format", "version", "files", "versions")}
+    meta["pruning"] = _pruning_meta(config, model, costs)
+    save_checkpoint(out, model, meta, done.masks)

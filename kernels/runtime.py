@@ -1,0 +1,342 @@
+"""The torch-free runtime: load a CSR bundle, plan it once, run batches on the numba kernels.
+
+    from harp.kernels.runtime import load_runtime
+    rt = load_runtime("runs/export/vgg16")        # an artifact dir holding model.harpz, or the file
+    logits = rt.run(x)                            # x: (N, C, H, W) raw [0, 1] pixels -> (N, classes)
+    rt.plan_report()                              # per step: fused nodes, kernel, density, time
+
+Loading goes through `harp.export.bundle.load_bundle` only, so every index,
+shape and value is validated before a kernel touches it. Then, once:
+`plan.plan_graph` fuses the graph into steps, picks value borders and buffer
+slots; `steps.EXECUTORS` turn the weights into kernel arrays. For each batch
+size (kept for the last few sizes used) `prepare` allocates the buffers, binds
+every step's kernels to them and, with `fallback="auto"`, times the sparse and
+the dense kernel of every conv/linear step on its own shape and keeps the faster
+(layers sparser than `SPARSE_ONLY_BELOW` skip the timing). A run is then one
+input copy, one Python call per kernel, and one output copy.
+
+Imports only numpy, numba and harp's numpy-only modules: a device needs no
+torch, onnx or scipy. A Runtime is not thread-safe: it owns its buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+
+from harp.export.bundle import Bundle, BundleError, load_bundle
+
+from . import threads as thread_settings
+from .plan import Plan, plan_graph
+from .steps import EXECUTORS, Buffers, Call, Context, Executor
+
+FALLBACKS = ("auto", "sparse", "dense")
+BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
+SPARSE_ONLY_BELOW = 0.05  # "auto" takes the sparse kernel of layers sparser than this without timing
+CHOICE_REPEATS = 3  # timed runs per candidate kernel (after one untimed run), best kept
+CHOICE_SLOW_US = 20_000.0  # a candidate whose first run takes longer is timed by that run alone
+SERIAL_BELOW_US = 40.0  # steps faster than this are also timed on one thread (no wake-up of the others)
+KEPT_BATCH_SIZES = 4  # prepared batch sizes kept (buffers and bound kernels)
+
+
+class RuntimeInputError(ValueError):
+    """The input of `Runtime.run` is unusable: wrong type, dtype or shape, or not finite."""
+
+
+@dataclass
+class BoundStep:
+    """One plan step bound for a batch size: the kernel chosen, why, and its calls."""
+
+    executor: Executor
+    kernel: str
+    reason: str
+    calls: list[Call]
+    timings_us: dict[str, float] = field(default_factory=dict)  # candidate kernel -> best time
+    profile_us: float | None = None  # median from the last `profile`
+    threads: int = 0  # threads the step runs on
+
+
+@dataclass
+class Prepared:
+    n: int
+    buffers: Buffers
+    steps: list[BoundStep]
+    calls: list[Call]
+    input: np.ndarray  # (N, C, H, W) view of the input buffer
+    output: np.ndarray  # (classes, N) view of the output value
+
+
+def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fallback: str = "auto",
+                 warmup: bool = True) -> Runtime:
+    """A ready Runtime for the bundle at `path` (a bundle file, or an artifact dir holding model.harpz).
+
+    threads: numba (and dense BLAS) threads, default all numba may use.
+    fallback: "auto" picks sparse or dense per layer by timing; "sparse"/"dense" force one.
+    warmup: prepare batch size 1 and run it once, so the first request pays no
+    compilation, cache load or kernel choice. Raises BundleError for a missing or
+    invalid bundle, ValueError for bad options.
+    """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"load_runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
+    start = time.perf_counter()
+    bundle = load_bundle(bundle_path(path))
+    loaded = time.perf_counter()
+    runtime = Runtime(bundle, threads=threads, fallback=fallback)
+    runtime.load_seconds["bundle"] = loaded - start
+    if warmup:
+        runtime.warmup()
+    return runtime
+
+
+def bundle_path(path: str | os.PathLike[str]) -> Path:
+    """The bundle file `path` names: itself, or model.harpz inside an artifact dir."""
+    try:
+        p = Path(path)
+    except TypeError as e:
+        raise BundleError(f"bundle path must be a str or os.PathLike, got {type(path).__name__}") from e
+    if p.is_dir():
+        if not (p / BUNDLE_NAME).is_file():
+            raise BundleError(f"artifact dir {p} holds no {BUNDLE_NAME}")
+        return p / BUNDLE_NAME
+    return p
+
+
+class Runtime:
+    """An executable plan of one bundle; see the module docstring."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, fallback: str = "auto"):
+        if fallback not in FALLBACKS:
+            raise ValueError(f"Runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
+        start = time.perf_counter()
+        thread_settings.init_threads()  # sleeping idle threads, before the first parallel kernel
+        self.threads = thread_settings.get_num_threads() if threads is None else threads
+        thread_settings.set_num_threads(self.threads)
+        self.fallback = fallback
+        self.meta = bundle.meta
+        self.graph = bundle.graph
+        self.plan: Plan = plan_graph(bundle.graph)
+        self.executors = [EXECUTORS[step.op](step, bundle.graph.tensors, self.plan) for step in self.plan.steps]
+        self.input_shape: tuple[int, int, int] = tuple(self.plan.input_shape)
+        self.num_classes: int = self.plan.values[self.plan.output_name].shape[0]
+        self._prepared: OrderedDict[int, Prepared] = OrderedDict()
+        self._last_batch = 1
+        self.load_seconds: dict[str, float] = {"plan": time.perf_counter() - start}
+
+    # ------------------------------------------------------------ running
+
+    def run(self, x: Any) -> np.ndarray:
+        """Logits (N, classes) float32 for raw [0, 1] pixels x of shape (N, C, H, W).
+
+        x may be any real dtype (converted to float32). Raises RuntimeInputError
+        for a wrong type, dtype or shape, an empty batch, or NaN/inf values.
+        """
+        x = self._check_input(x)
+        state = self.prepare(x.shape[0])
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: reported below
+            np.copyto(state.input, x, casting="unsafe")
+        if not np.isfinite(state.input).all():
+            bad = np.argwhere(~np.isfinite(state.input))[0]
+            raise RuntimeInputError(f"input holds NaN or infinite values (first at index {tuple(int(i) for i in bad)}"
+                                    f"{', after conversion to float32' if x.dtype != np.float32 else ''})")
+        if thread_settings.get_num_threads() != self.threads:  # numba's count is per calling thread
+            thread_settings.set_num_threads(self.threads)
+        for call in state.calls:
+            call()
+        return state.output.T.copy()
+
+    def _check_input(self, x: Any) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except (TypeError, ValueError) as e:
+                raise RuntimeInputError(f"input is not an array: {type(x).__name__}: {e}") from e
+        if x.dtype.kind not in "biuf":
+            raise RuntimeInputError(f"input dtype {x.dtype} is not a real number type convertible to float32")
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise RuntimeInputError(f"input shape {tuple(x.shape)} is not (N, C, H, W) = (N, "
+                                    f"{', '.join(map(str, self.input_shape))})")
+        if x.shape[0] < 1:
+            raise RuntimeInputError("input batch is empty (N = 0)")
+        return x
+
+    def warmup(self) -> None:
+        """Prepare batch size 1 and run it once (kernels compiled or loaded from numba's cache)."""
+        start = time.perf_counter()
+        self.prepare(1)
+        prepared = time.perf_counter()
+        self.run(np.zeros((1, *self.input_shape), np.float32))
+        self.load_seconds["prepare"] = prepared - start
+        self.load_seconds["warmup"] = time.perf_counter() - prepared
+
+    # ------------------------------------------------------------ preparing a batch size
+
+    def prepare(self, n: int) -> Prepared:
+        """Buffers and bound kernels for batch size n (made once, kept for the last few sizes)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RuntimeInputError(f"batch size must be a positive int, got {n!r}")
+        self._last_batch = n
+        if n in self._prepared:
+            self._prepared.move_to_end(n)
+            return self._prepared[n]
+        if thread_settings.get_num_threads() != self.threads:
+            thread_settings.set_num_threads(self.threads)
+        plan = self.plan
+        try:
+            slots = [np.zeros(slot.per_image * n, np.float32) for slot in plan.slots]
+            buffers = Buffers(n=n, slots=slots, input=np.zeros(n * int(np.prod(self.input_shape)), np.float32),
+                              pack=np.zeros(0, np.float32), scratch=np.zeros(0, np.float32))
+        except MemoryError as e:
+            raise RuntimeInputError(f"batch of {n} needs {self.buffer_bytes(n) / 2**30:.1f} GiB of activation "
+                                    f"buffers, more than this machine can allocate") from e
+        ctx = Context(plan, buffers)
+        candidates = [self._candidates(ex) for ex in self.executors]
+        needs = [ex.workspace(ctx, kernels) for ex, (kernels, _) in zip(self.executors, candidates)]
+        buffers.pack = np.zeros(max((p for p, _ in needs), default=0), np.float32)
+        buffers.scratch = np.zeros(max((s for _, s in needs), default=0), np.float32)
+        steps = []
+        for ex, (kernels, reason) in zip(self.executors, candidates):
+            variants = {kernel: ex.bind(ctx, kernel) for kernel in kernels}
+            timings = {}
+            if len(variants) > 1:
+                timings = {kernel: _best_time_us(calls) for kernel, calls in variants.items()}
+                kernel = min(timings, key=timings.get)
+            else:
+                kernel = kernels[0]
+            step = BoundStep(ex, kernel, reason, variants[kernel], timings, threads=self.threads)
+            if self.threads > 1 and variants[kernel]:
+                self._maybe_serial(step)
+            steps.append(step)
+        if len(self._prepared) >= KEPT_BATCH_SIZES:
+            self._prepared.popitem(last=False)
+        state = Prepared(n=n, buffers=buffers, steps=steps, calls=[c for s in steps for c in s.calls],
+                         input=buffers.input.reshape(n, *self.input_shape),
+                         output=ctx.matrix(plan.output_name))
+        self._prepared[n] = state
+        return state
+
+    def _maybe_serial(self, step: BoundStep) -> None:
+        """Run a tiny step on one thread when that is faster: waking the other threads costs ~10 µs."""
+        parallel_us = step.timings_us.get(step.kernel)
+        if parallel_us is None:
+            parallel_us = _best_time_us(step.calls)
+        if parallel_us >= SERIAL_BELOW_US:
+            return
+        serial = [_on_one_thread(step.calls, self.threads)]
+        serial_us = _best_time_us(serial)
+        if serial_us < parallel_us:
+            step.calls, step.threads = serial, 1
+            if step.timings_us:
+                step.timings_us[step.kernel] = serial_us
+
+    def _candidates(self, ex: Executor) -> tuple[tuple[str, ...], str]:
+        """The kernels to bind for one step, and why."""
+        if len(ex.kernels) == 1:
+            return ex.kernels, "only kernel"
+        if self.fallback != "auto":
+            return (self.fallback,), f"fallback={self.fallback}"
+        if ex.density < SPARSE_ONLY_BELOW:
+            return ("sparse",), f"density < {SPARSE_ONLY_BELOW:.0%}"
+        return ex.kernels, "timed"
+
+    def set_threads(self, n: int) -> None:
+        """Use n threads from now on (prepared batch sizes are re-prepared, their work split depends on it)."""
+        thread_settings.set_num_threads(n)
+        self.threads = n
+        self._prepared.clear()
+
+    # ------------------------------------------------------------ reports
+
+    def profile(self, x: Any = None, *, batch: int = 1, repeats: int = 20) -> list[dict[str, Any]]:
+        """Median time of every step over `repeats` runs on x (default: seeded uniform [0, 1) pixels).
+
+        The steps run in order, as in `run`; returns `plan_report(batch)` with the times.
+        """
+        if x is None:
+            x = np.random.default_rng(0).random((batch, *self.input_shape), dtype=np.float32)
+        self.run(x)
+        state = self._prepared[self._last_batch]
+        samples: list[list[float]] = [[] for _ in state.steps]
+        for _ in range(repeats):
+            np.copyto(state.input, x, casting="unsafe")
+            for i, step in enumerate(state.steps):
+                start = time.perf_counter()
+                for call in step.calls:
+                    call()
+                samples[i].append(time.perf_counter() - start)
+        for step, times in zip(state.steps, samples):
+            step.profile_us = statistics.median(times) * 1e6
+        return self.plan_report(state.n)
+
+    def plan_report(self, batch: int | None = None) -> list[dict[str, Any]]:
+        """Per step: name, op, fused nodes, kernel (sparse/dense/-), density, why, and times in µs.
+
+        `time_us` is the median of the last `profile`, else the kernel's time from
+        the choice at prepare, else None. For the batch size used last by default.
+        """
+        state = self.prepare(self._last_batch if batch is None else batch)
+        report = []
+        for step in state.steps:
+            ex = step.executor
+            time_us = step.profile_us if step.profile_us is not None else step.timings_us.get(step.kernel)
+            report.append({
+                "name": ex.step.name, "op": ex.step.op, "nodes": list(ex.step.nodes), "kernel": step.kernel,
+                "density": ex.density, "macs_per_image": ex.macs_per_image, "reason": step.reason,
+                "time_us": time_us, "candidates_us": dict(step.timings_us), "in_place": ex.step.in_place,
+                "threads": step.threads, "batch": state.n,
+            })
+        return report
+
+    def buffer_bytes(self, n: int) -> int:
+        """Bytes of the activation slots for batch size n (workspaces not included)."""
+        return 4 * n * (sum(slot.per_image for slot in self.plan.slots) + int(np.prod(self.input_shape)))
+
+    def summary(self) -> dict[str, Any]:
+        """Plan statistics: graph nodes, steps, kernel calls and slots (at the batch size used last)."""
+        state = self.prepare(self._last_batch)
+        return {
+            "graph_nodes": self.plan.graph_nodes, "steps": len(self.plan.steps), "kernel_calls": len(state.calls),
+            "slots": len(self.plan.slots), "values": len(self.plan.values),
+            "in_place_steps": sum(1 for s in self.plan.steps if s.in_place),
+            "views": sum(1 for v in self.plan.values.values() if v.view_of),
+            "buffer_bytes": self.buffer_bytes(state.n), "batch": state.n, "threads": self.threads,
+        }
+
+
+def _on_one_thread(calls: list[Call], threads: int) -> Call:
+    """One call running `calls` with numba on a single thread, then back to `threads`."""
+    def run() -> None:
+        numba.set_num_threads(1)
+        try:
+            for call in calls:
+                call()
+        finally:
+            numba.set_num_threads(threads)
+
+    return run
+
+
+def _best_time_us(calls: list[Call]) -> float:
+    """Best of CHOICE_REPEATS timed runs of `calls` after one warm-up run, in µs.
+
+    A slow candidate (big batches) is timed by one run, so that preparing a
+    large batch size does not take seconds.
+    """
+    for call in calls:
+        call()
+    best = float("inf")
+    for _ in range(CHOICE_REPEATS):
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        best = min(best, time.perf_counter() - start)
+        if best * 1e6 > CHOICE_SLOW_US:
+            break
+    return best * 1e6

@@ -1,0 +1,322 @@
+"""Executors of plan steps: each turns one `plan.Step` into bound kernel calls for a batch size.
+
+An executor is built once per step at load time (weights converted to kernel
+arrays, CSR decoded) and asked, for each batch size the runtime prepares, for
+the workspace it needs and for the no-argument callables that compute the step
+with a given kernel ("sparse" or "dense" for conv2d and linear, "-" for the
+rest). Every check happens while binding; the callables only run kernels.
+One class per op, registered in `EXECUTORS`; adding an op means one class and
+one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from harp.export.csr import CSRTensor
+
+from .conv import SparseConvPlan, bind_sparse_conv2d, plan_sparse_conv2d
+from .csr import kernel_csr
+from .dense import DenseConvPlan, bind_dense_conv2d, bind_dense_linear, dense_conv2d_scratch, plan_dense_conv2d
+from .elementwise import bind_add_act, bind_affine_act
+from .epilogue import resolve_activation
+from .layout import Layout
+from .packing import bind_pack, packed_size, used_phases
+from .plan import Plan, Step
+from .pool import bind_avgpool2d, bind_global_avgpool, bind_maxpool2d
+from .spmm import bind_spmm
+
+Call = Callable[[], None]
+
+
+@dataclass
+class Buffers:
+    """The arrays of one prepared batch size: value slots, the input, and two shared workspaces."""
+
+    n: int
+    slots: list[np.ndarray]
+    input: np.ndarray
+    pack: np.ndarray  # packed inputs of convs that cannot read their input in place
+    scratch: np.ndarray  # dense conv im2col/product slices
+
+
+class Context:
+    """What executors bind against: the plan, the batch size and its buffers."""
+
+    def __init__(self, plan: Plan, buffers: Buffers):
+        self.plan = plan
+        self.buffers = buffers
+        self.n = buffers.n
+
+    def layout(self, value: str) -> Layout:
+        return self.plan.layout(value, self.n)
+
+    def buffer(self, value: str) -> np.ndarray:
+        """The flat buffer holding `value` (a prefix of its slot)."""
+        layout = self.layout(value)
+        slot = self.plan.values[value].slot
+        whole = self.buffers.input if slot < 0 else self.buffers.slots[slot]
+        return whole[: layout.size(self.n)]
+
+    def value(self, value: str) -> tuple[np.ndarray, Layout]:
+        return self.buffer(value), self.layout(value)
+
+    def matrix(self, value: str) -> np.ndarray:
+        """A flat value as the feature-major (F, N) matrix it is stored as."""
+        features = self.plan.values[value].shape[0]
+        return self.buffer(value).reshape(features, self.n)
+
+
+def _activation(step: Step) -> tuple[int, np.float32, np.float32]:
+    if step.clamp is None:
+        return resolve_activation(step.name, "none")
+    return resolve_activation(step.name, "clip", step.clamp)
+
+
+class Executor:
+    """Base: an op with a single kernel and no workspace."""
+
+    kernels: tuple[str, ...] = ("-",)
+
+    def __init__(self, step: Step, tensors: dict[str, Any], plan: Plan):
+        self.step = step
+        self.plan = plan
+
+    @property
+    def density(self) -> float | None:
+        return None
+
+    @property
+    def macs_per_image(self) -> int | None:
+        """Multiply-adds per image the sparse kernel performs (nonzeros x output pixels)."""
+        return None
+
+    def workspace(self, ctx: Context, kernels: tuple[str, ...]) -> tuple[int, int]:
+        """(pack, scratch) float32 elements this step needs for the context's batch size and kernels."""
+        return 0, 0
+
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        raise NotImplementedError
+
+
+class ConvExecutor(Executor):
+    kernels = ("sparse", "dense")
+
+    def __init__(self, step: Step, tensors: dict[str, Any], plan: Plan):
+        super().__init__(step, tensors, plan)
+        weight = tensors[step.params["weight"]]
+        if not isinstance(weight, CSRTensor):
+            raise TypeError(f"conv2d {step.name}: weight must be a CSRTensor from the bundle loader")
+        self.weight = weight
+        self.indptr, self.indices, self.values = kernel_csr(weight)
+        self.bias = _bias(tensors, step, weight.shape[0])
+        a = step.attrs
+        self.geometry = (tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]), int(a["groups"]))
+        self.in_hw = tuple(plan.values[step.inputs[0]].shape[1:])
+        self._sparse: dict[tuple[int, int], SparseConvPlan] = {}
+        self._dense: dict[tuple[int, int], DenseConvPlan] = {}
+        self._dense_weight: np.ndarray | None = None
+
+    @property
+    def density(self) -> float:
+        return self.weight.density
+
+    @property
+    def macs_per_image(self) -> int:
+        out_hw = self.plan.values[self.step.output].shape[1:]
+        return self.weight.nnz * out_hw[0] * out_hw[1]
+
+    def _reads_in_place(self, layout: Layout, group: int) -> bool:
+        stride, padding = self.geometry[0], self.geometry[1]
+        return (stride == (1, 1) and layout.group == group and layout.pad_h >= padding[0]
+                and layout.pad_w >= padding[1])
+
+    def _border(self, ctx: Context) -> tuple[int, int]:
+        x_layout = ctx.layout(self.step.inputs[0])
+        if self._reads_in_place(x_layout, ctx.layout(self.step.output).group):
+            return x_layout.pad_h, x_layout.pad_w
+        return self.geometry[1]
+
+    def sparse_plan(self, border) -> SparseConvPlan:
+        if border not in self._sparse:
+            self._sparse[border] = plan_sparse_conv2d(self.indptr, self.indices, self.weight.shape, self.in_hw,
+                                                      *self.geometry, border=border)
+        return self._sparse[border]
+
+    def dense_plan(self, border) -> DenseConvPlan:
+        if border not in self._dense:
+            if self._dense_weight is None:
+                self._dense_weight = self.weight.to_dense()
+            self._dense[border] = plan_dense_conv2d(self._dense_weight, self.in_hw, *self.geometry, border=border)
+        return self._dense[border]
+
+    def workspace(self, ctx: Context, kernels: tuple[str, ...]) -> tuple[int, int]:
+        group = ctx.layout(self.step.output).group
+        x_layout = ctx.layout(self.step.inputs[0])
+        pack = 0
+        if not self._reads_in_place(x_layout, group):
+            pack = packed_size(ctx.n, x_layout.channels, self.in_hw, self.geometry[0], self.geometry[1])
+        scratch = 0
+        if "dense" in kernels:
+            scratch = dense_conv2d_scratch(self.dense_plan(self._border(ctx)), ctx.n, group)
+        return pack, scratch
+
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        step = self.step
+        x, x_layout = ctx.value(step.inputs[0])
+        out, out_layout = ctx.value(step.output)
+        res, res_layout = ctx.value(step.residual) if step.residual else (None, None)
+        group = out_layout.group
+        stride, padding = self.geometry[0], self.geometry[1]
+        calls: list[Call] = []
+        if self._reads_in_place(x_layout, group):
+            packed, border = x, (x_layout.pad_h, x_layout.pad_w)
+        else:
+            packed, border = ctx.buffers.pack, padding
+            phases = used_phases(self.weight.shape[2:], stride, self.geometry[2])
+            calls.append(bind_pack(x, x_layout, ctx.n, stride, padding, group, packed, phases))
+        act, lo, hi = _activation(step)
+        if kernel == "sparse":
+            calls.append(bind_sparse_conv2d(self.sparse_plan(border), self.indptr, self.values, packed, ctx.n,
+                                            group, self.bias, act, lo, hi, res, res_layout, out, out_layout))
+        else:
+            calls.append(bind_dense_conv2d(self.dense_plan(border), packed, ctx.n, group, self.bias, act, lo, hi,
+                                           res, res_layout, out, out_layout, ctx.buffers.scratch))
+        return calls
+
+
+class LinearExecutor(Executor):
+    kernels = ("sparse", "dense")
+
+    def __init__(self, step: Step, tensors: dict[str, Any], plan: Plan):
+        super().__init__(step, tensors, plan)
+        weight = tensors[step.params["weight"]]
+        if not isinstance(weight, CSRTensor):
+            raise TypeError(f"linear {step.name}: weight must be a CSRTensor from the bundle loader")
+        self.weight = weight
+        self.indptr, self.indices, self.values = kernel_csr(weight)
+        self.bias = _bias(tensors, step, weight.shape[0])
+        self._dense_weight: np.ndarray | None = None
+
+    @property
+    def density(self) -> float:
+        return self.weight.density
+
+    @property
+    def macs_per_image(self) -> int:
+        return self.weight.nnz
+
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        step = self.step
+        x, out = ctx.matrix(step.inputs[0]), ctx.matrix(step.output)
+        res = ctx.matrix(step.residual) if step.residual else None
+        act, lo, hi = _activation(step)
+        if kernel == "sparse":
+            return [bind_spmm(self.indptr, self.indices, self.values, x, self.bias, act, lo, hi, res, out)]
+        if self._dense_weight is None:
+            self._dense_weight = self.weight.to_dense()
+        return [bind_dense_linear(self._dense_weight, x, self.bias, act, lo, hi, res, out)]
+
+
+class AffineExecutor(Executor):
+    """normalize ((x - mean) / std, as x * (1/std) + (-mean/std)) and affine, with an optional clamp."""
+
+    def __init__(self, step: Step, tensors: dict[str, Any], plan: Plan):
+        super().__init__(step, tensors, plan)
+        if "scale" in step.params:
+            self.scale = np.array(tensors[step.params["scale"]], np.float32)
+            self.shift = np.array(tensors[step.params["shift"]], np.float32)
+        else:
+            mean = np.asarray(step.attrs["mean"], np.float64)
+            std = np.asarray(step.attrs["std"], np.float64)
+            self.scale = (1.0 / std).astype(np.float32)
+            self.shift = (-mean / std).astype(np.float32)
+
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        x, x_layout = ctx.value(self.step.inputs[0])
+        out, out_layout = ctx.value(self.step.output)
+        act, lo, hi = _activation(self.step)
+        return [bind_affine_act(x, x_layout, ctx.n, self.scale, self.shift, act, lo, hi, out, out_layout)]
+
+
+class ActExecutor(Executor):
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        x, x_layout = ctx.value(self.step.inputs[0])
+        out, out_layout = ctx.value(self.step.output)
+        act, lo, hi = _activation(self.step)
+        return [bind_affine_act(x, x_layout, ctx.n, None, None, act, lo, hi, out, out_layout)]
+
+
+class AddExecutor(Executor):
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        a, a_layout = ctx.value(self.step.inputs[0])
+        b, b_layout = ctx.value(self.step.inputs[1])
+        out, out_layout = ctx.value(self.step.output)
+        act, lo, hi = _activation(self.step)
+        return [bind_add_act(a, a_layout, b, b_layout, ctx.n, act, lo, hi, out, out_layout)]
+
+
+class MaxPoolExecutor(Executor):
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        a = self.step.attrs
+        x, x_layout = ctx.value(self.step.inputs[0])
+        out, out_layout = ctx.value(self.step.output)
+        return [bind_maxpool2d(x, x_layout, ctx.n, a["kernel"], a["stride"], a["padding"], a["dilation"],
+                               a["ceil_mode"], out, out_layout)]
+
+
+class AvgPoolExecutor(Executor):
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        a = self.step.attrs
+        x, x_layout = ctx.value(self.step.inputs[0])
+        out, out_layout = ctx.value(self.step.output)
+        return [bind_avgpool2d(x, x_layout, ctx.n, a["kernel"], a["stride"], a["padding"], a["ceil_mode"],
+                               a["count_include_pad"], out, out_layout)]
+
+
+class GlobalAvgPoolExecutor(Executor):
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        x, x_layout = ctx.value(self.step.inputs[0])
+        out, out_layout = ctx.value(self.step.output)
+        return [bind_global_avgpool(x, x_layout, ctx.n, out, out_layout)]
+
+
+class FlattenExecutor(Executor):
+    """A view when the plan made it one; otherwise a copy into the feature-major (F, N) layout."""
+
+    def bind(self, ctx: Context, kernel: str) -> list[Call]:
+        if self.plan.values[self.step.output].view_of is not None:
+            return []
+        x, x_layout = ctx.value(self.step.inputs[0])
+        shape = self.plan.values[self.step.inputs[0]].shape
+        out = ctx.buffer(self.step.output)
+        if len(shape) == 1:  # flattening a flat value: a plain copy
+            return [bind_affine_act(x, x_layout, ctx.n, None, None, *resolve_activation("flatten", "none"), out,
+                                    x_layout)]
+        # (C, H, W) with no border and image group N is exactly (C*H*W, N), feature-major.
+        out_layout = Layout(*shape, 0, 0, ctx.n)
+        return [bind_affine_act(x, x_layout, ctx.n, None, None, *resolve_activation("flatten", "none"), out,
+                                out_layout)]
+
+
+def _bias(tensors: dict[str, Any], step: Step, n_out: int) -> np.ndarray:
+    if "bias" not in step.params:
+        return np.zeros(n_out, np.float32)
+    return np.array(tensors[step.params["bias"]], dtype=np.float32, order="C")
+
+
+EXECUTORS: dict[str, type[Executor]] = {
+    "conv2d": ConvExecutor,
+    "linear": LinearExecutor,
+    "affine": AffineExecutor,
+    "act": ActExecutor,
+    "add": AddExecutor,
+    "maxpool2d": MaxPoolExecutor,
+    "avgpool2d": AvgPoolExecutor,
+    "global_avgpool": GlobalAvgPoolExecutor,
+    "flatten": FlattenExecutor,
+}

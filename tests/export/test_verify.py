@@ -1,0 +1,128 @@
+"""verify_artifact / `harp verify`: an untouched export passes; any tampering is exit 2 naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harp.cli import cli, run_cli
+from harp.export.verify import (
+    MANIFEST,
+    PARITY_FILE,
+    VerifyError,
+    compare_logits,
+    parity_tolerance,
+    sha256_file,
+    verify_artifact,
+)
+
+
+@pytest.fixture
+def export_copy(digits_export, tmp_path) -> Path:
+    out = tmp_path / "export"
+    shutil.copytree(digits_export, out)
+    return out
+
+
+def _verify_cli(capsys, directory: Path) -> tuple[int, str, str]:
+    code = run_cli(cli, ["verify", str(directory)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _rewrite_manifest(out: Path, edit) -> None:
+    manifest = json.loads((out / MANIFEST).read_text())
+    edit(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_untouched_export_verifies_with_the_exporters_numbers(capsys, export_copy):
+    result = verify_artifact(export_copy)
+    recorded = json.loads((export_copy / MANIFEST).read_text())["parity"]["results"]
+    assert result["ok"] and set(result["parity"]) == set(recorded)
+    for fmt, r in result["parity"].items():
+        assert r["passed"] and r["max_abs_diff"] == pytest.approx(recorded[fmt]["max_abs_diff"], abs=1e-9)
+        assert r["executor"] == recorded[fmt]["executor"] and r["tolerance"] == recorded[fmt]["tolerance"]
+    code, out, _ = _verify_cli(capsys, export_copy)
+    assert code == 0 and "ok" in out and "model.harpz" in out and "onnx-sparse" in out
+
+
+def test_verify_runs_without_the_checkpoint(export_copy, pruned_digits_ckpt, tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.move(export_copy, moved)  # the manifest's checkpoint path is never read
+    assert verify_artifact(moved)["ok"]
+
+
+def test_flipped_byte_in_a_file_is_exit_2_naming_it(capsys, export_copy):
+    path = export_copy / "model.harpz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    code, _, err = _verify_cli(capsys, export_copy)
+    assert code == 2 and "model.harpz" in err and "SHA-256" in err and len(err.strip().splitlines()) == 1
+
+
+def test_wrong_logits_with_a_matching_hash_fail_parity(capsys, export_copy):
+    with np.load(export_copy / PARITY_FILE, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["logits_clean"][3, 0] += 1.0
+    with open(export_copy / PARITY_FILE, "wb") as f:
+        np.savez(f, **arrays)
+    _rewrite_manifest(export_copy, lambda m: m["files"][PARITY_FILE].update(
+        bytes=(export_copy / PARITY_FILE).stat().st_size, sha256=sha256_file(export_copy / PARITY_FILE)))
+    code, _, err = _verify_cli(capsys, export_copy)
+    assert code == 2 and "parity failed for onnx" in err
+
+
+def test_manifest_cannot_loosen_the_tolerance(export_copy):
+    _rewrite_manifest(export_copy, lambda m: m["export"].update(values_dtype="float16"))
+    with pytest.raises(VerifyError, match="float32 weight values"):
+        verify_artifact(export_copy)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda out: (out / "model.onnx").unlink(), "missing"),
+    (lambda out: (out / MANIFEST).unlink(), "not a harp export"),
+    (lambda out: (out / MANIFEST).write_text("{"), "not readable JSON"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["files"].update({"../escape": m["files"][PARITY_FILE]})),
+     "unexpected file"),
+    (lambda out: _rewrite_manifest(out, lambda m: m.update(version=99)), "version 99"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["files"].pop("model.onnx")), "does not list model.onnx"),
+])
+def test_damaged_directory_is_a_verify_error(export_copy, damage, message):
+    damage(export_copy)
+    with pytest.raises(VerifyError, match=message):
+        verify_artifact(export_copy)
+
+
+def test_compare_logits_policy():
+    expected = np.array([[2.0, 1.0, 0.0], [0.5, 0.5 + 5e-5, 0.0]])  # row 1 is a near-tie
+    tol = parity_tolerance("float32", 2.0)
+    assert tol == pytest.approx(2e-4)
+    swapped = expected.copy()
+    swapped[1, 0] += 1e-4  # flips the near-tie's argmax, within tolerance
+    r = compare_logits("csr", "reference", swapped, expected, "float32")
+    assert r.passed and r.argmax_agree == 1 and r.near_ties == 1
+    r = compare_logits("csr", "reference", expected + 3e-4, expected, "float32")
+    assert not r.passed and r.max_abs_diff == pytest.approx(3e-4)
+    r = compare_logits("csr", "reference", expected + 3e-4, expected, "float16")
+    assert r.passed and r.tolerance == pytest.approx(2e-2)
+
+
+def test_verify_module_imports_without_torch():
+    code = "import sys, harp.export.verify; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_cli_json_and_forced_reference_executor(capsys, export_copy):
+    code = run_cli(cli, ["verify", str(export_copy), "--executor", "reference", "--json"])
+    out, _ = capsys.readouterr()
+    result = json.loads(out)
+    assert code == 0 and result["ok"] and result["parity"]["csr"]["executor"] == "reference"

@@ -1,0 +1,93 @@
+"""`harp run`: predictions of a bundle on a .npy batch; bad input is one line on stderr and exit 2."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from harp.cli import cli, run_cli
+from harp.export.bundle import write_bundle
+from harp.export.graph import Graph, Node
+from harp.export.reference import run_reference
+
+
+def tiny_graph() -> Graph:
+    rng = np.random.default_rng(0)
+    nodes = [
+        Node("conv2d", "conv", ("x",), "c", {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1},
+             {"weight": "conv.w", "bias": "conv.b"}),
+        Node("relu", "relu", ("c",), "r"), Node("global_avgpool", "gap", ("r",), "g"),
+        Node("flatten", "flat", ("g",), "f"), Node("linear", "fc", ("f",), "y", {}, {"weight": "fc.w"}),
+    ]
+    tensors = {"conv.w": rng.standard_normal((4, 2, 3, 3)).astype(np.float32),
+               "conv.b": rng.standard_normal(4).astype(np.float32),
+               "fc.w": rng.standard_normal((3, 4)).astype(np.float32) * 5}
+    return Graph("x", (2, 6, 6), "y", nodes, tensors)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    (tmp_path / "art").mkdir()
+    write_bundle(tiny_graph(), tmp_path / "art" / "model.harpz")
+    x = np.random.default_rng(1).random((5, 2, 6, 6), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    return tmp_path, x
+
+
+def _run(capsys, *args):
+    code = run_cli(cli, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_prints_one_prediction_per_line(capsys, artifact):
+    tmp, x = artifact
+    expected = run_reference(tiny_graph(), x)
+    code, out, err = _run(capsys, "run", tmp / "art", "--input", tmp / "x.npy", "--threads", "1")
+    assert code == 0 and err == ""
+    assert [int(line) for line in out.split()] == expected.argmax(axis=1).tolist()
+
+
+def test_run_json_has_predictions_and_logits(capsys, artifact):
+    tmp, x = artifact
+    expected = run_reference(tiny_graph(), x)
+    code, out, _ = _run(capsys, "run", tmp / "art" / "model.harpz", "--input", tmp / "x.npy", "--batch", "2", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["predictions"] == expected.argmax(axis=1).tolist()
+    np.testing.assert_allclose(np.array(result["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda x: np.where(x > 0.9, np.nan, x).astype(np.float32), "NaN or infinite"),
+    (lambda x: x[:, :1], r"input shape \(5, 1, 6, 6\) is not \(N, C, H, W\) = \(N, 2, 6, 6\)"),
+    (lambda x: x.astype(np.float64), "dtype float64 is not float32"),
+    (lambda x: np.zeros((0, 2, 6, 6), np.float32), "batch is empty"),
+    (lambda x: np.array([x], dtype=object), "not a readable .npy array"),
+    (None, "not a readable .npy array"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, artifact, make_input, message):
+    tmp, x = artifact
+    path = tmp / "bad.npy"
+    if make_input is None:
+        path.write_bytes(b"\x93NUMPY garbage")
+    else:
+        np.save(path, make_input(x), allow_pickle=True)
+    code, out, err = _run(capsys, "run", tmp / "art", "--input", path)
+    assert code == 2 and out == ""
+    assert re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/art", "--input", "{tmp}/missing.npy"], "no such file"),
+    (["{tmp}/nowhere", "--input", "{tmp}/x.npy"], "cannot read"),
+    (["{tmp}", "--input", "{tmp}/x.npy"], "holds no model.harpz"),
+    (["{tmp}/art", "--input", "{tmp}/x.npy", "--threads", "999"], "--threads must be in 1.."),
+    (["{tmp}/art", "--input", "{tmp}/x.npy", "--batch", "0"], "Invalid value for '--batch'"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(capsys, artifact, args, message):
+    tmp, _ = artifact
+    code, _, err = _run(capsys, "run", *[a.replace("{tmp}", str(tmp)) for a in args])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

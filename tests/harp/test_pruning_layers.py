@@ -1,0 +1,85 @@
+"""Masks, the straight-through estimator and the rate mapping of the scored layers."""
+
+import pytest
+import torch
+from torch import nn
+
+from harp.pruning.layers import TopKMask, bake, fraction_to_rate, make_masked, make_scored, rate_to_fraction
+from harp.pruning.masks import global_magnitude_masks, keep_count, topk_mask
+from harp.pruning.rates import initial_densities, project_to_budget
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 10))
+
+
+@pytest.mark.parametrize("numel,density", [(288, 0.01), (1000, 0.5), (7, 0.001), (50, 1.0)])
+def test_topk_mask_keeps_exactly_the_count(numel, density):
+    scores = torch.randn(numel)
+    k = keep_count(numel, density)
+    mask = TopKMask.apply(scores.abs(), torch.tensor(density), k)
+    assert int(mask.sum()) == k and k >= 1
+    kept_min = scores.abs()[mask.bool()].min()
+    assert (scores.abs()[~mask.bool()] <= kept_min).all()  # the largest |scores| are the kept ones
+    assert torch.equal(topk_mask(scores, k), mask.bool())
+
+
+def test_ste_gradient_reaches_scores_and_rate():
+    model = _net()
+    layers = make_scored(model, "weight", {"0": 0.3, "4": 0.3}, a_min=0.01, learn_rate=True)
+    model(torch.rand(4, 1, 6, 6)).sum().backward()
+    for layer in layers.values():
+        assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
+        assert layer.rate.grad is not None and layer.rate.grad != 0
+        assert layer.weight.grad is None  # the pretrained weight is frozen
+
+
+def test_fraction_stays_in_amin_one_and_inverts():
+    a_min = 0.001
+    r = torch.linspace(-50, 50, 101)
+    a = rate_to_fraction(r, a_min)
+    assert a.min() >= a_min and a.max() <= 1.0
+    for frac in (0.002, 0.01, 0.3, 0.9):
+        assert abs(float(rate_to_fraction(torch.tensor(fraction_to_rate(frac, a_min)), a_min)) - frac) < 1e-4
+
+
+def test_budget_projection_hits_the_target_and_keeps_order():
+    numel = {"a": 288, "b": 18432, "c": 73728, "d": 32768}
+    fractions = {"a": 0.5, "b": 0.02, "c": 0.004, "d": 0.01}
+    budget = keep_count(sum(numel.values()), 0.01)
+    counts = project_to_budget(fractions, numel, budget, a_min=0.001)
+    assert abs(sum(counts.values()) - budget) <= 0.001 * sum(numel.values())
+    dens = {n: counts[n] / numel[n] for n in numel}
+    assert dens["a"] > dens["b"] > dens["d"] > dens["c"]
+
+
+def test_erk_densities_average_to_target():
+    model = _net()
+    dens = initial_densities(model, 0.1, "erk")
+    total = sum(m.weight.numel() for m in (model[0], model[4]))
+    kept = dens["0"] * model[0].weight.numel() + dens["4"] * model[4].weight.numel()
+    assert abs(kept / total - 0.1) < 1e-6 and dens["0"] > dens["4"]
+
+
+def test_channel_masks_zero_whole_channels_after_batchnorm():
+    model = _net().eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].bias.data.uniform_(0.5, 1)  # without gating, pruned channels would output the BN shift
+    masks = {"0": torch.zeros(8, 1, 3, 3, dtype=torch.bool), "4": torch.ones(10, 288, dtype=torch.bool)}
+    masks["0"][:3] = True
+    layers = make_masked(model, masks, "channel")
+    x = torch.rand(2, 1, 6, 6)
+    feats = model[:3](x)
+    assert feats[:, 3:].abs().max() == 0 and feats[:, :3].abs().max() > 0
+    plain, baked = bake(model, layers)
+    assert torch.allclose(plain(x), model(x), atol=1e-6)
+    assert plain[1].weight[3:].abs().max() == 0 and plain[1].bias[3:].abs().max() == 0
+    assert torch.equal(baked["0"], masks["0"])
+
+
+def test_global_magnitude_keeps_every_layer_alive():
+    model = _net()
+    masks = global_magnitude_masks(model, 0.999)
+    assert all(m.any() for m in masks.values())

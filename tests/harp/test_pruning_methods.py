@@ -1,0 +1,85 @@
+"""Pruning methods end to end on digits: targets hit, gamma freezes, fine-tuning keeps masks."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harp.checkpoint import load_checkpoint
+from harp.errors import HarpError
+from harp.pruning.finetune import finetune_checkpoint
+from harp.pruning.jobs import ScoreJob
+from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
+from harp.sparsity import model_sparsity
+from harp.training.losses import LossConfig
+from harp.attacks import AttackConfig
+
+FAST = PruneOptions(epochs=3, steps=2, subset=500)
+
+
+@pytest.mark.parametrize("method", ["harp", "hydra", "lwm", "global-magnitude", "random"])
+def test_every_method_hits_the_target_sparsity(digits_robust_ckpt, tmp_path, method):
+    prune_checkpoint(digits_robust_ckpt, tmp_path / method, make_config(method, sparsity=0.99), FAST, quiet=True)
+    ckpt = load_checkpoint(tmp_path / method)
+    sparsity = model_sparsity(ckpt.build_model())
+    assert abs(sparsity - 0.99) <= 0.001
+    assert ckpt.meta["pruning"]["method"] == method
+    assert abs(ckpt.meta["pruning"]["achieved_sparsity"] - sparsity) < 1e-9
+    assert set(ckpt.masks) == {layer["name"] for layer in ckpt.meta["pruning"]["layers"]}
+
+
+def test_harp_learns_non_uniform_rates(digits_robust_ckpt, tmp_path):
+    prune_checkpoint(digits_robust_ckpt, tmp_path / "h", make_config("harp", sparsity=0.99), FAST, quiet=True)
+    layers = {d["name"]: d["density"] for d in load_checkpoint(tmp_path / "h").meta["pruning"]["layers"]}
+    assert layers["net.features.0"] > 0.05  # uniform 1% would keep 3 of its 288 weights
+
+
+def test_gamma_grows_then_freezes_once_target_is_met():
+    from harp.data import dataset_spec
+    from harp.models import build_model
+
+    spec = dataset_spec("digits")
+    job = ScoreJob(build_model("small_cnn", spec), LossConfig("none", AttackConfig(0.1, 0.1, 1)),
+                   target_density=0.05, granularity="weight",
+                   densities={n: 0.2 for n in ("net.features.0", "net.features.4", "net.features.8",
+                                               "net.classifier.1", "net.classifier.4")},
+                   a_min=0.005, learn_rate=True, gamma0=0.5, score_lr=0.01, rate_lr=0.01, input_shape=(1, 8, 8))
+    assert float(job.extra_loss(0)) > 0 and job.gamma == 0.5
+    job.extra_loss(2)
+    assert job.gamma == 1.5 and not job.gamma_frozen
+    job.epoch_end(2)
+    assert not job.gamma_frozen  # density 0.2 > target 0.05
+    for layer in job.layers.values():
+        layer.rate.data.fill_(-10.0)  # rates pushed under the target
+    job.epoch_end(3)
+    assert job.gamma_frozen and float(job.extra_loss(3)) == 0.0
+    job.extra_loss(9)
+    assert job.gamma == 1.5  # frozen at the value it had
+
+
+def test_finetuning_keeps_the_masks(digits_robust_ckpt, tmp_path):
+    prune_checkpoint(digits_robust_ckpt, tmp_path / "p", make_config("lwm", sparsity=0.95), FAST, quiet=True)
+    finetune_checkpoint(tmp_path / "p", tmp_path / "f", FAST, quiet=True)
+    before, after = load_checkpoint(tmp_path / "p"), load_checkpoint(tmp_path / "f")
+    for name, mask in before.masks.items():
+        assert torch.equal(after.masks[name], mask)
+        w = after.state[f"{name}.weight"]
+        assert (w[~mask] == 0).all()
+    changed = any(not torch.equal(before.state[k], after.state[k]) for k in before.state if k.endswith("weight"))
+    assert changed  # the kept weights were trained
+
+
+def test_bad_method_options_are_user_errors(digits_robust_ckpt, tmp_path):
+    with pytest.raises(HarpError, match="unknown pruning method"):
+        make_config("obd", sparsity=0.9)
+    with pytest.raises(HarpError, match="sparsity"):
+        make_config("harp", sparsity=1.5)
+    with pytest.raises(HarpError, match="do not apply to lwm"):
+        make_config("lwm", sparsity=0.9, gamma0=0.3)
+    prune_checkpoint(digits_robust_ckpt, tmp_path / "p", make_config("random", sparsity=0.9), FAST, quiet=True)
+    with pytest.raises(HarpError, match="already pruned"):
+        prune_checkpoint(tmp_path / "p", tmp_path / "pp", make_config("random", sparsity=0.9), FAST)
+    with pytest.raises(HarpError, match="not a pruned checkpoint"):
+        finetune_checkpoint(digits_robust_ckpt, tmp_path / "ff", FAST)
+    assert set(METHODS) == {"harp", "hydra", "lwm", "global-magnitude", "random"}

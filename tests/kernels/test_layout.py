@@ -1,0 +1,223 @@
+"""Kernels reading and writing runtime layouts (zero border, image groups) against their NCHW references."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harp.export.csr import dense_to_csr
+from harp.kernels.conv import bind_sparse_conv2d, plan_sparse_conv2d
+from harp.kernels.csr import kernel_csr
+from harp.kernels.dense import bind_dense_conv2d, dense_conv2d_scratch, plan_dense_conv2d
+from harp.kernels.elementwise import bind_add_act, bind_affine_act
+from harp.kernels.epilogue import resolve_activation
+from harp.kernels.layout import Layout, borders_are_zero, from_layout, to_layout
+from harp.kernels.packing import bind_pack, pack_input, packed_size
+from harp.kernels.pool import bind_avgpool2d, bind_global_avgpool, bind_maxpool2d
+from harp.kernels.reference import (
+    affine_ref,
+    avgpool2d_ref,
+    conv2d_ref,
+    epilogue_ref,
+    global_avgpool_ref,
+    maxpool2d_ref,
+)
+
+
+def assert_close(actual, expected):
+    atol = 1e-4 * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=atol)
+
+
+def layout_of(x_shape, border, grouped):
+    n, c, h, w = x_shape
+    return Layout(c, h, w, border[0], border[1], n if grouped else 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2),
+       st.integers(0, 2), st.booleans(), st.integers(0, 99))
+def test_to_and_from_layout_round_trip_with_zero_border(n, c, h, w, bh, bw, grouped, seed):
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
+    layout = layout_of(x.shape, (bh, bw), grouped)
+    buf = to_layout(x, layout)
+    assert buf.shape == (layout.size(n),)
+    assert borders_are_zero(buf, layout, n)
+    np.testing.assert_array_equal(from_layout(buf, layout, n), x)
+
+
+def test_layout_is_nchw_without_border_and_group():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    np.testing.assert_array_equal(to_layout(x, Layout(3, 2, 2)), x.reshape(-1))
+    with pytest.raises(ValueError, match="does not divide batch 3"):
+        Layout(3, 2, 2, group=2).check_batch(3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 7), st.integers(2, 7), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 1), st.booleans(), st.booleans(), st.integers(0, 99))
+def test_pack_from_a_layout_matches_pack_of_nchw(n, c, h, w, stride, padding, border, src_grouped, grouped, seed):
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
+    src_layout = layout_of(x.shape, (border, border), src_grouped)
+    group = n if grouped else 1
+    size = packed_size(n, c, (h, w), (stride, stride), (padding, padding))
+    out = np.full(size, np.nan, np.float32)
+    bind_pack(to_layout(x, src_layout), src_layout, n, (stride, stride), (padding, padding), group, out)()
+    expected = pack_input(x, (stride, stride), (padding, padding), group, allow_view=False)
+    np.testing.assert_array_equal(out, expected)
+
+
+@st.composite
+def layout_conv_cases(draw):
+    depthwise = draw(st.booleans())
+    c = draw(st.integers(1, 4))
+    o = c if depthwise else draw(st.integers(1, 5))
+    k = draw(st.sampled_from([1, 3]))
+    stride = draw(st.sampled_from([1, 2]))
+    padding = draw(st.integers(0, k // 2))
+    return dict(
+        n=draw(st.integers(1, 3)), c=c, o=o, groups=c if depthwise else 1, k=k, stride=stride, padding=padding,
+        hw=(draw(st.integers(k, 7)), draw(st.integers(k, 7))),
+        # A stride-1 conv reads its input in place when the border is wide enough; else it repacks.
+        in_border=padding + draw(st.integers(0, 1)) if stride == 1 else draw(st.integers(0, 1)),
+        in_grouped=draw(st.booleans()), grouped=draw(st.booleans()),
+        out_border=draw(st.integers(0, 2)), res_border=draw(st.sampled_from([None, 0, 1])),
+        act=draw(st.sampled_from([("none", None), ("relu", None), ("clip", (-0.5, 0.5))])),
+        density=draw(st.sampled_from([0.0, 0.3, 1.0])), kernel=draw(st.sampled_from(["sparse", "dense"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(layout_conv_cases())
+def test_conv_between_layouts_matches_reference(case):
+    rng = np.random.default_rng(case["seed"])
+    n, c, o, k, groups = case["n"], case["c"], case["o"], case["k"], case["groups"]
+    stride, padding = (case["stride"],) * 2, (case["padding"],) * 2
+    x = rng.standard_normal((n, c, *case["hw"])).astype(np.float32)
+    weight = (rng.standard_normal((o, c // groups, k, k)) * (rng.random((o, c // groups, k, k)) < case["density"])
+              ).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    expected = conv2d_ref(x, weight, bias, stride, padding, (1, 1), groups)
+    ho, wo = expected.shape[2:]
+    group = n if case["grouped"] else 1
+    out_layout = Layout(o, ho, wo, case["out_border"], case["out_border"], group)
+    residual = res = res_layout = None
+    if case["res_border"] is not None:
+        residual = rng.standard_normal(expected.shape).astype(np.float32)
+        res_layout = Layout(o, ho, wo, case["res_border"], case["res_border"], n if case["in_grouped"] else 1)
+        res = to_layout(residual, res_layout)
+    expected = epilogue_ref(expected, *case["act"], residual)
+
+    in_layout = layout_of(x.shape, (case["in_border"],) * 2, case["in_grouped"])
+    buf = to_layout(x, in_layout)
+    if stride == (1, 1) and in_layout.group == group:  # read in place, shifted taps
+        packed, border = buf, (in_layout.pad_h, in_layout.pad_w)
+    else:
+        packed, border = np.empty(packed_size(n, c, case["hw"], stride, padding), np.float32), padding
+        bind_pack(buf, in_layout, n, stride, padding, group, packed)()
+    act, lo, hi = resolve_activation("test", *case["act"])
+    out = np.zeros(out_layout.size(n), np.float32)
+    if case["kernel"] == "sparse":
+        indptr, indices, values = kernel_csr(dense_to_csr(weight))
+        plan = plan_sparse_conv2d(indptr, indices, weight.shape, case["hw"], stride, padding, 1, groups, border=border)
+        run = bind_sparse_conv2d(plan, indptr, values, packed, n, group, bias, act, lo, hi, res, res_layout, out,
+                                 out_layout)
+    else:
+        plan = plan_dense_conv2d(weight, case["hw"], stride, padding, 1, groups, border=border)
+        scratch = np.empty(dense_conv2d_scratch(plan, n, group), np.float32)
+        run = bind_dense_conv2d(plan, packed, n, group, bias, act, lo, hi, res, res_layout, out, out_layout, scratch)
+    run()
+    assert borders_are_zero(out, out_layout, n)
+    assert_close(from_layout(out, out_layout, n), expected)
+
+
+def test_conv_writes_in_place_over_its_residual():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    weight = rng.standard_normal((3, 3, 3, 3)).astype(np.float32)
+    residual = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    layout = Layout(3, 5, 5, 1, 1, 2)
+    buf, res = to_layout(x, layout), to_layout(residual, layout)
+    indptr, indices, values = kernel_csr(dense_to_csr(weight))
+    plan = plan_sparse_conv2d(indptr, indices, weight.shape, (5, 5), 1, 1, border=(1, 1))
+    act, lo, hi = resolve_activation("test", "relu")
+    bind_sparse_conv2d(plan, indptr, values, buf, 2, 2, np.zeros(3, np.float32), act, lo, hi, res, layout, res,
+                       layout)()
+    expected = epilogue_ref(conv2d_ref(x, weight, None, (1, 1), (1, 1), (1, 1), 1), "relu", None, residual)
+    assert_close(from_layout(res, layout, 2), expected)
+
+
+def test_bind_rejects_overlapping_out_and_mismatched_layouts():
+    weight = np.ones((2, 1, 1, 1), np.float32)
+    indptr, indices, values = kernel_csr(dense_to_csr(weight))
+    plan = plan_sparse_conv2d(indptr, indices, weight.shape, (3, 3))
+    layout = Layout(2, 3, 3)
+    buf = np.zeros(layout.size(1), np.float32)
+    act, lo, hi = resolve_activation("test", "none")
+    with pytest.raises(ValueError, match="output layout"):
+        bind_sparse_conv2d(plan, indptr, values, np.zeros(9, np.float32), 1, 1, np.zeros(2, np.float32), act, lo, hi,
+                           None, None, buf, Layout(3, 3, 3))
+    shifted = np.zeros(layout.size(1) + 1, np.float32)
+    with pytest.raises(ValueError, match="must not overlap"):
+        bind_sparse_conv2d(plan, indptr, values, np.zeros(9, np.float32), 1, 1, np.zeros(2, np.float32), act, lo, hi,
+                           shifted[1:], layout, shifted[:-1], layout)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 8), st.integers(2, 8), st.integers(1, 3),
+       st.integers(1, 3), st.integers(0, 1), st.booleans(), st.integers(0, 2), st.booleans(), st.integers(0, 1),
+       st.booleans(), st.booleans(), st.integers(0, 99))
+def test_pools_between_layouts_match_reference(n, c, h, w, kernel, stride, padding, ceil_mode, in_border, in_grouped,
+                                               out_border, grouped, count_include_pad, seed):
+    kernel = max(kernel, 2 * padding)
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
+    in_layout = layout_of(x.shape, (in_border, in_border), in_grouped)
+    buf = to_layout(x, in_layout)
+    k2, s2, p2 = (kernel, kernel), (stride, stride), (padding, padding)
+    for name, ref, bind in (
+            ("max", maxpool2d_ref(x, k2, s2, p2, (1, 1), ceil_mode),
+             lambda out, lay: bind_maxpool2d(buf, in_layout, n, k2, s2, p2, (1, 1), ceil_mode, out, lay)),
+            ("avg", avgpool2d_ref(x, k2, s2, p2, ceil_mode, count_include_pad),
+             lambda out, lay: bind_avgpool2d(buf, in_layout, n, k2, s2, p2, ceil_mode, count_include_pad, out, lay)),
+            ("global", global_avgpool_ref(x),
+             lambda out, lay: bind_global_avgpool(buf, in_layout, n, out, lay))):
+        if ref.shape[2] < 1 or ref.shape[3] < 1:
+            continue
+        out_layout = Layout(c, ref.shape[2], ref.shape[3], out_border, out_border, n if grouped else 1)
+        out = np.zeros(out_layout.size(n), np.float32)
+        bind(out, out_layout)()
+        assert borders_are_zero(out, out_layout, n), name
+        assert_close(from_layout(out, out_layout, n), ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5), st.integers(0, 2),
+       st.integers(0, 2), st.integers(0, 2), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 99))
+def test_elementwise_between_layouts_match_reference(n, c, h, w, ba, bb, bo, ga, gb, go, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    b = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    scale, shift = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    la, lb, lo_ = layout_of(a.shape, (ba, ba), ga), layout_of(a.shape, (bb, bb), gb), layout_of(a.shape, (bo, bo), go)
+    act, lo, hi = resolve_activation("test", "clip", (-0.3, 0.8))
+    out = np.zeros(lo_.size(n), np.float32)
+    bind_affine_act(to_layout(a, la), la, n, scale, shift, act, lo, hi, out, lo_)()
+    assert borders_are_zero(out, lo_, n)
+    assert_close(from_layout(out, lo_, n), epilogue_ref(affine_ref(a, scale, shift), "clip", (-0.3, 0.8)))
+    out = np.zeros(lo_.size(n), np.float32)
+    bind_add_act(to_layout(a, la), la, to_layout(b, lb), lb, n, act, lo, hi, out, lo_)()
+    assert borders_are_zero(out, lo_, n)
+    assert_close(from_layout(out, lo_, n), epilogue_ref(a + b, "clip", (-0.3, 0.8)))
+
+
+def test_elementwise_in_place_in_a_layout():
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    layout = Layout(3, 4, 4, 1, 1, 2)
+    buf = to_layout(x, layout)
+    act, lo, hi = resolve_activation("test", "relu")
+    bind_affine_act(buf, layout, 2, None, None, act, lo, hi, buf, layout)()
+    np.testing.assert_array_equal(from_layout(buf, layout, 2), np.maximum(x, 0))
+    assert borders_are_zero(buf, layout, 2)
+    with pytest.raises(ValueError, match="must not overlap"):
+        bind_affine_act(buf, layout, 2, None, None, act, lo, hi, buf, Layout(3, 4, 4, 1, 1, 1))

@@ -1,0 +1,151 @@
+"""Runtime API: loading, kernel choice and report, batch sizes, threads, and input validation."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from harp.export.bundle import BundleError
+from harp.export.reference import run_reference
+from harp.kernels import runtime as runtime_module
+from harp.kernels.runtime import RuntimeInputError, load_runtime
+
+
+def pixels(n, seed=0):
+    return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)
+
+
+def assert_parity(actual, expected):
+    tolerance = 1e-4 * max(1.0, float(np.abs(expected).max()))
+    assert float(np.abs(actual - expected).max()) <= tolerance
+    np.testing.assert_array_equal(actual.argmax(axis=1), expected.argmax(axis=1))
+
+
+@pytest.fixture(scope="module")
+def resnet(registry_bundle):
+    _, graph, path = registry_bundle("resnet18")
+    return graph, path, load_runtime(path.parent, threads=2)  # an artifact dir holding model.harpz
+
+
+def test_auto_choice_is_timed_and_reported(resnet):
+    _, _, runtime = resnet
+    report = runtime.plan_report(1)
+    assert [r["name"] for r in report] == [s.name for s in runtime.plan.steps]
+    for row in report:
+        if row["op"] in ("conv2d", "linear"):
+            assert row["kernel"] in ("sparse", "dense") and 0.0 <= row["density"] <= 1.0
+            assert row["macs_per_image"] > 0
+            if row["density"] < runtime_module.SPARSE_ONLY_BELOW:
+                assert row["kernel"] == "sparse" and row["candidates_us"] == {}
+            else:  # ~10% dense layers: both kernels timed on the layer's own shape, the faster kept
+                assert row["reason"] == "timed" and set(row["candidates_us"]) == {"sparse", "dense"}
+                assert row["kernel"] == min(row["candidates_us"], key=row["candidates_us"].get)
+                assert row["time_us"] == row["candidates_us"][row["kernel"]]
+        else:
+            assert row["kernel"] == "-" and row["density"] is None
+
+
+def test_plan_fuses_and_reuses_buffers(resnet):
+    _, _, runtime = resnet
+    summary = runtime.summary()
+    # ResNet18: 49 graph nodes; relus and residual adds fuse into the convs' epilogues.
+    assert summary["graph_nodes"] == 49 and summary["steps"] == 24
+    assert summary["slots"] < summary["values"] // 2 and summary["in_place_steps"] >= 1 and summary["views"] == 1
+    fused = [r["nodes"] for r in runtime.plan_report() if len(r["nodes"]) == 3]
+    assert len(fused) == 8 and all(n[1].endswith(".add") and n[2].endswith("relu_1") for n in fused)
+
+
+def test_batch_size_changes(resnet):
+    graph, _, runtime = resnet
+    x = pixels(5, seed=3)
+    expected = run_reference(graph, x)
+    for n in (1, 4, 2, 4, 5, 1):
+        assert_parity(runtime.run(x[:n]), expected[:n])
+    assert runtime.prepare(4).buffers.slots[0].shape[0] == 4 * runtime.plan.slots[0].per_image
+    assert len(runtime._prepared) <= runtime_module.KEPT_BATCH_SIZES
+
+
+def test_results_are_fresh_arrays_and_the_input_is_untouched(resnet):
+    _, _, runtime = resnet
+    x = pixels(2)
+    frozen = x.copy()
+    x.flags.writeable = False
+    first = runtime.run(x)
+    kept = first.copy()
+    runtime.run(pixels(2, seed=9))
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(x, frozen)
+
+
+def test_other_dtypes_and_array_likes_are_converted(resnet):
+    graph, _, runtime = resnet
+    x = pixels(2)
+    expected = runtime.run(x)
+    assert_parity(runtime.run(x.astype(np.float64)), expected)
+    assert_parity(runtime.run(x.tolist()), expected)
+    ints = (x > 0.5).astype(np.uint8)
+    assert_parity(runtime.run(ints), runtime.run(ints.astype(np.float32)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((3, 32, 32), np.float32), r"input shape \(3, 32, 32\) is not \(N, C, H, W\) = \(N, 3, 32, 32\)"),
+    (np.zeros((1, 1, 32, 32), np.float32), r"input shape \(1, 1, 32, 32\)"),
+    (np.zeros((0, 3, 32, 32), np.float32), "batch is empty"),
+    (np.full((1, 3, 32, 32), np.nan, np.float32), r"NaN or infinite values \(first at index \(0, 0, 0, 0\)\)"),
+    (np.full((2, 3, 32, 32), 1e39), "after conversion to float32"),
+    (np.zeros((1, 3, 32, 32), np.complex64), "dtype complex64 is not a real number type"),
+    (np.zeros((1, 3, 32, 32), object), "dtype object"),
+    ("not an image", "dtype <U12"),
+    ([[1, 2], [3]], "not an array"),
+])
+def test_bad_input_raises_runtime_input_error(resnet, bad, message):
+    _, _, runtime = resnet
+    with pytest.raises(RuntimeInputError, match=message):
+        runtime.run(bad)
+    assert issubclass(RuntimeInputError, ValueError)
+
+
+def test_inf_anywhere_is_rejected(resnet):
+    _, _, runtime = resnet
+    x = pixels(3)
+    x[2, 1, 5, 7] = -np.inf
+    with pytest.raises(RuntimeInputError, match=r"\(2, 1, 5, 7\)"):
+        runtime.run(x)
+    assert runtime.run(pixels(3)).shape == (3, 10)  # still usable afterwards
+
+
+def test_threads_are_set_and_restored_from_other_threads(resnet):
+    graph, path, _ = resnet
+    runtime = load_runtime(path, threads=1, fallback="sparse")
+    assert runtime.threads == 1 and runtime.summary()["threads"] == 1
+    x = pixels(2)
+    expected = run_reference(graph, x)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(runtime.run(x)))
+    worker.start()
+    worker.join()
+    assert_parity(results[0], expected)
+    runtime.set_threads(2)
+    assert runtime.threads == 2
+    assert_parity(runtime.run(x), expected)
+
+
+def test_profile_times_every_step(resnet):
+    _, _, runtime = resnet
+    report = runtime.profile(batch=2, repeats=3)
+    assert len(report) == len(runtime.plan.steps) and all(r["batch"] == 2 for r in report)
+    assert all(r["time_us"] is not None and r["time_us"] >= 0 for r in report)
+
+
+def test_load_errors(tmp_path, resnet):
+    _, path, _ = resnet
+    with pytest.raises(BundleError, match="holds no model.harpz"):
+        load_runtime(tmp_path)
+    with pytest.raises(BundleError, match="cannot read"):
+        load_runtime(tmp_path / "missing.harpz")
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        load_runtime(path, fallback="fastest")
+    with pytest.raises(ValueError, match="set_num_threads"):
+        load_runtime(path, threads=0)
+    runtime = load_runtime(path, warmup=False)
+    assert runtime._prepared == {} and "warmup" not in runtime.load_seconds

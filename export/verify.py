@@ -19,7 +19,7 @@ the same way:
 
 fp16 stores each weight with a relative rounding error of up to 2^-11 (about 5e-4).
 Measured over every registry architecture and a trained digits model, fp16 moves
-the logits by 1.7e-4 to 4e-4 of the largest logit (bench/results/export.md); 1e-2
+the logits by 1.2e-4 to 4e-4 of the largest logit (bench/results/export.md); 1e-2
 leaves a 25x margin for deeper or larger-logit models while still catching a wrong
 weight, so fp16 gets 1e-2 and fp32 1e-4 (measured fp32 differences: below 1e-6).
 

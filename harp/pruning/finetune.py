@@ -30,7 +30,9 @@ def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = P
     budget = stage_budget(FINETUNE_DEFAULTS, spec.name)
     run = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget_for(spec).batch_size,
                     optimizer=budget.optimizer, lr=opts.lr or budget.lr, seed=opts.seed,
-                    weight_decay=budget_for(spec).weight_decay)
+                    weight_decay=budget_for(spec).weight_decay,
+                    # a freshly pruned model is far from robust: ramp eps as in training
+                    eps_warmup_epochs=budget_for(spec).eps_warmup_epochs if opts.adv != "none" else 0.0)
     model = ckpt.build_model()
     job = FinetuneJob(model, ckpt.masks, ckpt.meta["pruning"]["granularity"], loss)
     data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)

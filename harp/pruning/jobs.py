@@ -26,6 +26,7 @@ class ScoreJob(Job):
     """
 
     kind = "prune"
+    recalibrate_batchnorm = True  # the best epoch's masks, moved onto the exact target
 
     def __init__(self, model: nn.Module, loss_cfg: LossConfig, *, target_density: float, granularity: str,
                  densities: dict[str, float], a_min: float, learn_rate: bool, gamma0: float,

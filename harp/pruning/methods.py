@@ -32,6 +32,7 @@ from ..models import prunable_layers
 from ..outdir import check_out_dir, make_out_dir
 from ..sparsity import layer_densities, model_sparsity
 from ..training.distributed import init_distributed, resolve_device, shutdown_distributed
+from ..training.batchnorm import recalibrate_batchnorm
 from ..training.losses import LossConfig, check_loss_kind
 from ..training.runner import RunConfig, run_job
 from ..training.train import budget_for, eval_attack, load_data, train_attack
@@ -59,10 +60,19 @@ class HydraConfig:
 
 
 @dataclass(frozen=True)
-class MagnitudeConfig:
+class LayerMagnitudeConfig:
+    """lwm: every layer keeps its largest weights at the same (uniform) density."""
+
     sparsity: float
     granularity: str = "weight"
-    scope: str = "layer"  # "layer" (lwm, uniform density) or "global"
+
+
+@dataclass(frozen=True)
+class GlobalMagnitudeConfig:
+    """Keep the largest weights over the whole model (non-uniform by construction)."""
+
+    sparsity: float
+    granularity: str = "weight"
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class StageBudget:
 PRUNE_DEFAULTS = {"digits": StageBudget(20, "sgd", 0.1, 0.01), "mnist": StageBudget(3, "sgd", 0.1, 0.01),
                   "fashion-mnist": StageBudget(3, "sgd", 0.1, 0.01),
                   "natural-images": StageBudget(20, "sgd", 0.1, 0.01)}
-FINETUNE_DEFAULTS = {"digits": StageBudget(20, "adam", 1e-3), "mnist": StageBudget(3, "adam", 5e-4),
+FINETUNE_DEFAULTS = {"digits": StageBudget(20, "adam", 2e-3), "mnist": StageBudget(3, "adam", 5e-4),
                      "fashion-mnist": StageBudget(3, "adam", 5e-4), "natural-images": StageBudget(20, "sgd", 0.01)}
 
 
@@ -167,7 +177,9 @@ def _one_shot(rule: str) -> Handler:
                      for n, m in prunable_layers(model)}
         layers = make_masked(model, masks, config.granularity)
         plain, masks = bake(model, layers)
-        return _save_pruned(plain, masks, ckpt, config, opts, out, meta, stage_metrics=None)
+        data = load_data(ckpt.spec, opts.data_root, opts.download, opts.seed, opts.subset)
+        recalibrate_batchnorm(plain, data.train, torch.device("cpu"))
+        return _save_pruned(plain, masks, ckpt, config, opts, out, meta, data.test)
     return handler
 
 
@@ -238,8 +250,8 @@ def _run_and_save(job, run: RunConfig, ckpt: Checkpoint, config, opts: PruneOpti
 METHODS: dict[str, tuple[type, Handler]] = {
     "harp": (HarpConfig, _learned(learn_rate=True)),
     "hydra": (HydraConfig, _learned(learn_rate=False)),
-    "lwm": (MagnitudeConfig, _one_shot("layer")),
-    "global-magnitude": (MagnitudeConfig, _one_shot("global")),
+    "lwm": (LayerMagnitudeConfig, _one_shot("layer")),
+    "global-magnitude": (GlobalMagnitudeConfig, _one_shot("global")),
     "random": (RandomConfig, _one_shot("random")),
 }
 
@@ -268,9 +280,10 @@ def make_config(method: str, **kw: Any):
 
 
 def method_name(config) -> str:
-    if isinstance(config, MagnitudeConfig):
-        return "global-magnitude" if config.scope == "global" else "lwm"
-    return {HarpConfig: "harp", HydraConfig: "hydra", RandomConfig: "random"}[type(config)]
+    for name, (cls, _) in METHODS.items():
+        if type(config) is cls:
+            return name
+    raise HarpError(f"{type(config).__name__} is not a pruning method config")
 
 
 def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOptions = PruneOptions(), *,
@@ -319,13 +332,12 @@ def flops_density(model: nn.Module, costs) -> float:
 
 
 def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,
-                 meta: dict[str, Any], stage_metrics: dict[str, Any] | None) -> dict[str, Any]:
+                 meta: dict[str, Any], test) -> dict[str, Any]:
     spec = ckpt.spec
     device = resolve_device(opts.device)
-    test = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset).test
     atk = eval_attack(spec, opts.eps)
     plain = plain.to(device)
-    metrics = stage_metrics or {
+    metrics = {
         "natural_accuracy": accuracy(plain, test, device),
         "robust_accuracy": accuracy(plain, test, device, attack=make_attack("pgd", atk)),
         "robust_attack": {"name": "pgd", **asdict(atk)}, "test_examples": len(test)}

@@ -33,6 +33,7 @@ from ..data import ImageData
 from ..errors import HarpError
 from ..evaluate import accuracy, make_attack
 from ..io import atomic_save_tensors, atomic_torch_save, atomic_write_json
+from .batchnorm import recalibrate_batchnorm
 from .distributed import DistContext
 from .losses import LossConfig, adversarial_loss
 
@@ -80,6 +81,9 @@ class Job(ABC):
     def eligible(self) -> bool:
         """Whether the current model may become the selected checkpoint."""
         return True
+
+    #: finalize() changes which weights are alive, so BatchNorm statistics are recomputed
+    recalibrate_batchnorm: bool = False
 
     def state_json(self) -> dict[str, Any]:
         return {}
@@ -188,6 +192,8 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         job.model.load_state_dict(best_state)
     final_model, masks, extra_meta = job.finalize()
     final_model = final_model.to(device)
+    if job.recalibrate_batchnorm:
+        recalibrate_batchnorm(final_model, train, device)
     metrics = {
         "natural_accuracy": accuracy(final_model, test, device, dist_ctx=dist, quiet=quiet, desc="test clean"),
         "robust_accuracy": accuracy(final_model, test, device, attack=val_attack, dist_ctx=dist, quiet=quiet,

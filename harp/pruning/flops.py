@@ -47,8 +47,10 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str
 
 
 def _producers(model: nn.Module, prunable: set[str]) -> dict[str, str]:
+    from .layers import trace_layers
+
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace_layers(model)
     except Exception:  # noqa: BLE001 - without a graph every layer counts its inputs as dense
         return {}
     modules = dict(model.named_modules())

@@ -208,12 +208,21 @@ def make_masked(model: nn.Module, masks: dict[str, torch.Tensor], granularity: s
     return layers
 
 
-def following_batchnorms(model: nn.Module) -> dict[str, str]:
-    """Prunable layer name -> the BatchNorm that directly and solely consumes its output."""
+def trace_layers(model: nn.Module):
+    """fx graph of `model` with every Conv2d/Linear (scored and masked twins too) kept as one node."""
     import torch.fx as fx
 
+    class LayerTracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, nn.Conv2d | nn.Linear) or super().is_leaf_module(m, qualname)
+
+    return fx.GraphModule(model, LayerTracer().trace(model))
+
+
+def following_batchnorms(model: nn.Module) -> dict[str, str]:
+    """Prunable layer name -> the BatchNorm that directly and solely consumes its output."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace_layers(model)
     except Exception:  # noqa: BLE001 - untraceable models gate at the layer itself
         return {}
     modules = dict(model.named_modules())

@@ -41,6 +41,12 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics drift apart in the last forward)."""
+        if self.enabled:
+            for buf in model.buffers():
+                dist.broadcast(buf.data, src=0)
+
     def weights_identical(self, model: nn.Module) -> bool:
         """Every rank holds bit-identical parameters and buffers."""
         if not self.enabled:

@@ -169,6 +169,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")
         epoch_time = time.perf_counter() - t0
+        dist.sync_buffers(model)
         info = job.epoch_end(epoch)
         nat = accuracy(model, val_small, device, dist_ctx=dist)
         rob = accuracy(model, val_small, device, attack=val_attack, dist_ctx=dist)
@@ -194,6 +195,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     final_model = final_model.to(device)
     if job.recalibrate_batchnorm:
         recalibrate_batchnorm(final_model, train, device)
+        dist.sync_buffers(final_model)
     metrics = {
         "natural_accuracy": accuracy(final_model, test, device, dist_ctx=dist, quiet=quiet, desc="test clean"),
         "robust_accuracy": accuracy(final_model, test, device, attack=val_attack, dist_ctx=dist, quiet=quiet,

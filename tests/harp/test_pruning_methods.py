@@ -16,11 +16,14 @@ from harp.training.losses import LossConfig
 from harp.attacks import AttackConfig
 
 FAST = PruneOptions(epochs=3, steps=2, subset=500)
+HARP_FAST = PruneOptions(epochs=6, steps=2, subset=500, rate_lr=0.03)  # few steps: larger rate moves
 
 
 @pytest.mark.parametrize("method", ["harp", "hydra", "lwm", "global-magnitude", "random"])
 def test_every_method_hits_the_target_sparsity(digits_robust_ckpt, tmp_path, method):
-    prune_checkpoint(digits_robust_ckpt, tmp_path / method, make_config(method, sparsity=0.99), FAST, quiet=True)
+    kw = {"gamma0": 0.5} if method == "harp" else {}
+    prune_checkpoint(digits_robust_ckpt, tmp_path / method, make_config(method, sparsity=0.99, **kw),
+                     HARP_FAST if method == "harp" else FAST, quiet=True)
     ckpt = load_checkpoint(tmp_path / method)
     sparsity = model_sparsity(ckpt.build_model())
     assert abs(sparsity - 0.99) <= 0.001
@@ -30,7 +33,8 @@ def test_every_method_hits_the_target_sparsity(digits_robust_ckpt, tmp_path, met
 
 
 def test_harp_learns_non_uniform_rates(digits_robust_ckpt, tmp_path):
-    prune_checkpoint(digits_robust_ckpt, tmp_path / "h", make_config("harp", sparsity=0.99), FAST, quiet=True)
+    prune_checkpoint(digits_robust_ckpt, tmp_path / "h", make_config("harp", sparsity=0.99, gamma0=0.5), HARP_FAST,
+                     quiet=True)
     layers = {d["name"]: d["density"] for d in load_checkpoint(tmp_path / "h").meta["pruning"]["layers"]}
     assert layers["net.features.0"] > 0.05  # uniform 1% would keep 3 of its 288 weights
 

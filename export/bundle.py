@@ -29,13 +29,14 @@ import math
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harp.io import atomic_writer
 
 from .csr import CSRError, CSRTensor, INDICES_DTYPES, INDPTR_DTYPES, VALUES_DTYPES, check_csr, dense_to_csr
 from .graph import Graph, GraphError
@@ -143,29 +144,16 @@ def write_bundle(graph: Graph, path: str | os.PathLike[str], *, values_dtype: st
     head += bytes(_align(len(head)) - len(head))
     file_hash = hashlib.sha256(head)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            written = 0
-            for offset, raw in chunks:
-                pad = bytes(offset - written)
-                f.write(pad)
-                f.write(raw)
-                file_hash.update(pad)
-                file_hash.update(raw)
-                written = offset + len(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a bundle is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_writer(path) as f:
+        f.write(head)
+        written = 0
+        for offset, raw in chunks:
+            pad = bytes(offset - written)
+            f.write(pad)
+            f.write(raw)
+            file_hash.update(pad)
+            file_hash.update(raw)
+            written = offset + len(raw)
     return {"path": str(path), "file_bytes": len(head) + cursor, "file_sha256": file_hash.hexdigest(),
             "header": header}
 
@@ -199,20 +187,6 @@ def _stored_arrays(name: str, tensor: np.ndarray | CSRTensor, layout: str, value
     except CSRError as e:
         raise BundleError(f"tensor {name!r}: {e}") from e
     return {"indptr": csr.indptr, "indices": csr.indices, "values": csr.values}
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows opening a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _align(n: int) -> int:

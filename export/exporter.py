@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harp.io import DIR_MODE, fsync_dir
+
 from .bundle import write_bundle
 from .channels import TrimSummary, trim_channels
 from .errors import ExportError
@@ -116,7 +118,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | os
             },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the export is meant to be shared
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; the export is meant to be shared
         _publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -357,28 +359,9 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
         if old is not None:
             os.replace(old, out)
         raise ExportError(f"cannot move the finished export into {out}: {e}") from e
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _versions() -> dict[str, str]:

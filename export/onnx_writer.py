@@ -33,7 +33,6 @@ accepts (onnx 1.23 writes IR 14; onnxruntime 1.31 loads at most IR 13, opset 26)
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from harp.export.errors import ExportError
+from harp.io import atomic_write_bytes
 from harp.export.graph import Graph, GraphError, Node
 
 DEFAULT_OPSET = 17
@@ -97,24 +97,8 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         data = model.SerializeToString()
     except ValueError as e:  # protobuf refuses messages over 2 GiB
         raise ExportError(f"cannot serialise ONNX model for {target}: {e}") from e
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
     return target
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def sparse_weights(model: onnx.ModelProto) -> dict[str, onnx.SparseTensorProto]:

@@ -1,4 +1,8 @@
-"""Atomic file writes and hashing: a crash never leaves a half-written file behind."""
+"""Atomic file writes and hashing: a crash never leaves a half-written file behind.
+
+Imports nothing heavy at module level: the bundle writer and the torch-free runtime
+use it too (torch and safetensors are imported only by the tensor helpers).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save as safetensors_bytes
+from typing import IO, Any
 
 
 def _umask() -> int:
@@ -19,38 +22,65 @@ def _umask() -> int:
     return mask
 
 
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
+FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
+DIR_MODE = 0o777 & ~_umask()  # what mkdir would give; mkdtemp alone gives 0700
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename inside `directory` durable where the platform allows opening a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file that appears at `path` only if the block completes (temp file, fsync, rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_tensors(path: str | Path, tensors: dict) -> None:
     """safetensors file (no pickle) written atomically."""
+    from safetensors.torch import save as safetensors_bytes
+
     atomic_write_bytes(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
     """For optimizer state: plain containers of tensors, read back with weights_only=True."""
-    import io as _io
+    import io
 
-    buf = _io.BytesIO()
+    import torch
+
+    buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
 

@@ -11,8 +11,8 @@ from ..models import prunable_layers
 from ..training.losses import LossConfig
 from ..training.runner import Job
 from .flops import LayerCost, layer_costs
-from .layers import _Scored, bake, make_masked, make_scored
-from .masks import keep_count, topk_mask
+from .layers import bake, make_masked, make_scored
+from .masks import keep_count
 from .rates import project_to_budget
 
 
@@ -159,7 +159,3 @@ class FinetuneJob(Job):
     def finalize(self):
         plain, masks = bake(self.model, self.layers)
         return plain, masks, {}
-
-
-def masks_for_scores(layers: dict[str, _Scored], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    return {n: topk_mask(m.scores, counts[n]) for n, m in layers.items()}

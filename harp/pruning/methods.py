@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..attacks import AttackConfig
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..errors import HarpError
 from ..evaluate import accuracy, make_attack

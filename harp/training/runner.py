@@ -189,7 +189,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     if cfg.select == "best":
         if best["epoch"] < 0:
             raise HarpError(f"{job.kind}: no epoch met the target; raise --epochs or --gamma0")
-        best_state = _load_tensors(state_dir / f"best-{best['epoch']}.safetensors", device, dist)
+        best_state = _load_tensors(state_dir / f"best-{best['epoch']}.safetensors", device)
         job.model.load_state_dict(best_state)
     final_model, masks, extra_meta = job.finalize()
     final_model = final_model.to(device)
@@ -253,7 +253,7 @@ def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfi
             f.unlink(missing_ok=True)
 
 
-def _load_tensors(path: Path, device: torch.device, dist: DistContext) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return {k: v.to(device) for k, v in load_file(str(path)).items()}
@@ -274,7 +274,7 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: t
                         f"batch_size={saved_run.get('batch_size')}; pass the same options")
     try:
         epoch = int(state["epoch"])
-        model_state = _load_tensors(state_dir / f"model-{epoch}.safetensors", device, DistContext())
+        model_state = _load_tensors(state_dir / f"model-{epoch}.safetensors", device)
         job.model.load_state_dict(model_state, strict=True)
         extra = torch.load(state_dir / f"optim-{epoch}.pt", map_location=device, weights_only=True)
         opt.load_state_dict(extra["optimizer"])

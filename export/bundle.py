@@ -1,15 +1,18 @@
 """The CSR bundle: harp's own binary container for a pruned model (numpy only).
 
-Layout (all integers little-endian; docs/bundle-format.md is the full spec):
+Layout of format 2.0 (all integers little-endian; docs/bundle-format.md is the
+full spec):
 
-    offset 0   preamble, 56 bytes: magic b"\\x89HARPCSR", u16 major, u16 minor,
-               u32 flags (0), u64 header_length, 32-byte SHA-256 of the header
-    offset 56  header: header_length bytes of UTF-8 JSON (graph structure,
-               tensor table, data_size, meta)
-               zero bytes up to the next multiple of 64 = data_start
+    offset 0   preamble, 56 bytes: magic b"\\x89HARPCSR", u16 major (2), u16 minor,
+               u32 flags (0), u64 header_length, 32-byte SHA-256 of the stored header
+    offset 56  header: header_length bytes, one zlib stream (RFC 1950) that inflates
+               to at most 64 MiB of UTF-8 JSON (graph structure, tensor table,
+               data_size, data_sha256, meta)
+               zero bytes up to the next multiple of 16 = data_start
     data_start data region: data_size bytes of raw little-endian arrays, each at
-               an offset (relative to data_start) that is a multiple of 64;
-               every byte not covered by an array is zero; the file ends here.
+               an offset (relative to data_start) that is a multiple of 16;
+               every byte not covered by an array is zero; the header's
+               data_sha256 covers the whole region; the file ends here.
 
 Conv and linear weights are stored as CSR (indptr, indices, values); every other
 tensor (biases, affine scale/shift) dense. CSR values are float32 or float16 (the
@@ -29,6 +32,7 @@ import math
 import os
 import re
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +46,12 @@ from .csr import CSRError, CSRTensor, INDICES_DTYPES, INDPTR_DTYPES, VALUES_DTYP
 from .graph import Graph, GraphError
 
 MAGIC = b"\x89HARPCSR"
-FORMAT_MAJOR = 1
+FORMAT_MAJOR = 2
 FORMAT_MINOR = 0
 PREAMBLE = struct.Struct("<8sHHIQ32s")  # magic, major, minor, flags, header_length, header_sha256
-ALIGN = 64
-MAX_HEADER_BYTES = 64 << 20
+ALIGN = 16  # of the data region in the file and of every array in it: a multiple of every itemsize
+MAX_HEADER_BYTES = 64 << 20  # limit of the stored (compressed) header and of the JSON it inflates to
+COMPRESS_LEVEL = 9
 MAX_RANK = 8
 MAX_VALUE_ELEMENTS = (1 << 31) - 1  # per-sample elements of any activation: int32 indexing is safe
 _INT64 = 1 << 63
@@ -65,9 +70,9 @@ ROLE_DTYPES: dict[str, tuple[str, ...]] = {
 LAYOUT_ROLES: dict[str, tuple[str, ...]] = {"csr": ("indptr", "indices", "values"), "dense": ("data",)}
 CSR_PARAMS = {("conv2d", "weight"), ("linear", "weight")}  # (op, role) stored as CSR
 
-_HEADER_KEYS = ("graph", "tensors", "data_size", "meta")
+_HEADER_KEYS = ("graph", "tensors", "data_size", "data_sha256", "meta")
 _TENSOR_KEYS = ("name", "layout", "shape", "arrays")
-_ARRAY_KEYS = ("dtype", "count", "offset", "length", "sha256")
+_ARRAY_KEYS = ("dtype", "count", "offset", "length")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 Fail = Callable[[str], "BundleError"]  # builds the error for a message (the loader prefixes the path)
@@ -88,7 +93,7 @@ class Bundle:
     graph: Graph
     meta: dict[str, Any]
     version: tuple[int, int]  # (major, minor) of the file
-    header: dict[str, Any]  # the parsed header: stored dtypes, offsets, hashes
+    header: dict[str, Any]  # the parsed (inflated) header: stored dtypes, offsets, data_sha256
 
 
 # ---------------------------------------------------------------- writing
@@ -115,7 +120,7 @@ def write_bundle(graph: Graph, path: str | os.PathLike[str], *, values_dtype: st
 
     layouts = _layouts(graph)
     entries: list[dict[str, Any]] = []
-    chunks: list[tuple[int, bytes]] = []
+    chunks: list[bytes] = []  # the data region: arrays and the zero gaps before them, in order
     cursor = 0
     for name, layout in layouts.items():
         arrays = _stored_arrays(name, graph.tensors[name], layout, values_dtype)
@@ -124,12 +129,16 @@ def write_bundle(graph: Graph, path: str | os.PathLike[str], *, values_dtype: st
             raw = np.ascontiguousarray(array, dtype=DTYPES[array.dtype.name]).tobytes()
             offset = _align(cursor)
             table[role] = {"dtype": array.dtype.name, "count": int(array.size), "offset": offset,
-                           "length": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-            chunks.append((offset, raw))
+                           "length": len(raw)}
+            chunks += [bytes(offset - cursor), raw]
             cursor = offset + len(raw)
         entries.append({"name": name, "layout": layout, "shape": [int(d) for d in graph.tensors[name].shape],
                         "arrays": table})
-    header = {"graph": graph.structure_json(), "tensors": entries, "data_size": cursor, "meta": meta}
+    data_hash = hashlib.sha256()
+    for chunk in chunks:
+        data_hash.update(chunk)
+    header = {"graph": graph.structure_json(), "tensors": entries, "data_size": cursor,
+              "data_sha256": data_hash.hexdigest(), "meta": meta}
     try:
         header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         header = _decode_header(header_bytes)  # what a reader will see; also a copy the caller may keep
@@ -137,23 +146,20 @@ def write_bundle(graph: Graph, path: str | os.PathLike[str], *, values_dtype: st
         raise BundleError(f"header (graph attributes or meta) is not plain JSON: {e}") from e
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise BundleError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    stored = zlib.compress(header_bytes, COMPRESS_LEVEL)
+    if len(stored) > MAX_HEADER_BYTES:
+        raise BundleError(f"compressed header of {len(stored)} bytes exceeds {MAX_HEADER_BYTES}")
 
-    preamble = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, len(header_bytes),
-                             hashlib.sha256(header_bytes).digest())
-    head = preamble + header_bytes
+    preamble = PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, len(stored), hashlib.sha256(stored).digest())
+    head = preamble + stored
     head += bytes(_align(len(head)) - len(head))
     file_hash = hashlib.sha256(head)
     path = Path(path)
     with atomic_writer(path) as f:
         f.write(head)
-        written = 0
-        for offset, raw in chunks:
-            pad = bytes(offset - written)
-            f.write(pad)
-            f.write(raw)
-            file_hash.update(pad)
-            file_hash.update(raw)
-            written = offset + len(raw)
+        for chunk in chunks:
+            f.write(chunk)
+            file_hash.update(chunk)
     return {"path": str(path), "file_bytes": len(head) + cursor, "file_sha256": file_hash.hexdigest(),
             "header": header}
 
@@ -241,7 +247,9 @@ def _parse(buf: np.ndarray, source: str) -> Bundle:
     magic, major, minor, flags, header_length, header_sha = PREAMBLE.unpack(buf[:PREAMBLE.size].tobytes())
     if magic != MAGIC:
         raise fail(f"magic {magic!r} is not {MAGIC!r}: not a harp CSR bundle")
-    if major != FORMAT_MAJOR:
+    if major < FORMAT_MAJOR:
+        raise fail(f"format version {major}.{minor} is not supported (re-export with this harp version)")
+    if major > FORMAT_MAJOR:
         raise fail(f"format version {major}.{minor} is not supported (this reader reads {FORMAT_MAJOR}.x)")
     if flags != 0:
         raise fail(f"preamble flags {flags:#x} must be 0")
@@ -250,16 +258,17 @@ def _parse(buf: np.ndarray, source: str) -> Bundle:
     header_end = PREAMBLE.size + header_length
     if header_end > size:
         raise fail(f"header_length {header_length} runs past the end of the {size}-byte file")
-    header_bytes = buf[PREAMBLE.size:header_end]
-    if hashlib.sha256(header_bytes).digest() != header_sha:
+    stored = buf[PREAMBLE.size:header_end].tobytes()
+    if hashlib.sha256(stored).digest() != header_sha:
         raise fail("header SHA-256 does not match the preamble")
     data_start = _align(header_end)
     if data_start > size:
         raise fail(f"file of {size} bytes ends inside the header padding (data starts at {data_start})")
     if buf[header_end:data_start].any():
         raise fail("header padding bytes are not zero")
+    header_bytes = _inflate(stored, fail)
     try:
-        header = _decode_header(header_bytes.tobytes())
+        header = _decode_header(header_bytes)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise fail(f"header is not well-formed JSON: {e}") from e
 
@@ -268,6 +277,11 @@ def _parse(buf: np.ndarray, source: str) -> Bundle:
     data_size = _nonneg_int(header["data_size"], "header.data_size", fail)
     if data_start + data_size != size:
         raise fail(f"header.data_size {data_size} + data start {data_start} != file size {size}")
+    digest = header["data_sha256"]
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise fail(f"header.data_sha256 must be 64 lowercase hex digits, got {digest!r}")
+    if hashlib.sha256(buf[data_start:]).hexdigest() != digest:
+        raise fail("header.data_sha256 does not match the data region")
     meta = header["meta"]
     if not isinstance(meta, dict):
         raise fail(f"header.meta must be an object, got {type(meta).__name__}")
@@ -333,19 +347,13 @@ def _tensor(entry: Any, i: int, data: np.ndarray, strict: bool,
         count = _nonneg_int(spec["count"], f"{label} count", fail)
         offset = _nonneg_int(spec["offset"], f"{label} offset", fail)
         length = _nonneg_int(spec["length"], f"{label} length", fail)
-        digest = spec["sha256"]
-        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise fail(f"{label}: sha256 must be 64 lowercase hex digits, got {digest!r}")
         if count * dtype.itemsize != length:
             raise fail(f"{label}: count {count} x itemsize {dtype.itemsize} != length {length}")
         if offset % ALIGN:
             raise fail(f"{label}: offset {offset} is not a multiple of {ALIGN}")
         if offset + length > data.size:
             raise fail(f"{label}: bytes [{offset}, {offset + length}) run past the {data.size}-byte data region")
-        raw = data[offset:offset + length]
-        if hashlib.sha256(raw).hexdigest() != digest:
-            raise fail(f"{label}: SHA-256 does not match its bytes")
-        array = raw.view(dtype)
+        array = data[offset:offset + length].view(dtype)
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
         if array.dtype != np.float32 and dtype.kind == "f":
@@ -388,6 +396,23 @@ def _check_value_sizes(shapes: dict[str, tuple[int, ...]], fail: Fail) -> None:
     for value, shape in shapes.items():
         if math.prod(shape) > MAX_VALUE_ELEMENTS:
             raise fail(f"header.graph: value {value!r} of shape {shape} has more than {MAX_VALUE_ELEMENTS} elements")
+
+
+def _inflate(stored: bytes, fail: Fail) -> bytes:
+    """The header JSON bytes of one complete zlib stream, refusing more than MAX_HEADER_BYTES of output."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(stored, MAX_HEADER_BYTES + 1)  # one byte more detects an overlong header
+    except zlib.error as e:
+        raise fail(f"header is not a valid zlib stream: {e}") from e
+    if len(text) > MAX_HEADER_BYTES:
+        raise fail(f"header inflates to more than {MAX_HEADER_BYTES} bytes")
+    if not inflater.eof:  # all input consumed (the output limit was not hit), yet the stream goes on
+        raise fail(f"header zlib stream is truncated: it does not end within header_length {len(stored)}")
+    if inflater.unused_data:
+        raise fail(f"{len(inflater.unused_data)} bytes follow the end of the header zlib stream "
+                   f"within header_length {len(stored)}")
+    return text
 
 
 def _fields(obj: Any, keys: tuple[str, ...], what: str, strict: bool, fail: Fail) -> dict[str, Any]:

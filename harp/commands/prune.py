@@ -5,6 +5,8 @@ import click
 from ..pruning.finetune import finetune_checkpoint
 from ..pruning.layers import GRANULARITIES
 from ..pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
+from ..pruning.mrpf import SENSITIVITIES
+from ..pruning.pwoa import PROJECTIONS
 from ..pruning.rates import RATE_INITS
 from . import options as o
 
@@ -18,6 +20,30 @@ def _with(options):
             f = opt(f)
         return f
     return deco
+
+
+_pwoa_options = [
+    click.option("--distill-temperature", type=float, default=None, help="PwoA: distillation temperature T."),
+    click.option("--lambda-x", type=float, default=None, help="PwoA: weight of HSIC(X, Z) (minimised)."),
+    click.option("--lambda-y", type=float, default=None, help="PwoA: weight of HSIC(Y, Z) (maximised)."),
+    click.option("--rho", type=float, default=None, help="PwoA: initial ADMM penalty."),
+    click.option("--mix-ratio", type=float, default=None, help="PwoA: share of batches made PGD (default 0)."),
+    click.option("--admm-epochs", type=int, default=None, help="PwoA: epochs of the ADMM phase."),
+    click.option("--retrain-epochs", type=int, default=None, help="PwoA: epochs of masked retraining."),
+    click.option("--hsic-sigma", type=float, default=None, help="PwoA: fixed kernel width (default: median)."),
+    click.option("--projection", type=click.Choice(list(PROJECTIONS)), default=None,
+                 help="PwoA: ADMM projection per layer (default) or global."),
+]
+_mrpf_options = [
+    click.option("--sensitivity", type=click.Choice(list(SENSITIVITIES)), default=None,
+                 help="MRPF: perturb each layer by pruning it (default) or by Gaussian noise."),
+    click.option("--temperature", type=float, default=None,
+                 help="MRPF: density proportional to sensitivity ** temperature (default 1; 0 is uniform)."),
+    click.option("--noise-scale", type=float, default=None, help="MRPF: noise std / weight std (default 0.5)."),
+    click.option("--mrs-examples", type=int, default=None, help="MRPF: held-out examples measured (default 256)."),
+]
+_METHOD_KEYS = ("distill_temperature", "lambda_x", "lambda_y", "rho", "mix_ratio", "admm_epochs", "retrain_epochs",
+                "hsic_sigma", "projection", "sensitivity", "temperature", "noise_scale", "mrs_examples")
 
 
 def _report(metrics, out):
@@ -36,12 +62,14 @@ def _report(metrics, out):
 @click.option("--alpha", type=float, default=None, help="HARP: a_min = alpha * target density (default 0.1).")
 @click.option("--rate-init", type=click.Choice(list(RATE_INITS)), default=None, help="HARP: initial rates.")
 @click.option("--rate-lr", type=float, default=None, help="HARP: learning rate of the per-layer rates.")
+@_with(_pwoa_options + _mrpf_options)
 @_with(_stage_options)
 def prune_command(checkpoint, out, method, sparsity, granularity, gamma0, alpha, rate_init, rate_lr,
                   resume, force, quiet, **kw):
     """Prune a dense checkpoint to a target sparsity (HARP by default)."""
+    method_kw = {name: kw.pop(name) for name in _METHOD_KEYS}
     config = make_config(method, sparsity=sparsity, granularity=granularity, gamma0=gamma0, alpha=alpha,
-                         rate_init=rate_init)
+                         rate_init=rate_init, **method_kw)
     metrics = prune_checkpoint(checkpoint, out, config, PruneOptions(rate_lr=rate_lr, **kw),
                                resume=resume, force=force, quiet=quiet)
     _report(metrics, out)

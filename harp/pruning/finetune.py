@@ -11,9 +11,9 @@ from ..errors import HarpError
 from ..outdir import check_out_dir, make_out_dir
 from ..training.distributed import init_distributed, resolve_device, shutdown_distributed
 from ..training.runner import RunConfig, run_job
-from ..training.train import budget_for, eval_attack, load_data
+from ..training.train import budget_for, eval_attack
 from .jobs import FinetuneJob
-from .methods import FINETUNE_DEFAULTS, PruneOptions, _loss, _source, stage_budget
+from .methods import FINETUNE_DEFAULTS, PruneOptions, _loss, _source, load_stage_data, stage_budget
 
 
 def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = PruneOptions(), *,
@@ -35,7 +35,7 @@ def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = P
                     eps_warmup_epochs=budget_for(spec).eps_warmup_epochs if opts.adv != "none" else 0.0)
     model = ckpt.build_model()
     job = FinetuneJob(model, ckpt.masks, ckpt.meta["pruning"]["granularity"], loss)
-    data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)
+    data = load_stage_data(spec, opts)
     meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
             "training": ckpt.meta.get("training"), "source": _source(ckpt), "pruning": ckpt.meta["pruning"],
             "pruning_metrics": ckpt.meta.get("metrics"),

@@ -15,6 +15,8 @@ from .layers import bake, make_masked, make_scored
 from .masks import keep_count
 from .rates import project_to_budget
 
+RATE_GRAD_CLIP = 1.0  # largest |gradient| a rate logit may take in one step
+
 
 class ScoreJob(Job):
     """Learn importance scores (HYDRA) and optionally per-layer rates (HARP).
@@ -72,12 +74,13 @@ class ScoreJob(Job):
         return channel_flops_density(self.costs, {n: float(m.channel_gate().mean()) for n, m in self.layers.items()})
 
     def before_step(self) -> None:
-        # Rates take sign steps: the balance between the robustness gradient (STE) and
-        # the compression gradient decides each layer's direction, while a 288-weight
-        # conv and a 70k-weight layer adapt at the same speed.
+        # Rates follow their raw gradients, so the compression term pushes each layer in
+        # proportion to its size (a 288-weight conv is cheap to keep, a 70k-weight layer
+        # is not). Clipping stops one noisy straight-through sum from driving a rate into
+        # the sigmoid's flat end, where the compression term could no longer pull it back.
         for m in self.layers.values():
             if m.rate.grad is not None:
-                m.rate.grad.sign_()
+                m.rate.grad.clamp_(-RATE_GRAD_CLIP, RATE_GRAD_CLIP)
 
     def extra_loss(self, epoch: int) -> torch.Tensor | None:
         if not self.learn_rate:

@@ -2,10 +2,11 @@
 
 Each method is a small frozen dataclass; METHODS maps its name to (config type,
 handler). `prune_checkpoint(src, out, config, options)` is the single entry point
-used by the CLI, the pipeline and the tests. Learned methods (harp, hydra) run an
-optimisation job through the shared epoch loop; one-shot methods (lwm,
-global-magnitude, random) compute masks directly. Every result is a checkpoint
-directory whose weights have the masks baked in.
+used by the CLI, the pipeline and the tests. Learned methods (harp, hydra, pwoa) run
+an optimisation job through the shared epoch loop; one-shot methods (lwm,
+global-magnitude, random, mrpf) compute masks directly. Every result is a checkpoint
+directory whose weights have the masks baked in. PwoA and MRPF keep their own logic
+(and config dataclass) in pwoa.py and mrpf.py; their handlers here are glue.
 
 Sparsity semantics: with granularity "weight" it is the fraction of zero weights
 over all Conv/Linear layers; with "channel" it is the fraction of multiply-adds
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..data import DatasetSpec
 from ..errors import HarpError
 from ..evaluate import accuracy, make_attack
 from ..io import sha256_file
@@ -34,11 +36,13 @@ from ..training.distributed import init_distributed, resolve_device, shutdown_di
 from ..training.batchnorm import recalibrate_batchnorm
 from ..training.losses import LossConfig, check_loss_kind
 from ..training.runner import RunConfig, run_job
-from ..training.train import budget_for, eval_attack, load_data, train_attack
+from ..training.train import SplitData, budget_for, eval_attack, load_data, train_attack
 from .flops import layer_costs
 from .jobs import ScoreJob, channel_flops_density
 from .layers import GRANULARITIES, bake, make_masked
 from .masks import Masks, check_sparsity, global_magnitude_masks, keep_count, layerwise_magnitude_masks
+from .mrpf import MrpfConfig, mrpf_masks
+from .pwoa import PwoAConfig, PwoAJob, pwoa_budget, resolve_config
 from .rates import RATE_INITS, initial_densities
 
 
@@ -97,6 +101,14 @@ class PruneOptions:
     download: bool = False
     device: str = "auto"
     subset: int | None = None
+    test_size: int | None = None  # score only the first N test examples at the end (None: all)
+
+
+def load_stage_data(spec: DatasetSpec, opts: PruneOptions) -> SplitData:
+    """The train/val/test split a pruning or fine-tuning stage runs on."""
+    data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)
+    data.test = data.test.subset(opts.test_size)
+    return data
 
 
 Handler = Callable[[Checkpoint, Any, PruneOptions, Path, dict[str, Any]], dict[str, Any]]
@@ -111,9 +123,9 @@ class StageBudget:
 
 
 # Defaults per dataset family (documented in the README).
-PRUNE_DEFAULTS = {"digits": StageBudget(20, "sgd", 0.1, 0.01), "mnist": StageBudget(3, "sgd", 0.1, 0.01),
-                  "fashion-mnist": StageBudget(3, "sgd", 0.1, 0.01),
-                  "natural-images": StageBudget(20, "sgd", 0.1, 0.01)}
+PRUNE_DEFAULTS = {"digits": StageBudget(20, "sgd", 0.1, 0.1), "mnist": StageBudget(3, "sgd", 0.1, 0.1),
+                  "fashion-mnist": StageBudget(3, "sgd", 0.1, 0.1),
+                  "natural-images": StageBudget(20, "sgd", 0.1, 0.1)}
 FINETUNE_DEFAULTS = {"digits": StageBudget(20, "adam", 2e-3), "mnist": StageBudget(3, "adam", 5e-4),
                      "fashion-mnist": StageBudget(3, "adam", 5e-4), "natural-images": StageBudget(20, "sgd", 0.01)}
 
@@ -174,12 +186,27 @@ def _one_shot(rule: str) -> Handler:
         else:
             masks = {n: _random_mask(m.weight, keep_count(m.weight.numel(), density), gen)
                      for n, m in prunable_layers(model)}
-        layers = make_masked(model, masks, config.granularity)
-        plain, masks = bake(model, layers)
-        data = load_data(ckpt.spec, opts.data_root, opts.download, opts.seed, opts.subset)
-        recalibrate_batchnorm(plain, data.train, torch.device("cpu"))
-        return _save_pruned(plain, masks, ckpt, config, opts, out, meta, data.test)
+        data = load_stage_data(ckpt.spec, opts)
+        return _bake_and_save(model, masks, ckpt, config, opts, out, meta, data)
     return handler
+
+
+def _bake_and_save(model: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,
+                   meta: dict[str, Any], data, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bake one-shot masks into the model, recalibrate BatchNorm on clean training data, save."""
+    layers = make_masked(model, masks, config.granularity)
+    plain, masks = bake(model, layers)
+    recalibrate_batchnorm(plain, data.train, torch.device("cpu"))
+    return _save_pruned(plain, masks, ckpt, config, opts, out, meta, data.test, extra)
+
+
+def _mrpf(ckpt: Checkpoint, config: MrpfConfig, opts: PruneOptions, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """MRPF: magnitude masks at per-layer densities allocated by robustness sensitivity (see mrpf.py)."""
+    model = ckpt.build_model()
+    data = load_stage_data(ckpt.spec, opts)
+    attack = train_attack(ckpt.spec, opts.eps, opts.steps, None)
+    masks, info = mrpf_masks(model, data.val, attack, config, seed=opts.seed, device=resolve_device(opts.device))
+    return _bake_and_save(model.cpu(), masks, ckpt, config, opts, out, meta, data, extra={"mrs": info})
 
 
 def _random_mask(w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -219,6 +246,19 @@ def _learned(learn_rate: bool) -> Handler:
     return handler
 
 
+def _pwoa(ckpt: Checkpoint, config: PwoAConfig, opts: PruneOptions, out: Path, meta: dict[str, Any],
+          resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """PwoA: distillation + HSIC bottleneck, ADMM then masked retraining (see pwoa.py)."""
+    spec = ckpt.spec
+    config = resolve_config(config, spec.name, opts.epochs)  # recorded with every default filled in
+    budget = pwoa_budget(spec.name)
+    job = PwoAJob(ckpt.build_model(), train_attack(spec, opts.eps, opts.steps, None), config)
+    run = RunConfig(epochs=config.admm_epochs + config.retrain_epochs,
+                    batch_size=opts.batch_size or budget_for(spec).batch_size, optimizer=budget.optimizer,
+                    lr=opts.lr or budget.lr, seed=opts.seed, select="best")
+    return _run_and_save(job, run, ckpt, config, opts, out, meta, resolve_device(opts.device), resume, quiet)
+
+
 def _loss(ckpt: Checkpoint, opts: PruneOptions) -> LossConfig:
     check_loss_kind(opts.adv)
     return LossConfig(opts.adv, train_attack(ckpt.spec, opts.eps, opts.steps, None))
@@ -227,7 +267,7 @@ def _loss(ckpt: Checkpoint, opts: PruneOptions) -> LossConfig:
 def _run_and_save(job, run: RunConfig, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,
                   meta: dict[str, Any], device, resume: bool, quiet: bool) -> dict[str, Any]:
     spec = ckpt.spec
-    data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)
+    data = load_stage_data(spec, opts)
     dist = init_distributed(device)
     try:
         if dist.is_main:
@@ -252,7 +292,10 @@ METHODS: dict[str, tuple[type, Handler]] = {
     "lwm": (LayerMagnitudeConfig, _one_shot("layer")),
     "global-magnitude": (GlobalMagnitudeConfig, _one_shot("global")),
     "random": (RandomConfig, _one_shot("random")),
+    "pwoa": (PwoAConfig, _pwoa),
+    "mrpf": (MrpfConfig, _mrpf),
 }
+RESUMABLE = ("harp", "hydra", "pwoa")  # methods that run the epoch loop
 
 
 def make_config(method: str, **kw: Any):
@@ -300,7 +343,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOption
     meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
             "training": ckpt.meta.get("training"), "source": _source(ckpt), "_force": force}
     handler = METHODS[name][1]
-    if name in ("harp", "hydra"):
+    if name in RESUMABLE:
         return handler(ckpt, config, opts, out, meta, resume=resume, quiet=quiet)
     if resume:
         raise HarpError(f"--resume: {name} is one-shot; there is nothing to resume")
@@ -331,7 +374,7 @@ def flops_density(model: nn.Module, costs) -> float:
 
 
 def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,
-                 meta: dict[str, Any], test) -> dict[str, Any]:
+                 meta: dict[str, Any], test, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     spec = ckpt.spec
     device = resolve_device(opts.device)
     atk = eval_attack(spec, opts.eps)
@@ -341,8 +384,8 @@ def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts:
         "robust_accuracy": accuracy(plain, test, device, attack=make_attack("pgd", atk)),
         "robust_attack": {"name": "pgd", **asdict(atk)}, "test_examples": len(test)}
     costs = layer_costs(plain, spec.input_shape)
-    save_checkpoint(out, plain.cpu(), {**meta, "pruning": _pruning_meta(config, plain, costs), "metrics": metrics},
-                    masks)
+    pruning = {**_pruning_meta(config, plain, costs), **(extra or {})}
+    save_checkpoint(out, plain.cpu(), {**meta, "pruning": pruning, "metrics": metrics}, masks)
     return metrics
 
 
@@ -351,5 +394,6 @@ def _finish_pruning_meta(out: Path, config, ckpt: Checkpoint) -> None:
     model = done.build_model()
     costs = layer_costs(model, ckpt.spec.input_shape)
     meta = {k: v for k, v in done.meta.items() if k not in ("format", "version", "files", "versions")}
-    meta["pruning"] = _pruning_meta(config, model, costs)
+    # keys a job added to meta["pruning"] (PwoA's adversarial-example count) are kept
+    meta["pruning"] = {**done.meta.get("pruning", {}), **_pruning_meta(config, model, costs)}
     save_checkpoint(out, model, meta, done.masks)

@@ -64,6 +64,10 @@ class Job(ABC):
     def parameter_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
+    def loss(self, forward, x: torch.Tensor, y: torch.Tensor, loss_cfg: LossConfig) -> torch.Tensor:
+        """The training objective of one batch: the adversarial loss unless a job defines its own (PwoA)."""
+        return adversarial_loss(self.model, forward, x, y, loss_cfg)
+
     def extra_loss(self, epoch: int) -> torch.Tensor | None:
         """A term added to the adversarial loss (HARP's compression term)."""
         return None
@@ -153,7 +157,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             loss_cfg = _ramped(job.loss_cfg, cfg, epoch + i / steps_per_epoch)
-            loss = adversarial_loss(model, forward, x, y, loss_cfg)
+            loss = job.loss(forward, x, y, loss_cfg)
             extra = job.extra_loss(epoch)
             if extra is not None:
                 loss = loss + extra

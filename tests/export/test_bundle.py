@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +140,24 @@ def test_layout_is_aligned_and_narrow(tmp_path: Path) -> None:
     ends = sorted((a["offset"], a["offset"] + a["length"]) for a in arrays)
     assert all(end <= nxt for (_, end), (nxt, _) in zip(ends, ends[1:]))
     assert header["data_size"] == ends[-1][1]
+
+
+def test_header_is_compressed_and_two_hashes_cover_every_stored_byte(tmp_path: Path) -> None:
+    info = write_bundle(small_graph(), tmp_path / "m", meta=META)
+    raw = (tmp_path / "m").read_bytes()
+    magic, major, minor, flags, header_length, header_sha = struct.unpack_from("<8sHHIQ32s", raw)
+    assert (magic, major, minor, flags) == (b"\x89HARPCSR", 2, 0, 0)
+    stored = raw[56:56 + header_length]
+    assert hashlib.sha256(stored).digest() == header_sha
+    text = zlib.decompress(stored)
+    assert json.loads(text) == info["header"]
+    assert len(stored) * 2 < len(text)  # the tensor table and graph compress well
+    data_start = -(-(56 + header_length) // ALIGN) * ALIGN
+    assert ALIGN == 16 and not any(raw[56 + header_length:data_start])
+    assert len(raw) == data_start + info["header"]["data_size"]
+    assert hashlib.sha256(raw[data_start:]).hexdigest() == info["header"]["data_sha256"]
+    assert all(set(a) == {"dtype", "count", "offset", "length"}
+               for e in info["header"]["tensors"] for a in e["arrays"].values())  # no per-array hashes
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

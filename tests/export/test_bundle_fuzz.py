@@ -2,8 +2,9 @@
 
 Hypothesis draws a base bundle (fp32 or fp16), a mutation kind and its details;
 each example writes one mutated file and loads it. Header edits are re-packed
-with a recomputed header SHA-256 (and array edits with recomputed array
-hashes), so the checks behind the hashes are what has to catch them.
+(re-compressed, with a recomputed header SHA-256), array edits with a recomputed
+data SHA-256, and broken header streams with a matching header SHA-256, so the
+checks behind the hashes are what has to catch them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import pickle
 import struct
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ CSR_KINDS = ("csr_out_of_range", "csr_decreasing", "csr_unsorted", "csr_nonfinit
 
 
 def align(n: int) -> int:
-    return (n + 63) // 64 * 64
+    return (n + 15) // 16 * 16
 
 
 def tiny_graph() -> Graph:
@@ -61,7 +63,7 @@ def tiny_graph() -> Graph:
 @dataclass(frozen=True)
 class Base:
     raw: bytes
-    header_end: int  # file offset where the header JSON ends
+    header_end: int  # file offset where the stored (compressed) header ends
     header: dict[str, Any]
     data: bytes
     structure: dict[str, Any]
@@ -75,18 +77,27 @@ def make_base(directory: Path, values_dtype: str) -> Base:
     *_, header_length, _ = PREAMBLE.unpack_from(raw)
     end = PREAMBLE.size + header_length
     loaded = load_bundle(path)
-    return Base(raw, end, json.loads(raw[PREAMBLE.size:end]), raw[align(end):], loaded.graph.structure_json(),
-                {k: _value(t) for k, t in loaded.graph.tensors.items()})
+    return Base(raw, end, json.loads(zlib.decompress(raw[PREAMBLE.size:end])), raw[align(end):],
+                loaded.graph.structure_json(), {k: _value(t) for k, t in loaded.graph.tensors.items()})
 
 
 def _value(t: np.ndarray | CSRTensor) -> tuple[bool, np.ndarray]:
     return (True, t.to_dense()) if isinstance(t, CSRTensor) else (False, np.asarray(t))
 
 
-def pack(header: Any, data: bytes | bytearray, major: int = 1, minor: int = 0, flags: int = 0) -> bytes:
-    text = json.dumps(header).encode()
-    head = PREAMBLE.pack(b"\x89HARPCSR", major, minor, flags, len(text), hashlib.sha256(text).digest()) + text
+def assemble(stored: bytes, data: bytes | bytearray) -> bytes:
+    """A 2.0 file of the stored header bytes and the data region, with a matching preamble."""
+    head = PREAMBLE.pack(b"\x89HARPCSR", 2, 0, 0, len(stored), hashlib.sha256(stored).digest()) + stored
     return head + bytes(align(len(head)) - len(head)) + bytes(data)
+
+
+def pack(header: Any, data: bytes | bytearray) -> bytes:
+    return assemble(zlib.compress(json.dumps(header).encode()), data)
+
+
+def seal(header: dict[str, Any], data: bytes | bytearray) -> None:
+    """Make header.data_sha256 match `data` after an edit of the data region."""
+    header["data_sha256"] = hashlib.sha256(data).hexdigest()
 
 
 def copy_header(base: Base) -> dict[str, Any]:
@@ -131,7 +142,7 @@ def _csr_edit(draw: Any, base: Base, role: str, fn: Any) -> bytes:
                            np.dtype(indptr_spec["dtype"]).newbyteorder("<")).astype(np.int64)
     fn(array, entry, indptr)
     data[start:end] = array.tobytes()
-    spec["sha256"] = hashlib.sha256(data[start:end]).hexdigest()
+    seal(header, data)
     return pack(header, data)
 
 
@@ -203,7 +214,8 @@ def m_offset(draw: Any, base: Base) -> bytes:
         spec["offset"] = draw(st.one_of(
             st.sampled_from([s["offset"] for _, _, s in table]),  # onto another array: overlap
             st.integers(0, header["data_size"] + 256),
-            st.sampled_from([spec["offset"] + 64, spec["offset"] - 64, -64, 1 << 62, 1 << 64, "0", 0.0])))
+            st.sampled_from([spec["offset"] + 16, spec["offset"] - 16, spec["offset"] + 8, spec["offset"] + 64,
+                             -16, 1 << 62, 1 << 64, "0", 0.0])))
     return _header_edit(draw, base, fn)
 
 
@@ -230,8 +242,9 @@ def m_pickle(draw: Any, base: Base) -> bytes:
         offset = align(len(data))
         data.extend(bytes(offset - len(data)) + payload)
         header["data_size"] = len(data)
+        seal(header, data)
         spec = {"dtype": draw(st.sampled_from(["object", "O", "uint8", "pickle"])), "count": len(payload),
-                "offset": offset, "length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+                "offset": offset, "length": len(payload)}
         if draw(st.booleans()):
             _, _, target = draw(st.sampled_from(arrays(header)))
             target.update(spec)  # an existing array now points at the pickle
@@ -284,12 +297,43 @@ def m_data_size(draw: Any, base: Base) -> bytes:
     return _header_edit(draw, base, fn)
 
 
-def m_sha256(draw: Any, base: Base) -> bytes:
+def m_data_sha256(draw: Any, base: Base) -> bytes:
     def fn(header: dict[str, Any], data: bytearray) -> None:
-        _, _, spec = draw(st.sampled_from(arrays(header)))
-        spec["sha256"] = draw(st.one_of(st.text("0123456789abcdefABCDEF", min_size=63, max_size=65),
-                                        st.just(spec["sha256"].upper()), st.sampled_from([None, 0, []])))
+        header["data_sha256"] = draw(st.one_of(st.text("0123456789abcdefABCDEF", min_size=63, max_size=65),
+                                               st.just(header["data_sha256"].upper()),
+                                               st.just(hashlib.sha256(data + b"\x00").hexdigest()),
+                                               st.sampled_from([None, 0, []])))
     return _header_edit(draw, base, fn)
+
+
+def m_array_sha256(draw: Any, base: Base) -> bytes:
+    def fn(header: dict[str, Any], data: bytearray) -> None:  # the 1.0 per-array field is unknown in 2.0
+        _, _, spec = draw(st.sampled_from(arrays(header)))
+        spec["sha256"] = hashlib.sha256(b"").hexdigest()
+    return _header_edit(draw, base, fn)
+
+
+def m_stream(draw: Any, base: Base) -> bytes:
+    """Replace the stored header by another byte string, with a matching header SHA-256."""
+    stored = base.raw[PREAMBLE.size:base.header_end]
+    text = zlib.decompress(stored)
+    how = draw(st.sampled_from(["flip", "cut", "trailing", "recompress", "raw_deflate", "gzip", "garbage"]))
+    if how == "flip":
+        edited = bytearray(stored)
+        for _ in range(draw(st.integers(1, 3))):
+            edited[draw(st.integers(0, len(edited) - 1))] ^= draw(st.integers(1, 255))
+        stored = bytes(edited)
+    elif how == "cut":
+        stored = stored[:draw(st.integers(0, len(stored) - 1))]
+    elif how == "trailing":
+        stored += draw(st.binary(min_size=1, max_size=16))
+    elif how in ("recompress", "raw_deflate", "gzip"):  # only a complete zlib stream may load
+        wbits = {"recompress": 15, "raw_deflate": -15, "gzip": 31}[how]
+        deflate = zlib.compressobj(draw(st.integers(0, 9)), zlib.DEFLATED, wbits)
+        stored = deflate.compress(text) + deflate.flush()
+    else:
+        stored = draw(st.binary(max_size=64))
+    return assemble(stored, base.data)
 
 
 def m_preamble(draw: Any, base: Base) -> bytes:
@@ -307,7 +351,7 @@ MUTATIONS = {
     "csr_unsorted": m_csr_unsorted, "csr_nonfinite": m_csr_nonfinite,
     "dtype": m_dtype, "shape": m_shape, "offset": m_offset, "count": m_count, "length": m_length,
     "pickle": m_pickle, "type_confusion": m_type_confusion, "delete_key": m_delete_key,
-    "data_size": m_data_size, "sha256": m_sha256,
+    "data_size": m_data_size, "data_sha256": m_data_sha256, "array_sha256": m_array_sha256, "stream": m_stream,
 }
 
 

@@ -16,7 +16,7 @@ from harp.training.losses import LossConfig
 from harp.attacks import AttackConfig
 
 FAST = PruneOptions(epochs=3, steps=2, subset=500)
-HARP_FAST = PruneOptions(epochs=6, steps=2, subset=500, rate_lr=0.03)  # few steps: larger rate moves
+HARP_FAST = PruneOptions(epochs=6, steps=2, subset=500)
 
 
 @pytest.mark.parametrize("method", ["harp", "hydra", "lwm", "global-magnitude", "random"])
@@ -86,4 +86,4 @@ def test_bad_method_options_are_user_errors(digits_robust_ckpt, tmp_path):
         prune_checkpoint(tmp_path / "p", tmp_path / "pp", make_config("random", sparsity=0.9), FAST)
     with pytest.raises(HarpError, match="not a pruned checkpoint"):
         finetune_checkpoint(digits_robust_ckpt, tmp_path / "ff", FAST)
-    assert set(METHODS) == {"harp", "hydra", "lwm", "global-magnitude", "random"}
+    assert set(METHODS) == {"harp", "hydra", "lwm", "global-magnitude", "random", "pwoa", "mrpf"}

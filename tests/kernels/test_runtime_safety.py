@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -33,20 +34,23 @@ def small_graph() -> Graph:
 
 
 def corrupt_index(raw: bytes, tensor: str, value: int) -> bytes:
-    """Set the first CSR column index of `tensor` to `value`, with every SHA-256 made consistent again."""
+    """Set the first CSR column index of `tensor` to `value`, with both SHA-256s made consistent again.
+
+    Format 2.0 (docs/bundle-format.md): zlib-compressed header, one data SHA-256, 16-byte alignment.
+    """
     *_, header_length, _ = PREAMBLE.unpack_from(raw)
     end = PREAMBLE.size + header_length
-    header = json.loads(raw[PREAMBLE.size:end])
-    data = bytearray(raw[-(-end // 64) * 64:])
+    header = json.loads(zlib.decompress(raw[PREAMBLE.size:end]))
+    data = bytearray(raw[-(-end // 16) * 16:])
     entry = next(e for e in header["tensors"] if e["name"] == tensor)["arrays"]["indices"]
     start, stop = entry["offset"], entry["offset"] + entry["length"]
     indices = np.frombuffer(bytes(data[start:stop]), dtype=entry["dtype"]).copy()
     indices[0] = value
     data[start:stop] = indices.tobytes()
-    entry["sha256"] = hashlib.sha256(bytes(data[start:stop])).hexdigest()
-    text = json.dumps(header).encode()
-    head = PREAMBLE.pack(b"\x89HARPCSR", 1, 0, 0, len(text), hashlib.sha256(text).digest()) + text
-    return head + bytes(-len(head) % 64) + bytes(data)
+    header["data_sha256"] = hashlib.sha256(data).hexdigest()
+    stored = zlib.compress(json.dumps(header).encode())
+    head = PREAMBLE.pack(b"\x89HARPCSR", 2, 0, 0, len(stored), hashlib.sha256(stored).digest()) + stored
+    return head + bytes(-len(head) % 16) + bytes(data)
 
 
 def test_out_of_range_index_is_rejected_before_any_kernel(tmp_path, monkeypatch):

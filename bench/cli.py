@@ -1,0 +1,120 @@
+"""The `harp-bench` command: latency, kernels, robustness and report of exported artifacts.
+
+Commands live one per module and are registered in COMMANDS below; each maps its
+options to a typed function that tests call directly. With no command,
+`harp-bench` times runs/demo/artifact on all four backends (building it with
+`harp pipeline --dataset digits --sparsity 0.99 --out runs/demo` first if it is
+missing). Bad input is one line on stderr and exit status 2, as for `harp`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+DEMO_RUN = Path("runs/demo")
+DEMO_ARTIFACT = DEMO_RUN / "artifact"
+DEMO_ITERS = 50  # the tiny digits model: 4 backends x 2 batch sizes finish well within a minute
+
+
+# name -> (module of harp.bench, click command in it); a command's module is imported only when it runs,
+# so that `harp-bench latency` works on a device without torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "latency": ("latency_bench", "latency_command"),
+    "kernels": ("kernels_bench", "kernels_command"),
+    "robustness": ("robustness", "robustness_command"),
+    "report": ("report", "report_command"),
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose commands come from COMMANDS, each imported when it is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(f"harp.bench.{module}"), attr)
+
+
+@click.group(cls=_LazyGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="harp")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """harp-bench: latency, per-layer kernels and robustness of exported harp artifacts.
+
+    With no command: time runs/demo/artifact on torch, onnxruntime, onnxruntime-sparse and harp.
+    """
+    if ctx.invoked_subcommand is None:
+        demo_latency()
+
+
+def demo_latency() -> None:
+    """Build runs/demo/artifact if missing, then print its latency table (batch 1 and 16, one thread)."""
+    from .latency_bench import LatencyOptions, emit, run_latency
+
+    if not (DEMO_ARTIFACT / "manifest.json").is_file():
+        click.echo(f"{DEMO_ARTIFACT} is missing: running harp pipeline --dataset digits --sparsity 0.99 "
+                   f"--out {DEMO_RUN} (about 2 minutes) ...", err=True)
+        from harp.pipeline import PipelineOptions, run_pipeline
+
+        run_pipeline(PipelineOptions(dataset="digits", sparsity=0.99), DEMO_RUN, quiet=True,
+                     log=lambda *a, **k: None)
+    emit(run_latency(DEMO_ARTIFACT, LatencyOptions(iters=DEMO_ITERS, warmup=5)), None, None, None)
+
+
+def main() -> None:
+    warnings.showwarning = _one_line_warning
+    sys.exit(_run_cli()(cli, prog="harp-bench"))
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"harp-bench: warning: {message}", err=True)
+
+
+def _run_cli():
+    """harp's error mapping (`harp.cli.run_cli`); a torch-free copy where torch is not installed.
+
+    harp.cli imports every `harp` command, and through them torch; a device that has
+    only numpy, numba and onnxruntime still gets the same one-line errors.
+    """
+    try:
+        from harp.cli import run_cli
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        return _run_cli_without_torch
+    return run_cli
+
+
+def _run_cli_without_torch(group: click.Group, args: list[str] | None = None, prog: str = "harp-bench") -> int:
+    from harp.errors import HarpError
+
+    errors: list[type[Exception]] = [HarpError]
+    for module, name in (("harp.export.graph", "GraphError"), ("harp.export.bundle", "BundleError"),
+                         ("harp.export.errors", "ExportError"), ("harp.export.csr", "CSRError")):
+        errors.append(getattr(__import__(module, fromlist=[name]), name))
+    try:
+        group.main(args=args, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"{prog}: error: {e.format_message()}", err=True)
+        return 2
+    except tuple(errors) as e:
+        click.echo(f"{prog}: error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    return 0

@@ -1,0 +1,150 @@
+"""`harp-bench report`: one Markdown report of one or more artifacts, with its figures, in a folder.
+
+    write_report([artifact_dir, ...], out_dir, ReportOptions(...)) -> Path of report.md
+
+For each artifact: a model card (architecture, dataset, pruning method, sparsity
+overall and per layer, with a bar chart), the latency table and plot
+(`latency_bench`), and the robustness table (`robustness`); then the robustness
+curves of all artifacts overlaid, the sanity checks and the machine. The raw
+results are saved beside it as report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .artifact import Artifact, open_artifact
+from .latency_bench import BACKEND_ORDER, LatencyOptions, latency_markdown, run_latency
+from .machine import describe, machine_info
+from .options import CommaList, data_root
+from .robustness import ATTACKS, RobustnessOptions, robustness_markdown, run_robustness
+from .tables import fmt, markdown_table
+
+REPORT = "report.md"
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    latency: LatencyOptions = field(default_factory=LatencyOptions)
+    robustness: RobustnessOptions | None = field(default_factory=RobustnessOptions)  # None: no robustness section
+
+
+def model_card(art: Artifact, sparsity_png: str) -> str:
+    """Markdown: what the model is, how it was pruned and exported, and its per-layer sparsity."""
+    m = art.model
+    pruning = m.get("pruning") if isinstance(m.get("pruning"), dict) else {}
+    trim = art.manifest.get("channel_trimming") or {}
+    metrics = m.get("metrics") or {}
+    facts = [
+        ("architecture", art.architecture),
+        ("dataset", f"{art.dataset} (input {'x'.join(map(str, art.input_shape))}, {art.classes} classes)"),
+        ("pruning method", f"{art.method} ({pruning.get('granularity', '?')} granularity)" if pruning else "none"),
+        ("sparsity", f"{art.sparsity:.2%} of {m.get('prunable_params', 0):,} prunable weights "
+                     f"({m.get('nonzero_params', 0):,} nonzero)"
+                     + (f"; target {pruning['target_sparsity']:.2%}" if "target_sparsity" in pruning else "")),
+        ("channels trimmed at export", f"{trim.get('channels_removed', 0):,} of {trim.get('channels_before', 0):,}"
+                                       if trim else "no"),
+        ("files", ", ".join(f"{name} {entry['bytes'] / 1000:,.1f} kB"
+                            for name, entry in art.manifest["files"].items())),
+        ("source checkpoint", str((art.manifest.get("source") or {}).get("checkpoint"))),
+    ]
+    if "natural_accuracy" in metrics:
+        facts.append(("accuracy recorded at training", f"natural {metrics['natural_accuracy']:.2%}, PGD "
+                                                       f"{metrics.get('robust_accuracy', float('nan')):.2%} "
+                                                       f"on {metrics.get('test_examples', '?')} test images"))
+    layer_rows = [[layer["name"], "x".join(map(str, layer["shape"])), f"{layer['params']:,}", f"{layer['nonzero']:,}",
+                   fmt(layer["density"], ".2%")] for layer in art.layers]
+    return "\n".join([markdown_table(("", ""), [[f"**{k}**", v] for k, v in facts]), "",
+                      "Per-layer density (the source model's prunable layers, before channel trimming):", "",
+                      markdown_table(("layer", "shape", "params", "nonzero", "density"), layer_rows), "",
+                      f"![per-layer density]({sparsity_png})", ""])
+
+
+def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike[str],
+                 options: ReportOptions = ReportOptions(), *, log=lambda s: None) -> Path:
+    """Benchmark every artifact and write out/report.md, its PNGs and report.json; returns the report's path."""
+    from .plots import curves_plot, latency_plot, sparsity_plot
+
+    opened = [open_artifact(a) for a in artifacts]  # every artifact checked before anything runs
+    options.latency.check()
+    if options.robustness is not None:
+        options.robustness.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(max(options.latency.threads))
+    sections, raw = [], {"machine": machine, "artifacts": []}
+    robust_runs = []
+    for art in opened:
+        slug = _slug(art.name, [a["name"] for a in raw["artifacts"]])
+        log(f"{art.name}: latency")
+        latency = run_latency(art, options.latency, warn_busy=False)
+        latency_plot(latency, out / f"{slug}-latency.png")
+        sparsity_plot(art.layers, art.sparsity, f"{art.name}: density per layer", out / f"{slug}-sparsity.png")
+        entry: dict[str, Any] = {"name": slug, "path": str(art.root), "latency": latency}
+        parts = [f"## {art.name}", "", f"`{art.root}`", "", "### Model card", "",
+                 model_card(art, f"{slug}-sparsity.png"), "### Latency", "", latency_markdown(latency),
+                 f"![latency]({slug}-latency.png)", ""]
+        if options.robustness is not None:
+            log(f"{art.name}: robustness")
+            run = run_robustness(art, options.robustness, log=log)
+            robust_runs.append(run)
+            entry["robustness"] = run
+        raw["artifacts"].append(entry)
+        sections.append("\n".join(parts))
+    text = ["# harp-bench report", "", f"Machine: {describe(machine)}.", ""]
+    if machine["busy"]:
+        text += ["**Warning: the machine was busy when the report started; latencies are inflated.**", ""]
+    text += sections
+    if robust_runs:
+        curves_png = None
+        if any(run["curves"] for run in robust_runs):
+            curves_png = "robustness-curves.png"
+            curves_plot({run["artifact"]["name"]: run["curves"] for run in robust_runs}, out / curves_png)
+        text += ["## Robustness", "", robustness_markdown({"machine": machine, "runs": robust_runs}, curves_png)]
+    path = out / REPORT
+    path.write_text("\n".join(text) + "\n")
+    (out / "report.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return path
+
+
+def _slug(name: str, taken: list[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "artifact"
+    slug, i = base, 2
+    while slug in taken:
+        slug, i = f"{base}-{i}", i + 1
+    return slug
+
+
+@click.command("report")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.md and its PNGs.")
+@click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=",".join(BACKEND_ORDER),
+              show_default=True)
+@click.option("--batch", "batches", type=CommaList(int, minimum=1), default="1,16", show_default=True)
+@click.option("--threads", type=CommaList(int, minimum=1), default="1", show_default=True)
+@click.option("--iters", type=click.IntRange(min=50), default=100, show_default=True)
+@click.option("--dataset", default=None, help="Robustness test set. Default: the one each manifest names.")
+@data_root
+@click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Robustness test images.")
+@click.option("--attacks", type=CommaList(choices=ATTACKS), default=",".join(ATTACKS), show_default=True)
+@click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True, help="Square queries.")
+@click.option("--no-robustness", is_flag=True, help="Latency and model card only.")
+@click.option("--threads-robustness", "robust_threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def report_command(artifacts, out, backends, batches, threads, iters, dataset, data_root, n, attacks, queries,
+                   no_robustness, robust_threads, seed):
+    """Write OUT/report.md: model card, latency, robustness, curves and sanity checks of each ARTIFACT."""
+    latency = LatencyOptions(tuple(backends), tuple(batches), tuple(threads), iters=iters, seed=seed)
+    robustness = None if no_robustness else RobustnessOptions(
+        dataset=dataset, data_root=data_root, n=n, attacks=tuple(attacks), queries=queries, threads=robust_threads,
+        seed=seed, backends=tuple(dict.fromkeys(("torch", *backends))))
+    path = write_report(list(artifacts), out, ReportOptions(latency, robustness),
+                        log=lambda s: click.echo(s, err=True))
+    click.echo(f"wrote {path}")

@@ -1,0 +1,248 @@
+"""harp-bench: latency schema, robustness across backends, sanity checks, bad input (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harp.bench import sanity
+from harp.bench.artifact import open_artifact
+from harp.bench.cli import _run_cli, cli
+from harp.bench.latency_bench import LatencyOptions, run_latency
+from harp.bench.robustness import RobustnessOptions, run_robustness
+from harp.bench.sparse_attack import greedy_pixel_attack
+from harp.bench.torch_graph import HANDLERS, load_torch_model
+
+
+@pytest.fixture(scope="module")
+def artifact(digits_ckpt, tmp_path_factory) -> Path:
+    """digits_ckpt pruned one-shot to 50% (global magnitude: 90% would break it) and exported, small parity set."""
+    from harp.checkpoint import load_checkpoint, save_checkpoint
+    from harp.export.exporter import export_checkpoint
+    from harp.pruning.masks import apply_masks, global_magnitude_masks
+
+    ckpt = load_checkpoint(digits_ckpt)
+    model = ckpt.build_model()
+    masks = global_magnitude_masks(model, 0.5)
+    apply_masks(model, masks)
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version", "versions", "files")}
+    meta["pruning"] = {"method": "global_magnitude", "granularity": "weight", "target_sparsity": 0.5,
+                       "layers": sorted(masks)}
+    work = tmp_path_factory.mktemp("bench")
+    save_checkpoint(work / "pruned", model, meta, masks)
+    export_checkpoint(work / "pruned", work / "artifact", n_parity=32, n_adversarial=8)
+    return work / "artifact"
+
+
+def bench(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run harp-bench in-process: (exit status, stdout, stderr)."""
+    code = _run_cli()(cli, [str(a) for a in args], prog="harp-bench")
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---------------------------------------------------------------- latency
+
+
+def test_latency_json_schema_and_positive_numbers(artifact, tmp_path, capsys):
+    path = tmp_path / "lat.json"
+    code, out, _ = bench(["latency", artifact, "--backends", "torch,onnxruntime,harp", "--batch", "1,4",
+                          "--iters", "50", "--warmup", "2", "--json", path, "--md", tmp_path / "lat.md"], capsys)
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert {"cpu", "isa", "cores", "os", "libraries", "load_average_start", "busy"} <= set(result["machine"])
+    rows = result["results"]
+    assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in ("torch", "onnxruntime", "harp")
+                                                          for n in (1, 4)}
+    for r in rows:
+        assert r["threads"] == 1
+        for key in ("p50_ms", "p90_ms", "p99_ms", "throughput", "size_bytes", "peak_rss_mb", "speedup_vs_onnxruntime"):
+            assert r[key] > 0, key
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["throughput"] == pytest.approx(r["batch"] / r["p50_ms"] * 1e3)
+    assert all(r["speedup_vs_onnxruntime"] == 1.0 for r in rows if r["backend"] == "onnxruntime")
+    assert "harp" in out and "| backend |" in (tmp_path / "lat.md").read_text()
+
+
+def test_latency_what_if_mode_exports_and_times_a_random_model(capsys):
+    code, out, _ = bench(["latency", "--arch", "small_cnn", "--input-shape", "1,8,8", "--classes", "10",
+                          "--sparsity", "0.9", "--pruning", "uniform", "--backends", "harp", "--batch", "1",
+                          "--iters", "50", "--warmup", "2", "--json", "-"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["artifact"]["architecture"] == "small_cnn"
+    assert result["artifact"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert [r["backend"] for r in result["results"]] == ["harp"] and result["results"][0]["p50_ms"] > 0
+
+
+def test_latency_options_are_checked(artifact):
+    with pytest.raises(Exception, match="iters must be >= 50"):
+        run_latency(artifact, LatencyOptions(iters=5))
+
+
+# ---------------------------------------------------------------- robustness
+
+
+@pytest.fixture(scope="module")
+def robustness(artifact):
+    options = RobustnessOptions(n=96, attacks=("fgsm", "pgd", "square"), steps=5, queries=40, curves=("linf", "l0"),
+                                curve_steps=3)
+    return run_robustness(artifact, options)
+
+
+def test_pgd_lowers_accuracy(robustness):
+    clean = robustness["clean"]["torch"]["accuracy"]
+    assert clean > 0.5
+    assert robustness["attacks"]["pgd"]["torch_accuracy"] < clean - 0.1
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_backends_agree_with_torch_on_shared_adversarial_examples(robustness, attack):
+    result = robustness["attacks"][attack]
+    assert set(result["backends"]) == {"torch", "onnxruntime", "onnxruntime-sparse", "harp"}
+    for backend, r in result["backends"].items():
+        assert abs(r["accuracy"] - result["torch_accuracy"]) <= 0.002, backend
+        assert r["agreement_with_torch"] >= 0.99, backend
+
+
+def test_blackbox_square_runs_on_exported_runtimes(robustness):
+    square = robustness["blackbox"]["backends"]
+    assert set(square) == {"onnxruntime", "onnxruntime-sparse", "harp"}
+    clean = robustness["clean"]["harp"]["accuracy"]
+    for r in square.values():
+        assert 0.0 <= r["accuracy"] <= clean + 1e-9
+        assert r["max_perturbation"] <= robustness["eps"] + 1e-6
+
+
+def test_curves_and_sanity_checks_run(robustness):
+    linf = robustness["curves"]["linf"]
+    assert linf["budgets"][0] == 0 and linf["accuracy"][0] == robustness["clean"]["torch"]["accuracy"]
+    assert linf["accuracy"][-1] < linf["accuracy"][0]
+    names = [c["name"] for c in robustness["sanity"]]
+    for expected in ("iterative >= single-step", "accuracy ~0 at very large eps", "outputs are logits (harp)",
+                     "deterministic outputs (harp)", "black-box not stronger than white-box (harp)",
+                     "accuracy non-increasing in budget (linf)", "adversarial examples within budget"):
+        assert expected in names
+    assert {c["status"] for c in robustness["sanity"]} <= {"PASS", "WARN"}
+    status = {c["name"]: c["status"] for c in robustness["sanity"]}
+    assert status["deterministic outputs (harp)"] == "PASS"
+    assert status["outputs are logits (onnxruntime)"] == "PASS"
+    assert status["adversarial examples within budget"] == "PASS"
+
+
+def test_sanity_checks_flag_broken_evaluations():
+    attacks = {"fgsm": {"torch_accuracy": 0.2, "eps": 0.1, "max_perturbation": 0.1,
+                        "backends": {"harp": {"accuracy": 0.2}}},
+               "pgd": {"torch_accuracy": 0.5, "eps": 0.1, "max_perturbation": 0.3,
+                       "backends": {"harp": {"accuracy": 0.5}}}}
+    assert sanity.iterative_vs_single_step(attacks, 1000).status == "WARN"
+    rising = {"linf": {"budgets": [0, 0.1, 0.2], "accuracy": [0.9, 0.3, 0.6]}}
+    assert sanity.monotone_curves(rising, 1000)[0].status == "WARN"
+    assert sanity.large_eps(0.4).status == "WARN"
+    blackbox = {"eps": 0.1, "queries": 100, "backends": {"harp": {"accuracy": 0.05, "max_perturbation": 0.1}}}
+    assert sanity.blackbox_vs_whitebox(attacks, blackbox, 1000)[0].status == "WARN"
+    probs = np.full((4, 10), 0.1, np.float32)
+    assert sanity.logits_not_probabilities({"x": probs})[0].status == "WARN"
+    assert sanity.deterministic({"x": probs}, {"x": probs + 1e-3})[0].status == "WARN"
+    assert sanity.within_budget(attacks, blackbox).status == "WARN"
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_torch_graph_covers_every_op_and_matches_reference(artifact):
+    from harp.export.bundle import load_bundle
+    from harp.export.graph import OPS
+    from harp.export.reference import run_reference
+
+    assert set(HANDLERS) == set(OPS)
+    model = load_torch_model(open_artifact(artifact))
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run_reference(load_bundle(artifact / "model.harpz").graph, x), atol=1e-5)
+
+
+def test_greedy_pixel_attack_changes_at_most_k_pixels(artifact):
+    model = load_torch_model(open_artifact(artifact))
+    x = torch.from_numpy(np.random.default_rng(1).random((16, 1, 8, 8), dtype=np.float32))
+    y = model(x).argmax(1)
+    x_adv, fooled_at = greedy_pixel_attack(model, x, y, 3)
+    changed = ((x_adv - x).abs() > 0).any(1).flatten(1).sum(1)
+    assert int(changed.max()) <= 3
+    assert bool(((x_adv >= 0) & (x_adv <= 1)).all())
+    with torch.no_grad():
+        fooled_now = model(x_adv).argmax(1) != y
+    assert bool((fooled_now == (fooled_at <= 3)).all())
+
+
+def test_kernels_table(artifact):
+    from harp.bench.kernels_bench import run_kernels
+
+    result = run_kernels(artifact, batches=(2,), repeats=3, budget_s=0.005)
+    ops = {r["op"] for r in result["rows"]}
+    assert ops == {"conv2d", "linear"}
+    for r in result["rows"]:
+        assert r["sparse_us"] > 0 and r["dense_us"] > 0 and r["torch_us"] > 0 and r["onnxruntime_us"] > 0
+        assert r["auto_kernel"] in ("sparse", "dense")
+
+
+def test_report_writes_markdown_and_figures(artifact, tmp_path):
+    from harp.bench.report import ReportOptions, write_report
+
+    options = ReportOptions(LatencyOptions(backends=("harp",), batches=(1,), iters=50, warmup=2),
+                            RobustnessOptions(n=32, attacks=("pgd",), steps=3, curves=("linf",), curve_steps=2,
+                                              backends=("torch", "harp")))
+    path = write_report([artifact], tmp_path / "report", options)
+    text = path.read_text()
+    for section in ("### Model card", "### Latency", "## Robustness", "Sanity checks", "Machine:"):
+        assert section in text
+    name = open_artifact(artifact).name  # the artifact's folder, or its parent's for OUT/artifact
+    for png in (f"{name}-latency.png", f"{name}-sparsity.png", "robustness-curves.png"):
+        assert (path.parent / png).stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _corrupt(artifact: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / "corrupt"
+    shutil.copytree(artifact, bad)
+    data = bytearray((bad / "model.harpz").read_bytes())
+    data[100] ^= 0xFF
+    (bad / "model.harpz").write_bytes(bytes(data))
+    return bad
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "is not an artifact directory"),
+    ("not_export", "is not a harp export"),
+    ("corrupt", "SHA-256 does not match"),
+    ("unknown_backend", "unknown value 'tvm'"),
+    ("dataset_mismatch", "dataset mnist has 1x28x28 images"),
+    ("missing_package", "needs the Python package 'onnxruntime'"),
+])
+def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatch, case, expected):
+    args = {
+        "missing": ["latency", tmp_path / "nope"],
+        "not_export": ["latency", tmp_path],
+        "corrupt": ["latency", _corrupt(artifact, tmp_path) if case == "corrupt" else ""],
+        "unknown_backend": ["latency", artifact, "--backends", "harp,tvm"],
+        "dataset_mismatch": ["robustness", artifact, "--dataset", "mnist", "--n", "4"],
+        "missing_package": ["latency", artifact, "--backends", "onnxruntime"],
+    }[case]
+    if case == "missing_package":
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    code, _, err = bench(args, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if not line.startswith("harp-bench: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("harp-bench: error:") and expected in lines[0], err

@@ -14,7 +14,8 @@ Protocol
   scored on at most 1000 test examples. Per-layer densities from the checkpoint metadata.
 - Cost: mean epoch seconds of the training loop (validation excluded) of the pruning stage;
   for HARP also its ratio to the dense PGD-AT epoch measured in the same process (the
-  dense stage is trained here, or one PGD-AT epoch of the given dense model is timed).
+  dense stage is trained here, or one PGD-AT epoch of the given model's architecture is timed
+  on the first 4096 training examples and scaled to the full training split).
 - Writes bench/results/pruning-<name>.md and .json (name defaults to dataset-granularity).
 """
 
@@ -34,22 +35,25 @@ from harp.checkpoint import load_checkpoint
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.finetune import finetune_checkpoint
 from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
-from harp.training.train import TrainOptions, train
+from harp.training.train import TrainOptions, load_data, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PROBE_EXAMPLES = 4096  # training examples of the dense PGD-AT epoch probe
 
 
 def dense_reference(dataset: str, dense: Path | None, work: Path, data_root: str) -> tuple[Path, float]:
-    """The dense checkpoint and the mean seconds of one of its PGD-AT epochs, timed here."""
+    """The dense checkpoint and the seconds of one full PGD-AT epoch of it, timed in this process."""
     if dense is None:
         dense = work / "dense"
         metrics = train(TrainOptions(dataset=dataset, data_root=data_root), dense, force=True, quiet=True)
         return dense, metrics["mean_epoch_seconds"]
     ckpt = load_checkpoint(dense)  # validated before anything runs
-    probe = work / "dense-epoch"
-    metrics = train(TrainOptions(dataset=dataset, arch=ckpt.meta["architecture"], epochs=1, data_root=data_root),
-                    probe, force=True, quiet=True)
-    return dense, metrics["mean_epoch_seconds"]
+    # one epoch on a slice of the training data, scaled to the full split (keeps MNIST's probe short)
+    full = len(load_data(ckpt.spec, data_root, False, 0).train)
+    sliced = len(load_data(ckpt.spec, data_root, False, 0, PROBE_EXAMPLES).train)
+    metrics = train(TrainOptions(dataset=dataset, arch=ckpt.meta["architecture"], epochs=1, data_root=data_root,
+                                 subset=PROBE_EXAMPLES), work / "dense-epoch", force=True, quiet=True)
+    return dense, metrics["mean_epoch_seconds"] * full / sliced
 
 
 def run_method(method: str, sparsity: float, granularity: str, dense: Path, work: Path,
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     common = {"data_root": args.data_root}
     # the pruned stage's own score is a progress check; 1000 examples are enough for it
     prune_test = min(args.test_size or 1000, 1000)
+    name = args.name or f"{args.dataset}-{args.granularity}"
+    command = "python -m harp.bench.pruning_report " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
     for sparsity in sparsities:
         for method in methods:
@@ -142,16 +148,15 @@ def main(argv: list[str] | None = None) -> None:
                                    PruneOptions(epochs=args.finetune_epochs, test_size=args.test_size, **common)))
             print(json.dumps({k: rows[-1][k] for k in ("method", "sparsity", "finetuned", "prune_epoch_seconds")}),
                   flush=True)
-    name = args.name or f"{args.dataset}-{args.granularity}"
-    header = {"dataset": args.dataset, "granularity": args.granularity, "dense": str(dense),
-              "dense_metrics": load_checkpoint(dense).meta["metrics"], "dense_epoch_seconds": dense_epoch,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                         f"Python {platform.python_version()}, torch {torch.__version__}",
-              "command": "python -m harp.bench.pruning_report " + " ".join(sys.argv[1:] if argv is None else argv),
-              "seconds": time.perf_counter() - t0}
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_bytes(RESULTS / f"pruning-{name}.md", render(rows, header).encode())
-    atomic_write_json(RESULTS / f"pruning-{name}.json", {"header": header, "rows": rows})
+            # rewritten after every row: a long run leaves usable partial results
+            header = {"dataset": args.dataset, "granularity": args.granularity, "dense": str(dense),
+                      "dense_metrics": load_checkpoint(dense).meta["metrics"], "dense_epoch_seconds": dense_epoch,
+                      "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                                 f"Python {platform.python_version()}, torch {torch.__version__}",
+                      "command": command, "seconds": time.perf_counter() - t0}
+            RESULTS.mkdir(exist_ok=True)
+            atomic_write_bytes(RESULTS / f"pruning-{name}.md", render(rows, header).encode())
+            atomic_write_json(RESULTS / f"pruning-{name}.json", {"header": header, "rows": rows})
     print(f"wrote {RESULTS / f'pruning-{name}.md'}")
 
 

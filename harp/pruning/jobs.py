@@ -58,11 +58,11 @@ class ScoreJob(Job):
 
     # -- density of the current masks -------------------------------------------------
     def soft_density(self) -> torch.Tensor:
-        """Differentiable kept fraction of parameters (weight) or FLOPs (channel)."""
+        """Kept fraction of parameters (weight) or FLOPs (channel): the masks' value, fraction()'s gradient."""
         if self.granularity == "weight":
-            kept = sum(m.fraction() * m.weight.numel() for m in self.layers.values())
+            kept = sum(m.kept_fraction() * m.weight.numel() for m in self.layers.values())
             return kept / sum(m.weight.numel() for m in self.layers.values())
-        fr = {n: m.fraction() for n, m in self.layers.items()}
+        fr = {n: m.kept_fraction() for n, m in self.layers.items()}
         kept = sum(fr[n] * (fr[c.producer] if c.producer else 1.0) * c.flops for n, c in self.costs.items())
         return kept / sum(c.flops for c in self.costs.values())
 

@@ -22,24 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import prunable_layers
-from .masks import keep_count
+from .masks import keep_count, topk_mask
 
 GRANULARITIES = ("weight", "channel")
 
 
 class TopKMask(torch.autograd.Function):
-    """Forward: exact top-k mask of the scores. Backward: straight-through.
+    """Forward: the given exact top-k mask of the scores. Backward: straight-through.
 
     The scores get the mask's gradient unchanged; the kept fraction gets its sum,
     i.e. the first-order change of the loss if every candidate weight were kept.
     """
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, fraction: torch.Tensor, n_keep: int) -> torch.Tensor:
-        mask = torch.zeros_like(scores)
-        flat = mask.view(-1)
-        flat[torch.topk(scores.detach().view(-1), n_keep, sorted=False).indices] = 1.0
-        return mask
+    def forward(ctx, scores: torch.Tensor, fraction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mask.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -86,11 +83,28 @@ class _Scored:
     def fraction(self) -> torch.Tensor:
         return rate_to_fraction(self.rate, self.a_min)
 
+    def kept_fraction(self) -> torch.Tensor:
+        """The fraction the mask really keeps (integer count) with the gradient of fraction().
+
+        Densities built from it match what the masks achieve, so the compression term keeps
+        pushing while rounding up still leaves the model above its target (a 64-channel
+        layer rounds by up to 1/64).
+        """
+        frac = self.fraction()
+        exact = keep_count(self.scores.numel(), float(frac.detach())) / self.scores.numel()
+        return frac + (exact - frac).detach()
+
     def mask(self) -> torch.Tensor:
         """Mask over the scores (weight-shaped, or per output channel)."""
         frac = self.fraction()
         k = keep_count(self.scores.numel(), float(frac.detach()))
-        return TopKMask.apply(self.scores.abs(), frac, k)
+        # A PGD step runs the model many times with unchanged scores and rate: sort once.
+        # The optimizer's in-place update bumps the scores' version and invalidates the cache.
+        key = (self.scores._version, k, self.scores.device)
+        if getattr(self, "_mask_key", None) != key:
+            self._mask_cache = topk_mask(self.scores, k).to(self.scores.dtype)
+            self._mask_key = key
+        return TopKMask.apply(self.scores.abs(), frac, self._mask_cache)
 
     def weight_mask(self) -> torch.Tensor:
         m = self.mask()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from harp.pruning.layers import TopKMask, bake, fraction_to_rate, make_masked, make_scored, rate_to_fraction
+from harp.pruning.layers import bake, fraction_to_rate, make_masked, make_scored, rate_to_fraction
 from harp.pruning.masks import global_magnitude_masks, keep_count, topk_mask
 from harp.pruning.rates import initial_densities, project_to_budget
 
@@ -17,13 +17,27 @@ def _net():
 
 @pytest.mark.parametrize("numel,density", [(288, 0.01), (1000, 0.5), (7, 0.001), (50, 1.0)])
 def test_topk_mask_keeps_exactly_the_count(numel, density):
-    scores = torch.randn(numel)
-    k = keep_count(numel, density)
-    mask = TopKMask.apply(scores.abs(), torch.tensor(density), k)
-    assert int(mask.sum()) == k and k >= 1
+    layer = make_scored(nn.Sequential(nn.Linear(numel, 1)), "weight", {"0": density}, a_min=0.0,
+                        learn_rate=True)["0"]
+    with torch.no_grad():
+        layer.scores.copy_(torch.randn(1, numel))
+    k = keep_count(numel, float(layer.fraction()))
+    mask = layer.mask()
+    assert int(mask.sum()) == k and k >= 1 and k == keep_count(numel, density)
+    scores = layer.scores.detach()
     kept_min = scores.abs()[mask.bool()].min()
     assert (scores.abs()[~mask.bool()] <= kept_min).all()  # the largest |scores| are the kept ones
     assert torch.equal(topk_mask(scores, k), mask.bool())
+
+
+def test_mask_follows_every_score_update():
+    layer = make_scored(nn.Sequential(nn.Linear(100, 1)), "weight", {"0": 0.1}, a_min=0.0, learn_rate=True)["0"]
+    before = layer.mask().bool()
+    assert torch.equal(layer.mask().bool(), before)  # cached while nothing changed
+    with torch.no_grad():
+        layer.scores.copy_(torch.where(before, 0.0, 1.0 + torch.rand(1, 100)))  # in place, as an optimizer step
+    after = layer.mask().bool()
+    assert not (after & before).any() and int(after.sum()) == int(before.sum())
 
 
 def test_ste_gradient_reaches_scores_and_rate():

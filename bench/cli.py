@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from harp.cli_errors import run_cli
+
 DEMO_RUN = Path("runs/demo")
 DEMO_ARTIFACT = DEMO_RUN / "artifact"
 DEMO_ITERS = 50  # the tiny digits model: 4 backends x 2 batch sizes finish well within a minute
@@ -72,49 +74,8 @@ def demo_latency() -> None:
 
 def main() -> None:
     warnings.showwarning = _one_line_warning
-    sys.exit(_run_cli()(cli, prog="harp-bench"))
+    sys.exit(run_cli(cli, prog="harp-bench"))
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     click.echo(f"harp-bench: warning: {message}", err=True)
-
-
-def _run_cli():
-    """harp's error mapping (`harp.cli.run_cli`); a torch-free copy where torch is not installed.
-
-    harp.cli imports every `harp` command, and through them torch; a device that has
-    only numpy, numba and onnxruntime still gets the same one-line errors.
-    """
-    try:
-        from harp.cli import run_cli
-    except ModuleNotFoundError as e:
-        if e.name != "torch":
-            raise
-        return _run_cli_without_torch
-    return run_cli
-
-
-def _run_cli_without_torch(group: click.Group, args: list[str] | None = None, prog: str = "harp-bench") -> int:
-    from harp.errors import HarpError
-
-    errors: list[type[Exception]] = [HarpError]
-    for module, name in (("harp.export.graph", "GraphError"), ("harp.export.bundle", "BundleError"),
-                         ("harp.export.errors", "ExportError"), ("harp.export.csr", "CSRError")):
-        errors.append(getattr(__import__(module, fromlist=[name]), name))
-    try:
-        group.main(args=args, prog_name=prog, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.Abort:
-        click.echo(f"{prog}: aborted", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"{prog}: error: {e.format_message()}", err=True)
-        return 2
-    except tuple(errors) as e:
-        click.echo(f"{prog}: error: {e}", err=True)
-        return 2
-    except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted", err=True)
-        return 130
-    return 0

@@ -1,6 +1,6 @@
 """Artifact sizes and parity of `harp export`, written to bench/results/export.md.
 
-    .venv/bin/python -m harp.bench.export_sizes [--digits-checkpoint DIR] [--digits-epochs 10] [--out PATH]
+    .venv/bin/python -m harp.bench.export_sizes [--digits-checkpoint DIR] [--demo-checkpoint DIR] [--digits-epochs 10] [--out PATH]
 
 Protocol
 - Sizes: the digits demo model (small_cnn, PGD-trained with `harp train --dataset digits` defaults
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -44,6 +43,7 @@ from harp.export.bundle import PREAMBLE, load_bundle, write_bundle
 from harp.export.exporter import export_checkpoint, export_model
 from harp.export.onnx_writer import graph_to_onnx
 from harp.export.trace import trace_model
+from harp.io import atomic_write_bytes
 from harp.models import build_model
 from harp.pruning.masks import apply_masks, global_magnitude_masks
 from harp.sparsity import model_sparsity
@@ -198,11 +198,22 @@ def digits_checkpoints(work: Path, checkpoint: Path | None, epochs: int) -> tupl
     return origin, pruned
 
 
-def run(out_md: Path, work: Path, digits_checkpoint: Path | None, digits_epochs: int) -> str:
+def run(out_md: Path, work: Path, digits_checkpoint: Path | None, digits_epochs: int,
+        demo_checkpoint: Path | None = None) -> str:
     t0 = time.perf_counter()
     torch.set_num_threads(2)
     size_rows, parity_rows, fp16_rows, breakdowns = [], [], [], {}
     cifar = dataset_spec("cifar10")
+
+    if demo_checkpoint is not None:  # the model `make demo` ships: HARP-pruned and fine-tuned
+        demo = load_checkpoint(demo_checkpoint)
+        out = work / "export-demo"
+        manifest = export_checkpoint(demo_checkpoint, out)
+        size_rows.append((f"small_cnn digits demo ({demo.meta['pruning']['method']}, fine-tuned)",
+                          demo.meta["pruning"]["target_sparsity"], manifest, file_sizes(out),
+                          untrimmed_sizes(demo.build_model().eval(), dataset_spec("digits").input_shape, work)))
+        parity_rows.append(("small_cnn (digits demo)", f"weight {demo.meta['pruning']['target_sparsity']:.1%}",
+                            parity_row(manifest)))
 
     digits_origin, pruned = digits_checkpoints(work, digits_checkpoint, digits_epochs)
     for sparsity, ckpt_dir in pruned.items():
@@ -250,7 +261,7 @@ def run(out_md: Path, work: Path, digits_checkpoint: Path | None, digits_epochs:
 
     text = render(size_rows, parity_rows, fp16_rows, breakdowns, digits_origin, time.perf_counter() - t0)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(text)
+    atomic_write_bytes(out_md, text.encode())
     return text
 
 
@@ -362,16 +373,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--digits-checkpoint", type=Path, default=None,
                         help="Dense digits checkpoint to prune (default: train one).")
+    parser.add_argument("--demo-checkpoint", type=Path, default=None,
+                        help="A pruned checkpoint to add as its own row (e.g. runs/demo/finetuned).")
     parser.add_argument("--digits-epochs", type=int, default=10, help="Epochs when training the digits model.")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "export.md")
     parser.add_argument("--work", type=Path, default=None, help="Scratch directory (default: a temporary one).")
     args = parser.parse_args(argv)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-        print(run(args.out, args.work, args.digits_checkpoint, args.digits_epochs))
+        print(run(args.out, args.work, args.digits_checkpoint, args.digits_epochs, args.demo_checkpoint))
         return
     with tempfile.TemporaryDirectory(prefix="harp-export-sizes-") as work:
-        print(run(args.out, Path(work), args.digits_checkpoint, args.digits_epochs))
+        print(run(args.out, Path(work), args.digits_checkpoint, args.digits_epochs, args.demo_checkpoint))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import HarpError
 
-_OURS = ("meta.json", "state", "model.safetensors", "manifest.json")
+_OURS = ("meta.json", "state", "model.safetensors", "manifest.json", "pipeline.json")
 
 
 def check_out_dir(out: Path, *, force: bool, resume: bool) -> None:

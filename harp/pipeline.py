@@ -11,13 +11,14 @@ the pipeline after an interruption continues where it stopped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint
 from .errors import HarpError
-from .outdir import check_out_dir
+from .io import atomic_write_json
+from .outdir import check_out_dir, make_out_dir
 from .pruning.finetune import finetune_checkpoint
 from .pruning.methods import PruneOptions, make_config, prune_checkpoint
 from .training.train import TrainOptions, train
@@ -41,6 +42,9 @@ class PipelineOptions:
     export: bool = True
 
 
+PIPELINE_FILE = "pipeline.json"
+
+
 def _done(path: Path) -> bool:
     try:
         load_checkpoint(path)
@@ -56,10 +60,10 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity)
     if force:
         check_out_dir(out, force=True, resume=False)
-        from .outdir import make_out_dir
-
         make_out_dir(out, force=True, resume=False)
     out.mkdir(parents=True, exist_ok=True)
+    # marks the directory as a pipeline's (so a later --force may clear it) and records the run
+    atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": None})
     stage_opts = PruneOptions(adv=opts.adv, seed=opts.seed, data_root=opts.data_root, download=opts.download,
                               device=opts.device)
     results: dict[str, Any] = {}
@@ -82,6 +86,8 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     results["finetuned"] = load_checkpoint(tuned).meta["metrics"]
     if opts.export:
         results["artifact"] = _export(tuned, out / "artifact", opts, log)
+    atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": {
+        k: v for k, v in results.items() if k != "artifact"}})
     return results
 
 

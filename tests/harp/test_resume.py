@@ -54,3 +54,32 @@ def test_resume_with_another_architecture_is_refused(tmp_path):
                  "--arch", "vgg16_bn")
     assert proc.wait() == 2
     assert b"--arch small_cnn" in proc.stderr.read()
+
+
+def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_path):
+    args = ["prune", str(digits_robust_ckpt), "--method", "harp", "--sparsity", "0.99", "--epochs", "10",
+            "--steps", "2", "--subset", "600", "--quiet"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = _harp(*args, "--out", str(killed))
+    state = killed / "state" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["epoch"]
+    assert 2 <= done < 10, "the run must be killed mid-way"
+    assert not (killed / "meta.json").exists()
+
+    resumed = _harp(*args, "--out", str(killed), "--resume")
+    reference = _harp(*args, "--out", str(clean))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()
+    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()
+    a, b = load_file(str(killed / "masks.safetensors")), load_file(str(clean / "masks.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((killed / "meta.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == list(range(1, 11))
+    assert meta["pruning"]["achieved_sparsity"] == json.loads((clean / "meta.json").read_text())["pruning"][
+        "achieved_sparsity"]

@@ -12,7 +12,8 @@ import torch
 
 from harp.bench import sanity
 from harp.bench.artifact import open_artifact
-from harp.bench.cli import _run_cli, cli
+from harp.bench.cli import cli
+from harp.cli_errors import run_cli
 from harp.bench.latency_bench import LatencyOptions, run_latency
 from harp.bench.robustness import RobustnessOptions, run_robustness
 from harp.bench.sparse_attack import greedy_pixel_attack
@@ -41,7 +42,7 @@ def artifact(digits_ckpt, tmp_path_factory) -> Path:
 
 def bench(args: list[str], capsys) -> tuple[int, str, str]:
     """Run harp-bench in-process: (exit status, stdout, stderr)."""
-    code = _run_cli()(cli, [str(a) for a in args], prog="harp-bench")
+    code = run_cli(cli, [str(a) for a in args], prog="harp-bench")
     out = capsys.readouterr()
     return code, out.out, out.err
 

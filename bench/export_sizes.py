@@ -48,6 +48,8 @@ from harp.models import build_model
 from harp.pruning.masks import apply_masks, global_magnitude_masks
 from harp.sparsity import model_sparsity
 
+from .random_models import randomise_batchnorm
+
 SPARSITIES = (0.9, 0.99, 0.999)
 SIZE_ARCHS = ("vgg16_bn", "resnet18")
 PARITY_ARCHS = ("small_cnn", "vgg16_bn", "resnet18", "wrn-28-4", "mobilenet_v2")
@@ -58,19 +60,6 @@ FILES = ("model.onnx", "model.sparse.onnx", "model.harpz", "parity.npz")
 
 # ---------------------------------------------------------------------------
 # models
-
-
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.bias.copy_(torch.rand(n, generator=gen) * 0.6 - 0.3)
-    return model
 
 
 def prune_channels(model: nn.Module, fraction: float, seed: int = 0) -> nn.Module:

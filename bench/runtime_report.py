@@ -63,42 +63,18 @@ PARITY_RTOL = 1e-4
 # ---------------------------------------------------------------- artifacts
 
 
-def randomise_batchnorm(model, seed: int = 0) -> None:
-    """Seeded non-trivial BatchNorm statistics and affine parameters, so that folding them matters."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-
-
 def build_artifact(arch: str, sparsity: float, variant: str, out: Path) -> Path:
     """Export `arch` (random init, randomised BN, pruned per `variant`) into `out` unless already there."""
     if (out / "manifest.json").is_file():
         return out
-    import torch
-
     from harp.data import dataset_spec
     from harp.export.exporter import export_model
-    from harp.models import build_model, prunable_layers
-    from harp.pruning.masks import apply_masks, global_magnitude_masks, layerwise_magnitude_masks
+
+    from .random_models import random_pruned_model
 
     method, trim = VARIANTS[variant]
-    torch.manual_seed(0)
-    spec = dataset_spec("cifar10")
-    model = build_model(arch, spec).eval()
-    randomise_batchnorm(model)
-    if method == "global":
-        masks = global_magnitude_masks(model, sparsity)
-    else:
-        masks = layerwise_magnitude_masks(model, {name: 1.0 - sparsity for name, _ in prunable_layers(model)})
-    apply_masks(model, masks)
+    model = random_pruned_model(arch, dataset_spec("cifar10"), sparsity,
+                                "global-magnitude" if method == "global" else "uniform")
     export_model(model, (3, 32, 32), out, force=True, trim=trim,
                  meta={"architecture": arch, "dataset": "cifar10",
                        "pruning": {"method": f"{method}_magnitude", "sparsity": sparsity, "trimmed": trim}})

@@ -17,20 +17,16 @@ from pathlib import Path
 
 from harp.errors import HarpError
 
-PRUNINGS = ("global-magnitude", "uniform")
+PRUNINGS = ("global-magnitude", "uniform")  # = random_models.PRUNING_RULES (this module stays torch-free)
 
 
 def build_whatif_artifact(arch: str, input_shape: tuple[int, int, int], classes: int, sparsity: float,
                           pruning: str, out: str | os.PathLike[str]) -> Path:
     """Export the pruned random-weight model to `out` (replaced if it is a harp export); returns `out`."""
-    import torch
-
     from harp.data import DatasetSpec
     from harp.export.exporter import export_model
-    from harp.models import build_model, prunable_layers
-    from harp.pruning.masks import apply_masks, global_magnitude_masks, layerwise_magnitude_masks
 
-    from .runtime_report import randomise_batchnorm
+    from .random_models import random_pruned_model
 
     if pruning not in PRUNINGS:
         raise HarpError(f"unknown pruning {pruning!r} (choose from {', '.join(PRUNINGS)})")
@@ -42,14 +38,7 @@ def build_whatif_artifact(arch: str, input_shape: tuple[int, int, int], classes:
         raise HarpError(f"--classes must be >= 2, got {classes}")
     c, h, w = input_shape
     spec = DatasetSpec("what-if", c, (h, w), classes, (0.5,) * c, (0.25,) * c, 8 / 255, 10, 10, 2 / 255, False)
-    torch.manual_seed(0)
-    model = build_model(arch, spec).eval()
-    randomise_batchnorm(model)
-    if pruning == "global-magnitude":
-        masks = global_magnitude_masks(model, sparsity)
-    else:
-        masks = layerwise_magnitude_masks(model, {name: 1.0 - sparsity for name, _ in prunable_layers(model)})
-    apply_masks(model, masks)
+    model = random_pruned_model(arch, spec, sparsity, pruning)
     export_model(model, input_shape, out, force=True,
                  meta={"architecture": arch, "dataset": {"name": "what-if (random weights)",
                                                          "input_shape": list(input_shape), "classes": classes},

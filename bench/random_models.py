@@ -1,0 +1,43 @@
+"""Random-init models pruned one-shot: what the size, latency and what-if benchmarks measure
+when no trained model exists for an architecture."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harp.data import DatasetSpec
+from harp.models import build_model, prunable_layers
+from harp.pruning.masks import apply_masks, global_magnitude_masks, layerwise_magnitude_masks
+
+PRUNING_RULES = ("global-magnitude", "uniform")
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded non-trivial BatchNorm statistics and affine parameters, so that folding them matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(n, generator=gen) * 0.6 - 0.3)
+    return model
+
+
+def random_pruned_model(arch: str, spec: DatasetSpec, sparsity: float, rule: str = "global-magnitude",
+                        seed: int = 0) -> nn.Module:
+    """`arch` for `spec` with seeded random weights and BatchNorm, pruned one-shot by magnitude:
+    over the whole model ("global-magnitude") or every layer alike ("uniform")."""
+    torch.manual_seed(seed)
+    model = randomise_batchnorm(build_model(arch, spec), seed).eval()
+    if rule == "global-magnitude":
+        masks = global_magnitude_masks(model, sparsity)
+    elif rule == "uniform":
+        masks = layerwise_magnitude_masks(model, {name: 1.0 - sparsity for name, _ in prunable_layers(model)})
+    else:
+        raise ValueError(f"unknown pruning rule {rule!r} (choose from {', '.join(PRUNING_RULES)})")
+    apply_masks(model, masks)
+    return model

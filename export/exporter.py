@@ -90,6 +90,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | os
     logits_clean, logits_adv = _torch_logits(model, x_clean), _torch_logits(model, x_adv)
     model_block = _model_block(model, meta, shape, graph)
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         files = _write_formats(trimmed, tmp, formats, opset, values_dtype, _bundle_meta(model_block))
@@ -228,9 +229,11 @@ def _check_out_dir(out: Path, force: bool) -> None:
             if not (out / MANIFEST).is_file():
                 raise ExportError(f"--force: {out} holds no {MANIFEST}, so it is not a harp export; "
                                   "refusing to delete it")
-    parent = out.parent
+    parent = out.absolute().parent  # missing parents are created with the export
+    while not parent.exists():
+        parent = parent.parent
     if not parent.is_dir():
-        raise ExportError(f"parent directory of {out} does not exist")
+        raise ExportError(f"cannot create {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write to {parent} (permission denied)")
 

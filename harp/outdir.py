@@ -24,8 +24,12 @@ def check_out_dir(out: Path, *, force: bool, resume: bool) -> None:
                 raise HarpError(f"output directory {out} already exists; pass --force to overwrite it or --resume")
             if not any((out / name).exists() for name in _OURS):
                 raise HarpError(f"--force: {out} does not look like a harp output; refusing to delete it")
-    if not out.parent.exists():
-        raise HarpError(f"parent directory of {out} does not exist")
+    # missing parents are created with the directory (runs/ in a fresh clone); a file in the way is an error
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise HarpError(f"cannot create {out}: {ancestor} is not a directory")
 
 
 def make_out_dir(out: Path, *, force: bool, resume: bool) -> None:

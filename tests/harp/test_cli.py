@@ -25,13 +25,22 @@ def _run(capsys, *args):
     (["train", "--out", "{tmp}/o", "--resume"], "no interrupted run"),
     (["eval", "{tmp}/nowhere"], "does not exist"),
     (["info", "{tmp}/empty"], "not a harp checkpoint"),
+    (["train", "--out", "{tmp}/file/o"], "is not a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("in the way")
     code, out, err = _run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_missing_parents_of_the_output_are_created(capsys, tmp_path):
+    out = tmp_path / "runs" / "fresh" / "o"  # as `runs/demo` in a fresh clone
+    code, _, err = _run(capsys, "train", "--out", str(out), "--epochs", "1", "--subset", "100", "--quiet")
+    assert code == 0, err
+    assert (out / "meta.json").is_file()
 
 
 def test_existing_output_needs_force(capsys, tmp_path):

@@ -8,7 +8,9 @@ model that outputs probabilities, non-deterministic outputs):
 2. monotone: accuracy does not increase with the budget along every curve;
 3. large eps: PGD L-inf with eps = LARGE_EPS (the whole pixel range) drives accuracy to ~0;
 4. black-box <= white-box: the Square attack on a backend is not stronger than the
-   strongest white-box attack transferred to that backend at the same eps;
+   strongest white-box attack transferred to that backend at the same eps, nor than
+   PGD L-inf alone (a gradient-free attack beating PGD is the classic sign of masked
+   gradients, even when AutoAttack, which includes Square, already exposes it);
 5. logits: outputs are not probabilities (rows in [0, 1] that sum to 1);
 6. deterministic: every backend returns identical outputs for the same input twice;
 7. within budget: every adversarial image lies in its eps-ball (and the checks above
@@ -94,6 +96,13 @@ def blackbox_vs_whitebox(attacks: dict[str, Any], blackbox: dict[str, Any], n: i
                           result["accuracy"] >= strongest - tolerance(n),
                           f"Square ({blackbox['queries']} queries) {result['accuracy']:.2%} vs strongest "
                           f"white-box {strongest:.2%}"))
+        pgd = attacks.get("pgd", {}).get("backends", {}).get(backend)
+        if pgd is not None:
+            out.append(_check(f"black-box not stronger than PGD ({backend})",
+                              result["accuracy"] >= pgd["accuracy"] - tolerance(n),
+                              f"Square {result['accuracy']:.2%} vs PGD {pgd['accuracy']:.2%}"
+                              + ("" if result["accuracy"] >= pgd["accuracy"] - tolerance(n) else
+                                 ": gradient masking suspected, PGD overstates robustness")))
     return out
 
 

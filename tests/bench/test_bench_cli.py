@@ -147,6 +147,11 @@ def test_sanity_checks_flag_broken_evaluations():
     assert sanity.large_eps(0.4).status == "WARN"
     blackbox = {"eps": 0.1, "queries": 100, "backends": {"harp": {"accuracy": 0.05, "max_perturbation": 0.1}}}
     assert sanity.blackbox_vs_whitebox(attacks, blackbox, 1000)[0].status == "WARN"
+    # AutoAttack (strongest white-box) exposes the model, but PGD alone is fooled: still a WARN
+    masked = {**attacks, "autoattack": {"backends": {"harp": {"accuracy": 0.02}}}}
+    checks = {c.name: c.status for c in sanity.blackbox_vs_whitebox(masked, blackbox, 1000)}
+    assert checks == {"black-box not stronger than white-box (harp)": "PASS",
+                      "black-box not stronger than PGD (harp)": "WARN"}
     probs = np.full((4, 10), 0.1, np.float32)
     assert sanity.logits_not_probabilities({"x": probs})[0].status == "WARN"
     assert sanity.deterministic({"x": probs}, {"x": probs + 1e-3})[0].status == "WARN"

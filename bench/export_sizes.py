@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from harp.checkpoint import load_checkpoint, save_checkpoint
@@ -48,7 +47,7 @@ from harp.models import build_model
 from harp.pruning.masks import apply_masks, global_magnitude_masks
 from harp.sparsity import model_sparsity
 
-from .random_models import randomise_batchnorm
+from .random_models import randomise_batchnorm, zero_channels_like_pruner
 
 SPARSITIES = (0.9, 0.99, 0.999)
 SIZE_ARCHS = ("vgg16_bn", "resnet18")
@@ -63,32 +62,8 @@ FILES = ("model.onnx", "model.sparse.onnx", "model.harpz", "parity.npz")
 
 
 def prune_channels(model: nn.Module, fraction: float, seed: int = 0) -> nn.Module:
-    """Zero `fraction` of the output channels of every dense conv and hidden linear layer, in place.
-
-    A zeroed channel gets zero weight rows and, when a BatchNorm is its only reader, zero BN weight
-    and bias (otherwise a zero conv/linear bias), so it is exactly zero after the BatchNorm. Depthwise
-    convs and the classifier are left alone.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    graph = fx.symbolic_trace(model).graph
-    layers = [n for n in graph.nodes
-              if n.op == "call_module" and isinstance(modules[str(n.target)], nn.Conv2d | nn.Linear)]
-    with torch.no_grad():
-        for node in layers[:-1]:
-            layer = modules[str(node.target)]
-            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
-                continue
-            rows = layer.weight.shape[0]
-            drop = torch.randperm(rows, generator=gen)[: int(rows * fraction)]
-            layer.weight[drop] = 0
-            users = list(node.users)
-            bn = modules.get(str(users[0].target)) if len(users) == 1 and users[0].op == "call_module" else None
-            if isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d):
-                bn.weight[drop] = 0
-                bn.bias[drop] = 0
-            elif layer.bias is not None:
-                layer.bias[drop] = 0
+    """Zero `fraction` of the output channels as harp's channel pruning leaves them (see zero_channels_like_pruner)."""
+    zero_channels_like_pruner(model, fraction, seed)
     return model
 
 

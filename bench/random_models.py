@@ -4,6 +4,7 @@ when no trained model exists for an architecture."""
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from harp.data import DatasetSpec
@@ -41,3 +42,31 @@ def random_pruned_model(arch: str, spec: DatasetSpec, sparsity: float, rule: str
         raise ValueError(f"unknown pruning rule {rule!r} (choose from {', '.join(PRUNING_RULES)})")
     apply_masks(model, masks)
     return model
+
+
+def zero_channels_like_pruner(model: nn.Module, fraction: float, seed: int = 0) -> dict[str, list[int]]:
+    """Zero `fraction` of the output channels of every dense conv / hidden linear, in place, the way
+    harp's channel pruning leaves them: weight rows zero and, where a BatchNorm is the layer's only
+    reader, that BatchNorm's weight and bias zero (else the layer's bias). Returns the zeroed rows."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    nodes = [n for n in fx.symbolic_trace(model).graph.nodes
+             if n.op == "call_module" and isinstance(modules[str(n.target)], nn.Conv2d | nn.Linear)]
+    zeroed = {}
+    with torch.no_grad():
+        for node in nodes[:-1]:  # never the classifier
+            layer = modules[str(node.target)]
+            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                continue
+            rows = layer.weight.shape[0]
+            drop = torch.randperm(rows, generator=gen)[: int(rows * fraction)]
+            layer.weight[drop] = 0
+            users = list(node.users)
+            bn = modules.get(str(users[0].target)) if len(users) == 1 and users[0].op == "call_module" else None
+            if isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d):
+                bn.weight[drop] = 0
+                bn.bias[drop] = 0
+            elif layer.bias is not None:
+                layer.bias[drop] = 0
+            zeroed[str(node.target)] = sorted(drop.tolist())
+    return zeroed

@@ -6,52 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-import torch.fx as fx
 from torch import nn
 
+from harp.bench.random_models import randomise_batchnorm, zero_channels_like_pruner
+
 PRUNED_SPARSITY = 0.9
-
-
-def zero_channels_like_pruner(model: nn.Module, fraction: float, seed: int = 0) -> dict[str, list[int]]:
-    """Zero `fraction` of the output channels of every dense conv / hidden linear, in place, the way
-    harp's channel pruning leaves them: weight rows zero and, where a BatchNorm is the layer's only
-    reader, that BatchNorm's weight and bias zero (else the layer's bias). Returns the zeroed rows."""
-    gen = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    nodes = [n for n in fx.symbolic_trace(model).graph.nodes
-             if n.op == "call_module" and isinstance(modules[str(n.target)], nn.Conv2d | nn.Linear)]
-    zeroed = {}
-    with torch.no_grad():
-        for node in nodes[:-1]:  # never the classifier
-            layer = modules[str(node.target)]
-            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
-                continue
-            rows = layer.weight.shape[0]
-            drop = torch.randperm(rows, generator=gen)[: int(rows * fraction)]
-            layer.weight[drop] = 0
-            users = list(node.users)
-            bn = modules.get(str(users[0].target)) if len(users) == 1 and users[0].op == "call_module" else None
-            if isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d):
-                bn.weight[drop] = 0
-                bn.bias[drop] = 0
-            elif layer.bias is not None:
-                layer.bias[drop] = 0
-            zeroed[str(node.target)] = sorted(drop.tolist())
-    return zeroed
-
-
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
-                n = mod.num_features
-                mod.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.bias.copy_(torch.rand(n, generator=gen) * 0.6 - 0.3)
-    return model
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,38 @@
 """Every pruning method on one robust dense model: accuracy, robustness, densities, cost.
 
     .venv/bin/python -m harp.bench.pruning_report --dataset digits --sparsity 0.99 \
-        [--dense DIR] [--methods harp,hydra,lwm,global-magnitude,random] [--granularity weight] \
-        [--prune-epochs N] [--finetune-epochs N] [--work DIR] [--name NAME]
+        [--dense DIR] [--methods harp,hydra,lwm,global-magnitude,random,pwoa,mrpf] [--granularity weight] \
+        [--prune-epochs N] [--finetune-epochs N] [--subset N] [--apgd-square N] [--autoattack N] \
+        [--curve-sparsity S] \
+        [--work DIR] [--name NAME] [--resume]
 
 Protocol
 - One dense checkpoint for all methods: `--dense DIR`, or trained here with `harp train`
   defaults for the dataset (its PGD-AT epochs are then the "dense PGD-AT epoch" reference).
 - Each method prunes with its per-dataset defaults (`harp prune`), then fine-tunes with
-  the same defaults (`harp finetune`); both stages in this process, one after another.
-- Test metrics after fine-tuning: natural accuracy and PGD with the dataset's evaluation
-  budget on the full test split (or its first `--test-size` examples); the pruned stage is
-  scored on at most 1000 test examples. Per-layer densities from the checkpoint metadata.
-- Cost: mean epoch seconds of the training loop (validation excluded) of the pruning stage;
-  for HARP also its ratio to the dense PGD-AT epoch measured in the same process (the
-  dense stage is trained here, or one PGD-AT epoch of the given model's architecture is timed
-  on the first 4096 training examples and scaled to the full training split).
-- Writes bench/results/pruning-<name>.md and .json (name defaults to dataset-granularity).
+  the same defaults (`harp finetune`, PGD-AT); both stages in this process, one after
+  another. Exceptions (FINETUNE_LOSS): PwoA is not fine-tuned (its masked retraining
+  under distillation is its fine-tuning; it gets prune + finetune epochs in all), MRPF
+  fine-tunes with TRADES as in its paper. `--subset N`: every epoch of both stages sees
+  the first N training examples (a budget knob for MNIST-sized data on a CPU).
+- Test metrics of the final model: natural accuracy and PGD with the dataset's evaluation
+  budget on the full test split (or its first `--test-size` examples), optionally
+  `--apgd-square N`: AutoAttack's APGD-CE and its black-box Square attack (5000 queries),
+  worst case per example, which catches both a weak gradient attack and gradient masking
+  at a fraction of the standard set's cost, and the standard AutoAttack (`--autoattack N`),
+  on the first N test examples, and an L-inf PGD curve over
+  eps (harp.bench.curves) for every method at `--curve-sparsity`, overlaid in one PNG.
+  The pruned stage is scored on at most 1000 test examples. Per-layer densities from
+  the checkpoint metadata.
+- Cost: wall seconds of the pruning stage (training, validation and its scoring), mean
+  epoch seconds of its training loop, and that epoch's ratio to one dense PGD-AT epoch
+  on the same number of examples, measured in this process (the dense stage is trained
+  here, or one PGD-AT epoch of the given model's architecture is timed on the first 4096
+  training examples and scaled). Adversarial examples: training examples replaced by an
+  attack in each stage (`metrics["adversarial_examples"]`), plus MRPF's sensitivity PGD runs.
+- Writes bench/results/NAME.md, .json (and NAME-linf.png with a curve); NAME defaults to
+  pruning-DATASET-GRANULARITY. Rewritten after every row; `--resume` keeps finished rows.
+  `--from-json FILE --methods ... --name NAME` re-renders a subset of an earlier run.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,69 +54,177 @@ from harp.pruning.finetune import finetune_checkpoint
 from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
 from harp.training.train import TrainOptions, load_data, train
 
+from .curves import LINF_SCALES, pgd_curve, torch_accuracy
+from .plots import curves_plot
+from .robustness import autoattack
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PROBE_EXAMPLES = 4096  # training examples of the dense PGD-AT epoch probe
+ATTACK_KEYS = ("autoattack", "apgd_square", "linf_curve")  # what attack_final adds to a row
 
 
-def dense_reference(dataset: str, dense: Path | None, work: Path, data_root: str) -> tuple[Path, float]:
-    """The dense checkpoint and the seconds of one full PGD-AT epoch of it, timed in this process."""
+def dense_reference(dataset: str, dense: Path | None, work: Path, data_root: str,
+                    subset: int | None = None) -> tuple[Path, float]:
+    """The dense checkpoint and the seconds of one PGD-AT epoch of it (on `subset` examples), timed here."""
     if dense is None:
         dense = work / "dense"
-        metrics = train(TrainOptions(dataset=dataset, data_root=data_root), dense, force=True, quiet=True)
+        metrics = train(TrainOptions(dataset=dataset, data_root=data_root, subset=subset), dense, force=True,
+                        quiet=True)
         return dense, metrics["mean_epoch_seconds"]
     ckpt = load_checkpoint(dense)  # validated before anything runs
-    # one epoch on a slice of the training data, scaled to the full split (keeps MNIST's probe short)
-    full = len(load_data(ckpt.spec, data_root, False, 0).train)
+    # one epoch on a slice of the training data, scaled to the stages' epoch (keeps MNIST's probe short)
+    full = len(load_data(ckpt.spec, data_root, False, 0, subset).train)
     sliced = len(load_data(ckpt.spec, data_root, False, 0, PROBE_EXAMPLES).train)
     metrics = train(TrainOptions(dataset=dataset, arch=ckpt.meta["architecture"], epochs=1, data_root=data_root,
-                                 subset=PROBE_EXAMPLES), work / "dense-epoch", force=True, quiet=True)
+                                 subset=PROBE_EXAMPLES, test_size=100),  # the probe's own score is not used
+                    work / "dense-epoch", force=True, quiet=True)
     return dense, metrics["mean_epoch_seconds"] * full / sliced
 
 
-def run_method(method: str, sparsity: float, granularity: str, dense: Path, work: Path,
-               prune_opts: PruneOptions, finetune_opts: PruneOptions) -> dict[str, Any]:
-    tag = f"{method}-{granularity}-{sparsity:g}"
+# How a method's row is completed after its pruning stage. The default is the issue's
+# protocol: PGD-AT fine-tuning with the dataset's defaults. PwoA's masked retraining under
+# self-distillation is its own fine-tuning (adding PGD-AT would void "no adversarial
+# examples"), and MRPF's paper fine-tunes with TRADES.
+FINETUNE_LOSS: dict[str, str | None] = {"pwoa": None, "mrpf": "trades"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything a row depends on besides the method and the target."""
+
+    granularity: str
+    prune_epochs: int | None
+    finetune_epochs: int | None
+    subset: int | None  # training examples per epoch (None: the whole split)
+    test_size: int | None
+    autoattack: int  # test examples for the standard AutoAttack (0: skip)
+    apgd_square: int  # test examples for AutoAttack's APGD-CE + Square only (0: skip)
+    curve_sparsity: float | None  # L-inf robustness curve for rows at this target
+    curve_examples: int
+    data_root: str
+
+
+def run_method(method: str, sparsity: float, dense: Path, work: Path, p: Protocol) -> dict[str, Any]:
+    tag = f"{method}-{p.granularity}-{sparsity:g}"
+    finetune_loss = FINETUNE_LOSS.get(method, "pgd")
+    # the pruned stage's own score is a progress check; 1000 examples are enough, unless it is final
+    prune_test = p.test_size if finetune_loss is None else min(p.test_size or 1000, 1000)
+    epochs = p.prune_epochs
+    if method == "pwoa" and p.prune_epochs and p.finetune_epochs:
+        epochs = p.prune_epochs + p.finetune_epochs  # ADMM + retraining: as many passes as prune + finetune
+    common = {"data_root": p.data_root, "subset": p.subset}
     t0 = time.perf_counter()
-    pruned = prune_checkpoint(dense, work / tag, make_config(method, sparsity=sparsity, granularity=granularity),
-                              prune_opts, force=True, quiet=True)
+    pruned = prune_checkpoint(dense, work / tag, make_config(method, sparsity=sparsity, granularity=p.granularity),
+                              PruneOptions(epochs=epochs, test_size=prune_test, **common), force=True, quiet=True)
     prune_seconds = time.perf_counter() - t0
-    tuned = finetune_checkpoint(work / tag, work / f"{tag}-ft", finetune_opts, force=True, quiet=True)
-    meta = load_checkpoint(work / f"{tag}-ft").meta
-    info = meta["pruning"]
-    return {
-        "method": method, "sparsity": sparsity, "granularity": granularity,
+    tuned = pruned
+    if finetune_loss is not None:
+        tuned = finetune_checkpoint(work / tag, work / f"{tag}-ft", PruneOptions(epochs=p.finetune_epochs, adv=finetune_loss,
+                                                                        test_size=p.test_size, **common),
+                                    force=True, quiet=True)
+    info = load_checkpoint(work / tag).meta["pruning"]
+    row = {
+        "method": method, "sparsity": sparsity, "granularity": p.granularity,
         "achieved_sparsity": info["achieved_sparsity"], "flops_reduction": info.get("flops_reduction"),
         "pruned": {"natural": pruned["natural_accuracy"], "robust": pruned["robust_accuracy"]},
         "finetuned": {"natural": tuned["natural_accuracy"], "robust": tuned["robust_accuracy"]},
+        "finetune_loss": finetune_loss,
         "robust_attack": tuned["robust_attack"], "test_examples": tuned["test_examples"],
         "layers": {d["name"]: d["density"] for d in info["layers"]},
         "prune_seconds": round(prune_seconds, 1),
         "prune_epoch_seconds": pruned.get("mean_epoch_seconds"),
-        "finetune_epoch_seconds": tuned.get("mean_epoch_seconds"),
+        "finetune_epoch_seconds": tuned.get("mean_epoch_seconds") if finetune_loss else None,
+        "adversarial_examples": {
+            "prune": int(info.get("adversarial_examples", pruned.get("adversarial_examples", 0))),
+            "finetune": int(tuned.get("adversarial_examples", 0)) if finetune_loss else 0},
     }
+    return attack_final(row, work, p)
+
+
+def final_dir(row: dict[str, Any], work: Path) -> Path:
+    """Where a row's final model is: the fine-tuned checkpoint, or the pruned one when there is no fine-tuning."""
+    tag = f"{row['method']}-{row['granularity']}-{row['sparsity']:g}"
+    return work / (tag if row.get("finetune_loss", "pgd") is None else f"{tag}-ft")
+
+
+def attack_final(row: dict[str, Any], work: Path, p: Protocol) -> dict[str, Any]:
+    """Add the AutoAttack score and the L-inf curve the protocol asks for and the row lacks."""
+    # key: (test examples, the attacks of pyautoattack; None is the standard set)
+    asked = {"autoattack": (p.autoattack, None), "apgd_square": (p.apgd_square, ["apgd-ce", "square"])}
+    wanted = {k: v for k, v in asked.items() if v[0] and k not in row}
+    want_curve = p.curve_sparsity == row["sparsity"] and "linf_curve" not in row
+    if not (wanted or want_curve):
+        return row
+    ckpt = load_checkpoint(final_dir(row, work))
+    model = ckpt.build_model().eval()
+    test = load_data(ckpt.spec, p.data_root, False, 0).test
+    for key, (n, attacks) in wanted.items():
+        x, y = next(test.subset(n).batches(n))
+        t1 = time.perf_counter()
+        x_adv = autoattack(model, x, y, ckpt.spec.eps, seed=0, attacks=attacks)
+        row[key] = {"accuracy": torch_accuracy(model, x_adv, y), "examples": len(y),
+                    "seconds": round(time.perf_counter() - t1, 1)}
+    if want_curve:
+        x, y = next(test.subset(p.curve_examples).batches(p.curve_examples))
+        row["linf_curve"] = pgd_curve(model, x, y, [s * ckpt.spec.eps for s in LINF_SCALES], "linf",
+                                      ckpt.spec.eval_steps)
+    return row
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def render(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     atk = rows[0]["robust_attack"]
-    pgd = f"PGD-{atk['steps']} (ε={atk['eps']:g})"
+    pgd_name = f"PGD-{atk['steps']} (ε={atk['eps']:g})"
+    aa = [r for r in rows if "autoattack" in r]
+    apgd = [r for r in rows if "apgd_square" in r]
+    # one reference per process that produced rows (a merged table may come from several)
+    refs = " s / ".join(f"{v:.2f}" for v in
+                        dict.fromkeys(r.get("dense_epoch_seconds", header["dense_epoch_seconds"]) for r in rows))
     lines = [f"# Pruning methods: {header['dataset']}, {header['granularity']} granularity", "",
              f"Generated by `{header['command']}` on {header['machine']} in {header['seconds']:.0f} s.", "",
              f"Dense model: `{header['dense']}`: natural {header['dense_metrics']['natural_accuracy']:.2%}, "
              f"PGD {header['dense_metrics']['robust_accuracy']:.2%}; one dense PGD-AT epoch "
-             f"{header['dense_epoch_seconds']:.2f} s (training loop only).", "",
-             f"Fine-tuned models scored on {rows[0]['test_examples']} test examples, pruned ones on at most 1000; "
-             f"robust accuracy is {pgd}.", "",
-             "| method | target | achieved | FLOPs removed | pruned natural | pruned PGD | fine-tuned natural "
-             "| fine-tuned PGD | prune epoch (s) | vs dense epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{refs} s (training loop only, "
+             f"{header.get('epoch_examples') or 'all'} training examples).", "",
+             f"Final models scored on {rows[0]['test_examples']} test examples, pruned ones on at most 1000; "
+             f"robust accuracy is {pgd_name}"
+             + (f"; APGD-CE + Square (AutoAttack's APGD-CE and its black-box Square attack with 5000 queries, "
+                f"worst case per example; L-inf, ε={atk['eps']:g}) on the first "
+                f"{apgd[0]['apgd_square']['examples']} test examples" if apgd else "")
+             + (f"; AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; L-inf, ε={atk['eps']:g}) on the first "
+                f"{aa[0]['autoattack']['examples']} test examples where measured" if aa else "") + ".", "",
+             "| method | target | achieved | FLOPs removed | pruned natural | pruned PGD | final natural "
+             "| final PGD | APGD-CE + Square | AutoAttack | prune stage (s) | prune epoch (s) | vs dense / HARP epoch "
+             "| adversarial examples (prune + fine-tune) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    harp_epoch = {r["sparsity"]: r["prune_epoch_seconds"] for r in rows if r["method"] == "harp"}
     for r in rows:
         ep = r["prune_epoch_seconds"]
-        ratio = f"{ep / header['dense_epoch_seconds']:.2f}x" if ep else "one-shot"
+        ratio = f"{ep / r.get('dense_epoch_seconds', header['dense_epoch_seconds']):.2f}x" if ep else "one-shot"
+        ratio += f" / {ep / harp_epoch[r['sparsity']]:.2f}x" if ep and harp_epoch.get(r["sparsity"]) else ""
         flops = f"{r['flops_reduction']:.1%}" if r["flops_reduction"] is not None else "-"
+        adv = r.get("adversarial_examples")
+        adv_text = f"{_count(adv['prune'])} + {_count(adv['finetune'])}" if adv else "-"
+        final = f"**{r['finetuned']['natural']:.2%}** | **{r['finetuned']['robust']:.2%}**"
         lines.append(f"| {r['method']} | {r['sparsity']:.2%} | {r['achieved_sparsity']:.3%} | {flops} "
-                     f"| {r['pruned']['natural']:.2%} | {r['pruned']['robust']:.2%} "
-                     f"| **{r['finetuned']['natural']:.2%}** | **{r['finetuned']['robust']:.2%}** "
-                     f"| {ep if ep else '-'} | {ratio} |")
+                     f"| {r['pruned']['natural']:.2%} | {r['pruned']['robust']:.2%} | {final} "
+                     f"| {_pct(r.get('apgd_square', {}).get('accuracy'))} "
+                     f"| {_pct(r.get('autoattack', {}).get('accuracy'))} | {r.get('prune_seconds', '-')} "
+                     f"| {ep if ep else '-'} | {ratio} | {adv_text} |")
+    losses = {r["method"]: r.get("finetune_loss", "pgd") for r in rows}
+    lines += ["", "Final = after fine-tuning: " + ", ".join(
+        f"{m} {'PGD-AT' if v == 'pgd' else v.upper() if v else 'none (its own retraining)'}"
+        for m, v in losses.items()) + ". Prune epoch: mean seconds of one epoch of the pruning stage's "
+        "training loop; vs dense / HARP epoch: its ratio to one dense PGD-AT epoch on the same number of examples "
+        "(timed once per process, so it shares that moment's machine load) and to HARP's epoch at the same target "
+        "in the same process."]
     names = list(rows[0]["layers"])
     lines += ["", "Per-layer density (kept fraction of weights) after pruning:", "",
               "| method | target | " + " | ".join(f"`{n}`" for n in names) + " |",
@@ -107,7 +232,46 @@ def render(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {r['sparsity']:.2%} | "
                      + " | ".join(f"{r['layers'][n]:.4f}" for n in names) + " |")
+    curves = [r for r in rows if "linf_curve" in r]
+    if curves:
+        budgets = curves[0]["linf_curve"]["budgets"]
+        lines += ["", f"Robustness vs L-inf budget at {curves[0]['sparsity']:.2%} sparsity (PGD-"
+                  f"{curves[0]['linf_curve']['steps']}, step 2.5·ε/steps, first "
+                  f"{header.get('curve_examples', '?')} test examples; plot `{header.get('curve_png', '')}`):", "",
+                  "| method | " + " | ".join(f"ε={b:.3g}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for r in curves:
+            lines.append(f"| {r['method']} | " + " | ".join(f"{a:.2%}" for a in r["linf_curve"]["accuracy"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    curves = {r["method"]: {"linf": r["linf_curve"]} for r in rows if "linf_curve" in r}
+    if curves:
+        header["curve_png"] = f"{name}-linf.png"
+        curves_plot(curves, RESULTS / header["curve_png"])
+    atomic_write_bytes(RESULTS / f"{name}.md", render(rows, header).encode())
+    atomic_write_json(RESULTS / f"{name}.json", {"header": header, "rows": rows})
+
+
+def rerender(sources: list[Path], methods: list[str], name: str) -> None:
+    """Write NAME.md/.json from earlier runs' JSON (e.g. one per sparsity, run in parallel), rows of `methods`."""
+    runs = [json.loads(p.read_text()) for p in sources]
+    rows = []
+    for run in runs:  # each row keeps the dense-epoch reference measured in its own process
+        rows += [{"dense_epoch_seconds": run["header"]["dense_epoch_seconds"], **r} for r in run["rows"]
+                 if r["method"] in methods]
+    order = {m: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda r: (r["sparsity"], order[r["method"]]))
+    if not rows:
+        raise SystemExit(f"{', '.join(map(str, sources))}: no rows for {', '.join(methods)}")
+    header = {**runs[0]["header"], "seconds": max(r["header"]["seconds"] for r in runs),
+              "command": "` and `".join(r["header"]["command"] for r in runs)
+              + (" (in parallel)" if len(runs) > 1 else "") + f"` (rows of {', '.join(methods)}); "
+              f"rendered by `python -m harp.bench.pruning_report --from-json "
+              f"{','.join(map(str, sources))} --methods {','.join(methods)} --name {name}"}
+    write_results(name, rows, header)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,44 +284,75 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--granularity", default="weight", choices=("weight", "channel"))
     ap.add_argument("--prune-epochs", type=int, default=None)
     ap.add_argument("--finetune-epochs", type=int, default=None)
+    ap.add_argument("--subset", type=int, default=None, help="train on the first N training examples per epoch")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-pruning"))
-    ap.add_argument("--name", default=None)
+    ap.add_argument("--name", default=None, help="results file stem (default pruning-DATASET-GRANULARITY)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--test-size", type=int, default=None,
-                    help="score the fine-tuned models on the first N test examples (default: all)")
+                    help="score the final models on the first N test examples (default: all)")
+    ap.add_argument("--autoattack", type=int, default=0, metavar="N",
+                    help="standard AutoAttack on the first N test examples of every final model (0: skip)")
+    ap.add_argument("--apgd-square", type=int, default=0, metavar="N",
+                    help="AutoAttack's APGD-CE + Square only, on the first N test examples (0: skip)")
+    ap.add_argument("--curve-sparsity", type=float, default=None,
+                    help="L-inf robustness-vs-eps curve of every method at this target, overlaid in one PNG")
+    ap.add_argument("--curve-examples", type=int, default=500)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in NAME.json (adding the attacks asked for that they lack), "
+                         "run the rest")
+    ap.add_argument("--from-json", default=None, metavar="FILE[,FILE...]",
+                    help="only re-render: write NAME from these results JSON files, rows of --methods")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s): {', '.join(unknown)}")
+    name = args.name or f"pruning-{args.dataset}-{args.granularity}"
+    if args.from_json is not None:
+        return rerender([Path(p) for p in args.from_json.split(",")], methods, name)
+    torch.set_num_threads(args.threads)
     sparsities = [float(s) for s in args.sparsity.split(",")]
+    protocol = Protocol(args.granularity, args.prune_epochs, args.finetune_epochs, args.subset, args.test_size,
+                        args.autoattack, args.apgd_square, args.curve_sparsity, args.curve_examples, args.data_root)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    dense, dense_epoch = dense_reference(args.dataset, args.dense, args.work, args.data_root)
-    common = {"data_root": args.data_root}
-    # the pruned stage's own score is a progress check; 1000 examples are enough for it
-    prune_test = min(args.test_size or 1000, 1000)
-    name = args.name or f"{args.dataset}-{args.granularity}"
     command = "python -m harp.bench.pruning_report " + " ".join(sys.argv[1:] if argv is None else argv)
+    done: dict[tuple[str, float], dict[str, Any]] = {}
+    earlier, dense_epoch = 0.0, None
+    if args.resume and (RESULTS / f"{name}.json").exists():
+        previous = json.loads((RESULTS / f"{name}.json").read_text())
+        done = {(r["method"], r["sparsity"]): r for r in previous["rows"]}
+        earlier = previous["header"]["seconds"]
+        command = f"{previous['header']['command']}` then `{command}"
+        if args.dense is not None and previous["header"]["dense"] == str(args.dense):
+            dense_epoch = previous["header"]["dense_epoch_seconds"]  # the finished rows' reference
+    if dense_epoch is None:
+        dense, dense_epoch = dense_reference(args.dataset, args.dense, args.work, args.data_root, args.subset)
+    else:
+        dense = args.dense
     rows = []
     for sparsity in sparsities:
         for method in methods:
-            rows.append(run_method(method, sparsity, args.granularity, dense, args.work,
-                                   PruneOptions(epochs=args.prune_epochs, test_size=prune_test, **common),
-                                   PruneOptions(epochs=args.finetune_epochs, test_size=args.test_size, **common)))
-            print(json.dumps({k: rows[-1][k] for k in ("method", "sparsity", "finetuned", "prune_epoch_seconds")}),
-                  flush=True)
+            if (method, sparsity) in done:  # finished earlier; only the attacks asked for now may be missing
+                row = done[(method, sparsity)]
+                had = {k for k in ATTACK_KEYS if k in row}
+                rows.append(attack_final(row, args.work, protocol))
+                if had == {k for k in ATTACK_KEYS if k in row}:
+                    continue
+            else:
+                rows.append({**run_method(method, sparsity, dense, args.work, protocol),
+                             "dense_epoch_seconds": dense_epoch})
+            print(json.dumps({k: rows[-1].get(k) for k in ("method", "sparsity", "finetuned", "apgd_square", "autoattack",
+                                                            "prune_seconds", "adversarial_examples")}), flush=True)
             # rewritten after every row: a long run leaves usable partial results
             header = {"dataset": args.dataset, "granularity": args.granularity, "dense": str(dense),
                       "dense_metrics": load_checkpoint(dense).meta["metrics"], "dense_epoch_seconds": dense_epoch,
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                                  f"Python {platform.python_version()}, torch {torch.__version__}",
-                      "command": command, "seconds": time.perf_counter() - t0}
-            RESULTS.mkdir(exist_ok=True)
-            atomic_write_bytes(RESULTS / f"pruning-{name}.md", render(rows, header).encode())
-            atomic_write_json(RESULTS / f"pruning-{name}.json", {"header": header, "rows": rows})
-    print(f"wrote {RESULTS / f'pruning-{name}.md'}")
+                      "command": command, "seconds": earlier + time.perf_counter() - t0,
+                      "curve_examples": args.curve_examples, "epoch_examples": args.subset}
+            write_results(name, rows, header)
+    print(f"wrote {RESULTS / f'{name}.md'}")
 
 
 if __name__ == "__main__":

@@ -169,13 +169,17 @@ def white_box(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     raise HarpError(f"unknown white-box attack {name!r}")
 
 
-def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
-    """The standard AutoAttack (pyautoattack, L-inf) on the torch model."""
+def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int,
+               attacks: list[str] | None = None) -> torch.Tensor:
+    """The standard AutoAttack (pyautoattack, L-inf) on the torch model, or only `attacks` of it (e.g. apgd-ce)."""
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:
         raise HarpError("attack autoattack needs the package pyautoattack (pip install pyautoattack)") from e
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=seed)
+    if attacks is None:
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=seed)
+    else:
+        adversary = AutoAttack(model, attacks=attacks, norm="Linf", eps=eps, version="custom", device="cpu", seed=seed)
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=BATCH)
     return x_adv
 

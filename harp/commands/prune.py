@@ -5,7 +5,7 @@ import click
 from ..pruning.finetune import finetune_checkpoint
 from ..pruning.layers import GRANULARITIES
 from ..pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
-from ..pruning.mrpf import SENSITIVITIES
+from ..pruning.mrpf import ALLOCATIONS, SENSITIVITIES
 from ..pruning.pwoa import PROJECTIONS
 from ..pruning.rates import RATE_INITS
 from . import options as o
@@ -38,12 +38,15 @@ _mrpf_options = [
     click.option("--sensitivity", type=click.Choice(list(SENSITIVITIES)), default=None,
                  help="MRPF: perturb each layer by pruning it (default) or by Gaussian noise."),
     click.option("--temperature", type=float, default=None,
-                 help="MRPF: density proportional to sensitivity ** temperature (default 1; 0 is uniform)."),
+                 help="MRPF: allocation proportional to sensitivity ** temperature (default 1)."),
+    click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default=None,
+                 help="MRPF: sensitivity sets each layer's kept weights (count, default) or kept fraction (density)."),
     click.option("--noise-scale", type=float, default=None, help="MRPF: noise std / weight std (default 0.5)."),
     click.option("--mrs-examples", type=int, default=None, help="MRPF: held-out examples measured (default 256)."),
 ]
 _METHOD_KEYS = ("distill_temperature", "lambda_x", "lambda_y", "rho", "mix_ratio", "admm_epochs", "retrain_epochs",
-                "hsic_sigma", "projection", "sensitivity", "temperature", "noise_scale", "mrs_examples")
+                "hsic_sigma", "projection", "sensitivity", "temperature", "allocation", "noise_scale",
+                "mrs_examples")
 
 
 def _report(metrics, out):

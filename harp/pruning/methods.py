@@ -206,7 +206,8 @@ def _mrpf(ckpt: Checkpoint, config: MrpfConfig, opts: PruneOptions, out: Path, m
     data = load_stage_data(ckpt.spec, opts)
     attack = train_attack(ckpt.spec, opts.eps, opts.steps, None)
     masks, info = mrpf_masks(model, data.val, attack, config, seed=opts.seed, device=resolve_device(opts.device))
-    return _bake_and_save(model.cpu(), masks, ckpt, config, opts, out, meta, data, extra={"mrs": info})
+    return _bake_and_save(model.cpu(), masks, ckpt, config, opts, out, meta, data,
+                          extra={"mrs": info, "adversarial_examples": info["adversarial_examples"]})
 
 
 def _random_mask(w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -217,32 +218,37 @@ def _random_mask(w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 # -- learned masks --------------------------------------------------------------------------
 
+def score_job(ckpt: Checkpoint, config, opts: PruneOptions, learn_rate: bool) -> tuple[ScoreJob, RunConfig]:
+    """The HARP (learn_rate) or HYDRA job on the checkpoint's model, and its run settings."""
+    spec = ckpt.spec
+    budget = stage_budget(PRUNE_DEFAULTS, spec.name)
+    model = ckpt.build_model()
+    density = 1.0 - config.sparsity
+    if config.granularity == "channel":
+        frac = _channel_fraction_for_flops(model, spec.input_shape, density)
+        densities = {n: frac for n, _ in prunable_layers(model)}
+    elif learn_rate:
+        # HARP starts above the target (a functional network) and gamma drives it down
+        start = config.init_density or math.sqrt(density)
+        densities = initial_densities(model, max(start, density), config.rate_init)
+    else:
+        densities = initial_densities(model, density, "uniform")
+    a_min = getattr(config, "alpha", 0.0) * (densities[next(iter(densities))] if config.granularity == "channel"
+                                             else density)
+    job = ScoreJob(model, _loss(ckpt, opts), target_density=density, granularity=config.granularity,
+                   densities=densities, a_min=a_min, learn_rate=learn_rate,
+                   gamma0=getattr(config, "gamma0", 0.0), score_lr=opts.lr or budget.lr,
+                   rate_lr=opts.rate_lr or budget.rate_lr, input_shape=spec.input_shape)
+    run = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget_for(spec).batch_size,
+                    optimizer=budget.optimizer, lr=opts.lr or budget.lr, seed=opts.seed, select="best")
+    return job, run
+
+
 def _learned(learn_rate: bool) -> Handler:
     def handler(ckpt: Checkpoint, config, opts: PruneOptions, out: Path, meta: dict[str, Any],
                 resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-        spec = ckpt.spec
-        device = resolve_device(opts.device)
-        budget = stage_budget(PRUNE_DEFAULTS, spec.name)
-        model = ckpt.build_model()
-        density = 1.0 - config.sparsity
-        if config.granularity == "channel":
-            frac = _channel_fraction_for_flops(model, spec.input_shape, density)
-            densities = {n: frac for n, _ in prunable_layers(model)}
-        elif learn_rate:
-            # HARP starts above the target (a functional network) and gamma drives it down
-            start = config.init_density or math.sqrt(density)
-            densities = initial_densities(model, max(start, density), config.rate_init)
-        else:
-            densities = initial_densities(model, density, "uniform")
-        a_min = getattr(config, "alpha", 0.0) * (densities[next(iter(densities))] if config.granularity == "channel"
-                                                 else density)
-        job = ScoreJob(model, _loss(ckpt, opts), target_density=density, granularity=config.granularity,
-                       densities=densities, a_min=a_min, learn_rate=learn_rate,
-                       gamma0=getattr(config, "gamma0", 0.0), score_lr=opts.lr or budget.lr,
-                       rate_lr=opts.rate_lr or budget.rate_lr, input_shape=spec.input_shape)
-        run = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget_for(spec).batch_size,
-                        optimizer=budget.optimizer, lr=opts.lr or budget.lr, seed=opts.seed, select="best")
-        return _run_and_save(job, run, ckpt, config, opts, out, meta, device, resume, quiet)
+        job, run = score_job(ckpt, config, opts, learn_rate)
+        return _run_and_save(job, run, ckpt, config, opts, out, meta, resolve_device(opts.device), resume, quiet)
     return handler
 
 

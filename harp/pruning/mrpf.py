@@ -9,14 +9,25 @@ PGD is re-run against every perturbed model with the same seed (common random
 numbers), so the differences measure the layer, not the attack's random start.
 BatchNorm statistics are left as they are while measuring.
 
-Allocation (the rule the paper leaves open): density_l = clip(c * r_l, floor, 1) with
-r_l = (MRS_l / max MRS)^temperature (negative MRS counts as 0, floored at 1e-6 of the
-largest), floor = FLOOR_FRACTION * target density, and c found by bisection so the
-kept weights sum to keep_count(total, target density). Integer counts then follow by
-largest remainder (ties to the more sensitive layer): they sum exactly to the budget,
-and a more sensitive layer never gets a lower density than a less sensitive one
-except by rounding (less than one weight of either layer). temperature 0 is the
-uniform (lwm) allocation; larger values follow the sensitivities more closely.
+Allocation (the rule the paper leaves open), r_l = (MRS_l / max MRS)^temperature
+(negative MRS counts as 0, floored at 1e-6 of the largest):
+  * "count" (default): layer l keeps clip(c * r_l * N_kept, floor * n_l, n_l) weights,
+    i.e. its share of the kept weights follows its sensitivity. This minimises
+    sum_l MRS_l * log(1 / density_l) under the budget: each layer's damage grows with
+    the log of its compression, weighted by how sensitive it is. A small sensitive
+    layer (the first conv) stays nearly dense, as HARP learns it should.
+  * "density": density_l = clip(c * r_l, floor, 1): the kept *fraction* follows the
+    sensitivity, whatever the layer's size. At 99% on small CNNs this starves the small
+    layers (pruning a large layer alone raises the adversarial loss most) and the
+    network collapses, which is why it is not the default.
+floor = FLOOR_FRACTION * target density, and c is found by bisection so the kept
+weights sum to keep_count(total, target density). Integer counts then follow by
+largest remainder (ties to the more sensitive layer): they sum exactly to the budget
+and are monotone up to one weight of rounding: in "count", a more sensitive layer
+keeps at least as many weights (unless it is whole); in "density", it keeps at least
+the same fraction. temperature 0 is the uniform (lwm) allocation under "density" and
+an equal count per layer under "count"; larger values follow the sensitivities more
+closely.
 
 The masks keep each layer's largest |w| at its count. The paper's adversarial
 fine-tuning is the separate `harp finetune --adv trades` stage.
@@ -39,6 +50,7 @@ from ..models import prunable_layers
 from .masks import Masks, keep_count, topk_mask
 
 SENSITIVITIES = ("prune", "noise")
+ALLOCATIONS = ("count", "density")
 FLOOR_FRACTION = 0.1  # no layer falls below 0.1 x the target density (HARP's a_min = alpha * k, alpha 0.1)
 
 
@@ -49,7 +61,8 @@ class MrpfConfig:
     sparsity: float
     granularity: str = "weight"
     sensitivity: str = "prune"  # how a layer is perturbed: "prune" or "noise"
-    temperature: float = 1.0  # density proportional to sensitivity ** temperature
+    temperature: float = 1.0  # allocation proportional to sensitivity ** temperature
+    allocation: str = "count"  # what follows the sensitivity: kept weights ("count") or kept fraction ("density")
     noise_scale: float = 0.5  # "noise": std of the noise relative to the layer's weight std
     mrs_examples: int = 256  # held-out training examples in the fixed batch
 
@@ -58,6 +71,8 @@ class MrpfConfig:
             raise HarpError("mrpf prunes single weights; use --granularity weight")
         if self.sensitivity not in SENSITIVITIES:
             raise HarpError(f"unknown sensitivity {self.sensitivity!r} (choose from {', '.join(SENSITIVITIES)})")
+        if self.allocation not in ALLOCATIONS:
+            raise HarpError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
         if self.temperature < 0:
             raise HarpError(f"--temperature must be >= 0, got {self.temperature}")
         if self.noise_scale <= 0:
@@ -107,13 +122,16 @@ def module_sensitivities(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
 # -- allocation ------------------------------------------------------------------------------------
 
 def continuous_densities(sensitivity: dict[str, float], numel: dict[str, int], budget: int,
-                         temperature: float, floor: float) -> dict[str, float]:
-    """density_l = clip(c * r_l, floor, 1) with sum density_l * numel_l = budget (c by bisection)."""
+                         temperature: float, floor: float, allocation: str = "count") -> dict[str, float]:
+    """density_l = clip(c * w_l, floor, 1) with sum density_l * numel_l = budget (c by bisection),
+    w_l = r_l ("density") or r_l / numel_l ("count": kept weights proportional to r_l)."""
     top = max(max(sensitivity.values()), 0.0)
     if top <= 0.0 or temperature == 0.0:
         r = {n: 1.0 for n in numel}
     else:
         r = {n: max(sensitivity[n] / top, 1e-6) ** temperature for n in numel}
+    if allocation == "count":
+        r = {n: r[n] / numel[n] for n in numel}
 
     def kept(c: float) -> float:
         return sum(min(max(c * r[n], floor), 1.0) * numel[n] for n in numel)
@@ -128,15 +146,16 @@ def continuous_densities(sensitivity: dict[str, float], numel: dict[str, int], b
 
 
 def allocate(sensitivity: dict[str, float], numel: dict[str, int], density: float, temperature: float,
-             floor: float | None = None) -> dict[str, int]:
-    """Integer keep counts per layer summing exactly to keep_count(total, density), monotone in sensitivity."""
+             floor: float | None = None, allocation: str = "count") -> dict[str, int]:
+    """Integer keep counts per layer summing exactly to keep_count(total, density), monotone in sensitivity
+    (counts under "count", fractions under "density"; see the module doc)."""
     if set(sensitivity) != set(numel):
         raise HarpError("allocate: sensitivities and layer sizes name different layers")
     budget = keep_count(sum(numel.values()), density)
     if budget < len(numel):
         raise HarpError(f"a density of {density} keeps {budget} weights, fewer than the {len(numel)} layers")
     floor = FLOOR_FRACTION * density if floor is None else floor
-    dens = continuous_densities(sensitivity, numel, budget, temperature, floor)
+    dens = continuous_densities(sensitivity, numel, budget, temperature, floor, allocation)
     exact = {n: dens[n] * numel[n] for n in numel}
     counts = {n: min(numel[n], max(1, math.floor(exact[n] + 1e-9))) for n in numel}
     # largest remainder first; ties go to the more sensitive layer
@@ -164,9 +183,11 @@ def mrpf_masks(model: nn.Module, heldout: ImageData, attack: AttackConfig, confi
                                      density=density, noise_scale=config.noise_scale, seed=seed)
     layers = prunable_layers(model)
     numel = {n: m.weight.numel() for n, m in layers}
-    counts = allocate(mrs, numel, density, config.temperature)
+    counts = allocate(mrs, numel, density, config.temperature, allocation=config.allocation)
     masks = {n: topk_mask(m.weight, counts[n]).cpu() for n, m in layers}
-    info = {"sensitivity": config.sensitivity, "examples": len(y), "baseline_adversarial_loss": base,
+    info = {"sensitivity": config.sensitivity, "allocation": config.allocation, "examples": len(y), "baseline_adversarial_loss": base,
+            # one PGD run on the batch for the unperturbed model and one per perturbed layer
+            "adversarial_examples": len(y) * (len(layers) + 1),
             "attack": {"eps": attack.eps, "step_size": attack.step_size, "steps": attack.steps},
             "layers": {n: {"mrs": mrs[n], "density": counts[n] / numel[n], "keep": counts[n]} for n in numel}}
     return masks, info

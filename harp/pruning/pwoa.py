@@ -42,6 +42,7 @@ from torch import nn
 from ..attacks import AttackConfig, pgd
 from ..errors import HarpError
 from ..models import prunable_layers
+from ..training.distributed import world_size
 from ..training.losses import LossConfig
 from ..training.runner import Job
 from .hsic import gaussian_kernel, hsic, linear_kernel
@@ -172,11 +173,6 @@ def project(tensors: dict[str, torch.Tensor], density: float, mode: str) -> dict
     return masks
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class PwoAJob(Job):
     """Distil the frozen dense teacher into an ADMM-pruned, then masked, student."""
 
@@ -197,7 +193,6 @@ class PwoAJob(Job):
         self.model = model
         self.rho = config.rho
         self.pruned = False
-        self.adversarial_examples = 0
         self.batches = 0
         for layer in self.layers.values():  # buffers, so resume restores them with the weights
             layer.register_buffer("admm_u", torch.zeros_like(layer.weight))
@@ -213,7 +208,7 @@ class PwoAJob(Job):
     def loss(self, forward, x: torch.Tensor, y: torch.Tensor, loss_cfg: LossConfig) -> torch.Tensor:
         if self._next_batch_adversarial():
             x = pgd(self.model, x, y, loss_cfg.attack)
-            self.adversarial_examples += len(x) * _world_size()
+            self.adversarial_examples += len(x) * world_size()
         self._features, self._capturing = {}, True
         try:
             (logits,) = forward(x)

@@ -60,6 +60,11 @@ class DistContext:
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def world_size() -> int:
+    """Processes in the current run (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def init_distributed(device: torch.device) -> DistContext:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistContext()

@@ -34,7 +34,7 @@ from ..errors import HarpError
 from ..evaluate import accuracy, make_attack
 from ..io import atomic_save_tensors, atomic_torch_save, atomic_write_json
 from .batchnorm import recalibrate_batchnorm
-from .distributed import DistContext
+from .distributed import DistContext, world_size
 from .losses import LossConfig, adversarial_loss
 
 STATE_DIR = "state"
@@ -60,12 +60,16 @@ class Job(ABC):
     kind: str
     model: nn.Module
     loss_cfg: LossConfig
+    #: training examples replaced by adversarial ones so far (all ranks); restored on resume
+    adversarial_examples: int = 0
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def loss(self, forward, x: torch.Tensor, y: torch.Tensor, loss_cfg: LossConfig) -> torch.Tensor:
         """The training objective of one batch: the adversarial loss unless a job defines its own (PwoA)."""
+        if loss_cfg.kind != "none":
+            self.adversarial_examples += len(x) * world_size()
         return adversarial_loss(self.model, forward, x, y, loss_cfg)
 
     def extra_loss(self, epoch: int) -> torch.Tensor | None:
@@ -111,7 +115,7 @@ class _MultiForward(nn.Module):
         return [self.model(x) for x in xs]
 
 
-def _optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     if cfg.optimizer == "adam":
@@ -127,7 +131,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     forward = _MultiForward(model)
     if dist.enabled:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = _optimizer(cfg, job.parameter_groups())
+    opt = make_optimizer(cfg, job.parameter_groups())
     steps_per_epoch = train.num_batches(cfg.batch_size, dist.world_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(1, cfg.epochs * steps_per_epoch),
@@ -178,7 +182,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         nat = accuracy(model, val_small, device, dist_ctx=dist)
         rob = accuracy(model, val_small, device, attack=val_attack, dist_ctx=dist)
         record = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "epoch_seconds": round(epoch_time, 2),
-                  "val_natural": nat, "val_robust": rob, **info}
+                  "val_natural": nat, "val_robust": rob, "adversarial_examples": job.adversarial_examples, **info}
         history.append(record)
         if cfg.select == "best" and job.eligible() and rob >= best["robust"]:
             best = {"epoch": epoch + 1, "robust": rob}
@@ -209,6 +213,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         "epochs": cfg.epochs,
         "selected_epoch": best["epoch"] if cfg.select == "best" else cfg.epochs,
         "mean_epoch_seconds": _mean([h["epoch_seconds"] for h in history]),
+        "adversarial_examples": job.adversarial_examples,
         "wall_seconds": round(time.perf_counter() - t_run, 1),
     }
     identical = dist.weights_identical(final_model)
@@ -288,5 +293,7 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: t
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HarpError(f"--resume: saved state in {state_dir} does not fit this run "
                         f"(architecture or method mismatch?): {first}") from e
+    history = list(state.get("history", []))
+    job.adversarial_examples = int(history[-1].get("adversarial_examples", 0)) if history else 0
     job.load_state_json(state.get("job", {}))
-    return int(state["epoch"]), list(state.get("history", [])), dict(state.get("best", {"epoch": -1, "robust": -1.0}))
+    return int(state["epoch"]), history, dict(state.get("best", {"epoch": -1, "robust": -1.0}))

@@ -65,6 +65,7 @@ class TrainOptions:
     download: bool = False
     device: str = "auto"
     subset: int | None = None  # use only the first N training and test examples (smoke runs)
+    test_size: int | None = None  # score only the first N test examples at the end (None: all)
 
 
 def train_attack(spec: DatasetSpec, eps: float | None, steps: int | None, step_size: float | None,
@@ -145,6 +146,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False, force: b
     if resume:
         _check_resume_matches(out, arch, spec)
     data = load_data(spec, opts.data_root, opts.download, opts.seed, opts.subset)
+    data.test = data.test.subset(opts.test_size)
     dist = init_distributed(device)
     try:
         if dist.is_main:

@@ -72,6 +72,12 @@ def test_finetuning_keeps_the_masks(digits_robust_ckpt, tmp_path):
         assert (w[~mask] == 0).all()
     changed = any(not torch.equal(before.state[k], after.state[k]) for k in before.state if k.endswith("weight"))
     assert changed  # the kept weights were trained
+    # PGD-AT replaces every training example of every epoch (500 examples x 3 epochs)
+    assert after.meta["metrics"]["adversarial_examples"] == 1500
+    assert [h["adversarial_examples"] for h in after.meta["history"]] == [500, 1000, 1500]
+    natural = finetune_checkpoint(tmp_path / "p", tmp_path / "n", PruneOptions(epochs=1, adv="none", subset=500),
+                                  quiet=True)
+    assert natural["adversarial_examples"] == 0
 
 
 def test_bad_method_options_are_user_errors(digits_robust_ckpt, tmp_path):

@@ -79,22 +79,34 @@ def test_mrpf_allocation_is_exact_and_monotone():
     gen = torch.Generator().manual_seed(0)
     names = [f"l{i}" for i in range(7)]
     sens = dict(zip(names, torch.rand(7, generator=gen).tolist(), strict=True))
-    equal = {n: 1000 for n in names}
-    counts = allocate(sens, equal, 0.05, 1.0)
-    assert sum(counts.values()) == 350
     ranked = sorted(names, key=sens.get)
-    assert all(counts[a] <= counts[b] for a, b in zip(ranked, ranked[1:]))  # equal sizes: exactly monotone
-    assert counts[ranked[-1]] > counts[ranked[0]]
+    equal = {n: 1000 for n in names}
+    for allocation in ("count", "density"):  # equal sizes: both rules are the same, exactly monotone
+        counts = allocate(sens, equal, 0.05, 1.0, allocation=allocation)
+        assert sum(counts.values()) == 350
+        assert all(counts[a] <= counts[b] for a, b in zip(ranked, ranked[1:]))
+        assert counts[ranked[-1]] > counts[ranked[0]]
     sizes = {"l0": 288, "l1": 18432, "l2": 73728, "l3": 2560, "l4": 640, "l5": 9000, "l6": 300}
+    budget = -(-sum(sizes.values()) // 100)  # keep_count(total, 0.01)
     for temperature in (0.0, 0.5, 1.0, 3.0):
-        counts = allocate(sens, sizes, 0.01, temperature)
-        assert sum(counts.values()) == -(-sum(sizes.values()) // 100)  # keep_count(total, 0.01)
-        dens = {n: counts[n] / sizes[n] for n in names}
-        assert all(1 <= counts[n] <= sizes[n] and dens[n] >= FLOOR_FRACTION * 0.01 - 1 / sizes[n] for n in names)
-        for a, b in zip(ranked, ranked[1:]):  # monotone up to one weight of rounding
+        by_density = allocate(sens, sizes, 0.01, temperature, allocation="density")
+        by_count = allocate(sens, sizes, 0.01, temperature, allocation="count")
+        for counts in (by_density, by_count):
+            assert sum(counts.values()) == budget
+            assert all(1 <= counts[n] <= sizes[n] and counts[n] / sizes[n] >= FLOOR_FRACTION * 0.01 - 1 / sizes[n]
+                       for n in names)
+        dens = {n: by_density[n] / sizes[n] for n in names}
+        for a, b in zip(ranked, ranked[1:]):  # fractions monotone up to one weight of rounding
             assert dens[a] <= dens[b] + 1 / sizes[a] + 1 / sizes[b]
-    spread = allocate(sens, sizes, 0.01, 3.0)
+        # counts monotone up to rounding among layers neither whole nor held at the floor
+        free = [n for n in ranked if by_count[n] < sizes[n] and by_count[n] > FLOOR_FRACTION * 0.01 * sizes[n] + 1]
+        assert all(by_count[a] <= by_count[b] + 1 for a, b in zip(free, free[1:]))
+    spread = allocate(sens, sizes, 0.01, 3.0, allocation="density")
     assert spread[ranked[-1]] / sizes[ranked[-1]] > 5 * spread[ranked[0]] / sizes[ranked[0]]
+    # count: a small layer's share follows its sensitivity, so it is kept far denser than uniform
+    small = {"first": 3.0, "big": 1.0}
+    counts = allocate(small, {"first": 288, "big": 100_000}, 0.01, 1.0)
+    assert counts["first"] == 288 and counts["first"] + counts["big"] == -(-100_288 // 100)
 
 
 @pytest.mark.parametrize("sensitivity", ["prune", "noise"])
@@ -106,11 +118,14 @@ def test_mrpf_hits_the_target_and_records_sensitivities(digits_robust_ckpt, tmp_
     assert abs(model_sparsity(model) - 0.99) <= 0.001
     mrs = ckpt.meta["pruning"]["mrs"]
     assert mrs["sensitivity"] == sensitivity and mrs["examples"] == 32 and set(mrs["layers"]) == set(ckpt.masks)
+    # one PGD run on the 32 examples for the model as it is, one per perturbed layer
+    assert ckpt.meta["pruning"]["adversarial_examples"] == 32 * (len(ckpt.masks) + 1)
     for name, mask in ckpt.masks.items():
         assert int(mask.sum()) == mrs["layers"][name]["keep"]
     assert sum(v["keep"] for v in mrs["layers"].values()) == -(-sum(m.numel() for m in ckpt.masks.values()) // 100)
     by_mrs = sorted(mrs["layers"].values(), key=lambda v: v["mrs"])
-    assert by_mrs[-1]["density"] >= by_mrs[0]["density"]
+    # default allocation "count": the most sensitive layer keeps more weights than the least (or is whole)
+    assert by_mrs[-1]["keep"] >= by_mrs[0]["keep"] or by_mrs[-1]["density"] == 1.0
 
 
 def test_bad_pwoa_and_mrpf_options_are_user_errors(capsys, tmp_path):

@@ -1,0 +1,54 @@
+"""The pruning report's tables: merging runs made in parallel, each row against its own dense reference."""
+
+from __future__ import annotations
+
+import json
+
+from harp.bench import pruning_report
+
+
+def _row(method: str, sparsity: float, epoch: float | None, **extra) -> dict:
+    return {"method": method, "sparsity": sparsity, "granularity": "weight", "achieved_sparsity": sparsity,
+            "flops_reduction": 0.5, "pruned": {"natural": 0.5, "robust": 0.2},
+            "finetuned": {"natural": 0.9, "robust": 0.6}, "finetune_loss": "pgd",
+            "robust_attack": {"name": "pgd", "eps": 0.3, "steps": 40, "step_size": 0.01}, "test_examples": 2000,
+            "layers": {"a": 0.5, "b": 0.01}, "prune_seconds": 100.0, "prune_epoch_seconds": epoch,
+            "finetune_epoch_seconds": 10.0, "adversarial_examples": {"prune": 30000 if epoch else 0,
+                                                                      "finetune": 30000}, **extra}
+
+
+def _run(tmp_path, name: str, dense_epoch: float, rows: list[dict]):
+    header = {"dataset": "mnist", "granularity": "weight", "dense": "runs/mnist-pgd",
+              "dense_metrics": {"natural_accuracy": 0.99, "robust_accuracy": 0.95}, "dense_epoch_seconds": dense_epoch,
+              "machine": "test", "command": f"run {name}", "seconds": 60.0}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"header": header, "rows": rows}))
+    return path
+
+
+def test_rerender_merges_runs_and_keeps_each_rows_reference(tmp_path, monkeypatch):
+    monkeypatch.setattr(pruning_report, "RESULTS", tmp_path / "results")
+    curve = {"budgets": [0.0, 0.3], "accuracy": [0.9, 0.5], "attack": "PGD-linf", "steps": 40}
+    aa = {"accuracy": 0.4, "examples": 1000, "seconds": 1.0}
+    apgd = {"accuracy": 0.45, "examples": 1000, "seconds": 1.0}
+    a = _run(tmp_path, "a", 100.0, [_row("harp", 0.99, 110.0, autoattack=aa, apgd_square=apgd, linf_curve=curve),
+                                    _row("lwm", 0.99, None), _row("pwoa", 0.99, 20.0)])
+    b = _run(tmp_path, "b", 50.0, [_row("harp", 0.999, 60.0), _row("lwm", 0.999, None)])
+    pruning_report.main(["--from-json", f"{b},{a}", "--methods", "harp,lwm", "--name", "merged"])
+    text = (tmp_path / "results" / "merged.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| harp") or line.startswith("| lwm")]
+    # sorted by sparsity then by the order of --methods; pwoa left out
+    assert [line.split(" | ")[0:2] for line in table[:4]] == [["| harp", "99.00%"], ["| lwm", "99.00%"],
+                                                              ["| harp", "99.90%"], ["| lwm", "99.90%"]]
+    assert "pwoa" not in text
+    pruning_report.main(["--from-json", str(a), "--methods", "harp,pwoa", "--name", "pwoa"])
+    pwoa = [line for line in (tmp_path / "results" / "pwoa.md").read_text().splitlines() if line.startswith("| pwoa")]
+    assert "| 0.20x / 0.18x |" in pwoa[0]  # 20/100 of the dense epoch, 20/110 of HARP's
+    # 110/100 and 60/50, not one shared dense reference; then the ratio to HARP's own epoch
+    assert "| 1.10x / 1.00x |" in table[0] and "| 1.20x / 1.00x |" in table[2]
+    assert "| 45.00% | 40.00% |" in table[0] and "30.0k + 30.0k" in table[0]  # APGD-CE + Square, then AutoAttack
+    assert "| - | - |" in table[1]  # not measured: a dash, not a number
+    assert "one-shot" in table[1] and "0 + 30.0k" in table[1]
+    assert (tmp_path / "results" / "merged-linf.png").stat().st_size > 0
+    merged = json.loads((tmp_path / "results" / "merged.json").read_text())
+    assert [r["dense_epoch_seconds"] for r in merged["rows"]] == [100.0, 100.0, 50.0, 50.0]

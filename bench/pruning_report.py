@@ -119,9 +119,8 @@ def run_method(method: str, sparsity: float, dense: Path, work: Path, p: Protoco
     prune_seconds = time.perf_counter() - t0
     tuned = pruned
     if finetune_loss is not None:
-        tuned = finetune_checkpoint(work / tag, work / f"{tag}-ft", PruneOptions(epochs=p.finetune_epochs, adv=finetune_loss,
-                                                                        test_size=p.test_size, **common),
-                                    force=True, quiet=True)
+        opts = PruneOptions(epochs=p.finetune_epochs, adv=finetune_loss, test_size=p.test_size, **common)
+        tuned = finetune_checkpoint(work / tag, work / f"{tag}-ft", opts, force=True, quiet=True)
     info = load_checkpoint(work / tag).meta["pruning"]
     row = {
         "method": method, "sparsity": sparsity, "granularity": p.granularity,
@@ -152,6 +151,8 @@ def attack_final(row: dict[str, Any], work: Path, p: Protocol) -> dict[str, Any]
     # key: (test examples, the attacks of pyautoattack; None is the standard set)
     asked = {"autoattack": (p.autoattack, None), "apgd_square": (p.apgd_square, ["apgd-ce", "square"])}
     wanted = {k: v for k, v in asked.items() if v[0] and k not in row}
+    if "autoattack" in row:  # the standard set includes APGD-CE and Square: the subset would add nothing
+        wanted.pop("apgd_square", None)
     want_curve = p.curve_sparsity == row["sparsity"] and "linf_curve" not in row
     if not (wanted or want_curve):
         return row
@@ -258,12 +259,16 @@ def write_results(name: str, rows: list[dict[str, Any]], header: dict[str, Any])
 def rerender(sources: list[Path], methods: list[str], name: str) -> None:
     """Write NAME.md/.json from earlier runs' JSON (e.g. one per sparsity, run in parallel), rows of `methods`."""
     runs = [json.loads(p.read_text()) for p in sources]
-    rows = []
-    for run in runs:  # each row keeps the dense-epoch reference measured in its own process
-        rows += [{"dense_epoch_seconds": run["header"]["dense_epoch_seconds"], **r} for r in run["rows"]
-                 if r["method"] in methods]
+    merged: dict[tuple[str, float], dict[str, Any]] = {}
+    for run in runs:  # each row keeps its own process's dense reference
+        for r in run["rows"]:
+            if r["method"] in methods:
+                key = (r["method"], r["sparsity"])
+                # the same row in several files (copies attacked separately): their measurements combine
+                merged[key] = {**merged.get(key, {}), "dense_epoch_seconds": run["header"]["dense_epoch_seconds"],
+                               **r}
     order = {m: i for i, m in enumerate(methods)}
-    rows.sort(key=lambda r: (r["sparsity"], order[r["method"]]))
+    rows = sorted(merged.values(), key=lambda r: (r["sparsity"], order[r["method"]]))
     if not rows:
         raise SystemExit(f"{', '.join(map(str, sources))}: no rows for {', '.join(methods)}")
     header = {**runs[0]["header"], "seconds": max(r["header"]["seconds"] for r in runs),
@@ -330,20 +335,22 @@ def main(argv: list[str] | None = None) -> None:
         dense, dense_epoch = dense_reference(args.dataset, args.dense, args.work, args.data_root, args.subset)
     else:
         dense = args.dense
-    rows = []
+    # every finished row stays in the file, also those of methods or targets not asked for this time
+    results: dict[tuple[str, float], dict[str, Any]] = dict(done)
     for sparsity in sparsities:
         for method in methods:
-            if (method, sparsity) in done:  # finished earlier; only the attacks asked for now may be missing
-                row = done[(method, sparsity)]
-                had = {k for k in ATTACK_KEYS if k in row}
-                rows.append(attack_final(row, args.work, protocol))
-                if had == {k for k in ATTACK_KEYS if k in row}:
+            key = (method, sparsity)
+            if key in done:  # finished earlier; only the attacks asked for now may be missing
+                had = {k for k in ATTACK_KEYS if k in done[key]}
+                results[key] = attack_final(done[key], args.work, protocol)
+                if had == {k for k in ATTACK_KEYS if k in results[key]}:
                     continue
             else:
-                rows.append({**run_method(method, sparsity, dense, args.work, protocol),
-                             "dense_epoch_seconds": dense_epoch})
-            print(json.dumps({k: rows[-1].get(k) for k in ("method", "sparsity", "finetuned", "apgd_square", "autoattack",
-                                                            "prune_seconds", "adversarial_examples")}), flush=True)
+                results[key] = {**run_method(method, sparsity, dense, args.work, protocol),
+                                "dense_epoch_seconds": dense_epoch}
+            print(json.dumps({k: results[key].get(k) for k in ("method", "sparsity", "finetuned", "apgd_square",
+                                                                "autoattack", "prune_seconds",
+                                                                "adversarial_examples")}), flush=True)
             # rewritten after every row: a long run leaves usable partial results
             header = {"dataset": args.dataset, "granularity": args.granularity, "dense": str(dense),
                       "dense_metrics": load_checkpoint(dense).meta["metrics"], "dense_epoch_seconds": dense_epoch,
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                                  f"Python {platform.python_version()}, torch {torch.__version__}",
                       "command": command, "seconds": earlier + time.perf_counter() - t0,
                       "curve_examples": args.curve_examples, "epoch_examples": args.subset}
-            write_results(name, rows, header)
+            write_results(name, list(results.values()), header)
     print(f"wrote {RESULTS / f'{name}.md'}")
 
 

@@ -128,6 +128,22 @@ def test_mrpf_hits_the_target_and_records_sensitivities(digits_robust_ckpt, tmp_
     assert by_mrs[-1]["keep"] >= by_mrs[0]["keep"] or by_mrs[-1]["density"] == 1.0
 
 
+def test_pwoa_and_mrpf_checkpoints_export_like_any_other(digits_robust_ckpt, tmp_path):
+    from harp.export.exporter import export_checkpoint
+    from harp.kernels.runtime import load_runtime
+
+    configs = {"pwoa": make_config("pwoa", sparsity=0.99, admm_epochs=1, retrain_epochs=1),
+               "mrpf": make_config("mrpf", sparsity=0.99, mrs_examples=32)}
+    for name, config in configs.items():
+        prune_checkpoint(digits_robust_ckpt, tmp_path / name, config, TINY, quiet=True)
+        manifest = export_checkpoint(tmp_path / name, tmp_path / f"{name}-artifact", n_parity=32, n_adversarial=8)
+        assert manifest["parity"]["results"] and all(r["passed"] for r in manifest["parity"]["results"].values())
+        x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # digits: 1x8x8 raw pixels
+        logits = load_runtime(tmp_path / f"{name}-artifact").run(x.numpy())
+        expected = load_checkpoint(tmp_path / name).build_model().eval()(x).detach().numpy()
+        assert abs(logits - expected).max() <= 1e-4 * max(1.0, abs(expected).max())
+
+
 def test_bad_pwoa_and_mrpf_options_are_user_errors(capsys, tmp_path):
     bad = [({"method": "pwoa", "mix_ratio": 1.5}, "--mix-ratio"), ({"method": "pwoa", "projection": "ring"}, "proj"),
            ({"method": "pwoa", "granularity": "channel"}, "single weights"), ({"method": "pwoa", "rho": 0.0}, "--rho"),
@@ -135,6 +151,7 @@ def test_bad_pwoa_and_mrpf_options_are_user_errors(capsys, tmp_path):
            ({"method": "mrpf", "sensitivity": "vibes"}, "unknown sensitivity"),
            ({"method": "mrpf", "temperature": -1.0}, "--temperature"),
            ({"method": "mrpf", "mrs_examples": 1}, "--mrs-examples"),
+           ({"method": "mrpf", "allocation": "vibes"}, "unknown allocation"),
            ({"method": "mrpf", "mix_ratio": 0.5}, "do not apply to mrpf"),
            ({"method": "lwm", "lambda_x": 0.1}, "do not apply to lwm")]
     for kw, message in bad:

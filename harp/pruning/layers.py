@@ -111,7 +111,17 @@ class _Scored:
         return m if self.granularity == "weight" else m.view(-1, *[1] * (self.weight.dim() - 1)).expand_as(self.weight)
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight * self.weight_mask()
+        if self.training:
+            return self.weight * self.weight_mask()
+        # Eval mode (an attack crafting the batch's examples, or scoring): nothing differentiates
+        # through the mask and nothing changes between calls, so compute the masked weight once
+        # per optimiser step instead of once per PGD iteration.
+        key = (self.scores._version, self.rate._version, self.weight._version, self.scores.device)
+        if getattr(self, "_eval_key", None) != key:
+            with torch.no_grad():
+                self._eval_weight = self.weight * self.weight_mask()
+            self._eval_key = key
+        return self._eval_weight
 
     def channel_gate(self) -> torch.Tensor | None:
         return self.mask().detach() if self.granularity == "channel" else None

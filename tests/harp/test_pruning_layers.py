@@ -40,6 +40,23 @@ def test_mask_follows_every_score_update():
     assert not (after & before).any() and int(after.sum()) == int(before.sum())
 
 
+def test_eval_mode_weight_follows_score_and_rate_updates():
+    net = nn.Sequential(nn.Linear(100, 1))
+    layer = make_scored(net, "weight", {"0": 0.1}, a_min=0.0, learn_rate=True)["0"]
+    net.eval()  # attacks run here: the masked weight is cached between calls
+    x = torch.rand(3, 100)
+    assert torch.equal(net(x), net(x)) and torch.equal(layer.effective_weight(), layer.weight * layer.mask())
+    with torch.no_grad():  # in place, as optimizer steps on the scores and on the rate
+        layer.scores.copy_(torch.where(layer.mask().bool(), 0.0, 1.0 + torch.rand(1, 100)))
+        layer.rate.copy_(torch.tensor(fraction_to_rate(0.3, 0.0)))
+    assert torch.equal(layer.effective_weight(), layer.weight * layer.mask())
+    kept = keep_count(100, float(layer.fraction()))
+    assert kept >= 30 and int((layer.effective_weight() != 0).sum()) == kept  # the new rate, not the cached 10
+    net.train()  # training differentiates through the mask again
+    net(x).sum().backward()
+    assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
+
+
 def test_ste_gradient_reaches_scores_and_rate():
     model = _net()
     layers = make_scored(model, "weight", {"0": 0.3, "4": 0.3}, a_min=0.01, learn_rate=True)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from harp.checkpoint import load_checkpoint
+from harp.cli_errors import run_script
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.methods import PruneOptions, load_stage_data, make_config, score_job
 from harp.training.losses import LossConfig
@@ -127,4 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "epoch_cost"))

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 
 from harp.checkpoint import load_checkpoint
+from harp.cli_errors import run_script
+from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.finetune import finetune_checkpoint
 from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
@@ -261,7 +263,7 @@ def write_results(name: str, rows: list[dict[str, Any]], header: dict[str, Any])
 
 def rerender(sources: list[Path], methods: list[str], name: str) -> None:
     """Write NAME.md/.json from earlier runs' JSON (e.g. one per sparsity, run in parallel), rows of `methods`."""
-    runs = [json.loads(p.read_text()) for p in sources]
+    runs = [_read_results(p) for p in sources]
     merged: dict[tuple[str, float], dict[str, Any]] = {}
     for run in runs:  # each row keeps its own process's dense reference
         for r in run["rows"]:
@@ -273,7 +275,7 @@ def rerender(sources: list[Path], methods: list[str], name: str) -> None:
     order = {m: i for i, m in enumerate(methods)}
     rows = sorted(merged.values(), key=lambda r: (r["sparsity"], order[r["method"]]))
     if not rows:
-        raise SystemExit(f"{', '.join(map(str, sources))}: no rows for {', '.join(methods)}")
+        raise HarpError(f"{', '.join(map(str, sources))}: no rows for {', '.join(methods)}")
     files = ", ".join(f"`{p.name}`" for p in sources)
     header = {**runs[0]["header"], "seconds": max(r["header"]["seconds"] for r in runs),
               "command": f"python -m harp.bench.pruning_report --from-json {','.join(map(str, sources))} "
@@ -281,6 +283,17 @@ def rerender(sources: list[Path], methods: list[str], name: str) -> None:
               "sources": f"Rows of {', '.join(methods)} merged from {files} (processes that ran side by side; "
                          "each file's header names the commands that produced it)."}
     write_results(name, rows, header)
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    """An earlier run's results JSON, checked for the parts a merge or a resume reads."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data.get("header"), dict) or not isinstance(data.get("rows"), list):
+            raise ValueError("no header/rows")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise HarpError(f"{path}: not a pruning report's results JSON ({e})") from e
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"unknown method(s): {', '.join(unknown)}")
+        raise HarpError(f"unknown method(s): {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     name = args.name or f"pruning-{args.dataset}-{args.granularity}"
     if args.from_json is not None:
         return rerender([Path(p) for p in args.from_json.split(",")], methods, name)
@@ -329,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     done: dict[tuple[str, float], dict[str, Any]] = {}
     earlier, dense_epoch = 0.0, None
     if args.resume and (RESULTS / f"{name}.json").exists():
-        previous = json.loads((RESULTS / f"{name}.json").read_text())
+        previous = _read_results(RESULTS / f"{name}.json")
         done = {(r["method"], r["sparsity"]): r for r in previous["rows"]}
         earlier = previous["header"]["seconds"]
         command = f"{previous['header']['command']}` then `{command}"
@@ -367,4 +380,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "pruning_report"))

@@ -7,6 +7,8 @@ bad input to the same one line and exit status 2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
 from .errors import HarpError
@@ -36,6 +38,19 @@ def run_cli(group: click.Group, args: list[str] | None = None, prog: str = "harp
     except click.ClickException as e:
         click.echo(f"{prog}: error: {e.format_message()}", err=True)
         return 2
+    except user_errors() as e:
+        click.echo(f"{prog}: error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    return 0
+
+
+def run_script(main: Callable[[], object], prog: str) -> int:
+    """Run an argparse script's main (the benchmark reports); user errors become one line and exit status 2."""
+    try:
+        main()
     except user_errors() as e:
         click.echo(f"{prog}: error: {e}", err=True)
         return 2

@@ -52,3 +52,16 @@ def test_rerender_merges_runs_and_keeps_each_rows_reference(tmp_path, monkeypatc
     assert (tmp_path / "results" / "merged-linf.png").stat().st_size > 0
     merged = json.loads((tmp_path / "results" / "merged.json").read_text())
     assert [r["dense_epoch_seconds"] for r in merged["rows"]] == [100.0, 100.0, 50.0, 50.0]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from harp.cli_errors import run_script
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for argv, message in [(["--methods", "obd"], "unknown method(s): obd"),
+                          (["--from-json", str(bad)], "not a pruning report's results JSON"),
+                          (["--from-json", str(tmp_path / "missing.json")], "No such file")]:
+        assert run_script(lambda: pruning_report.main(argv), "pruning_report") == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -18,18 +18,22 @@ def _harp(*args, **kw):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = _harp(*ARGS, "--out", str(killed))
-    state = killed / "state" / "state.json"
+def _kill_after_epochs(proc, out, epochs: int) -> int:
+    """SIGKILL `proc` once its saved state in `out` has `epochs` finished epochs; the epochs it had."""
+    state = out / "state" / "state.json"
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 3:
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= epochs:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = json.loads(state.read_text())["epoch"]
+    return json.loads(state.read_text())["epoch"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    done = _kill_after_epochs(_harp(*ARGS, "--out", str(killed)), killed, 3)
     assert 3 <= done < 12, "the run must be killed mid-way"
     assert not (killed / "meta.json").exists()
 
@@ -60,16 +64,7 @@ def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_p
     args = ["prune", str(digits_robust_ckpt), "--method", "harp", "--sparsity", "0.99", "--epochs", "10",
             "--steps", "2", "--subset", "600", "--quiet"]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = _harp(*args, "--out", str(killed))
-    state = killed / "state" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = json.loads(state.read_text())["epoch"]
+    done = _kill_after_epochs(_harp(*args, "--out", str(killed)), killed, 2)
     assert 2 <= done < 10, "the run must be killed mid-way"
     assert not (killed / "meta.json").exists()
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from harp.kernels.threads import WAIT_POLICIES
+
 from .latency import (
     LatencyStats,
     best_of,
@@ -125,9 +127,12 @@ def time_pair(artifact: Path, batch: int, threads: int, iters: int, rounds: int 
     y_harp, y_ort = harp.run(x), ort.run(x)
     tolerance = PARITY_RTOL * max(1.0, float(np.abs(y_ort).max()))
     kernels = [r["kernel"] for r in harp.info["runtime"].plan_report(batch) if r["kernel"] in ("sparse", "dense")]
+    macs = model_macs(harp.info["runtime"])
     return {
         "batch": batch, "harp": harp_stats.to_json(), "onnxruntime": ort_stats.to_json(),
-        "speedup": ort_stats.median_ms / harp_stats.median_ms,
+        "speedup": ort_stats.median_ms / harp_stats.median_ms, "macs_per_image": macs,
+        "gflops": {"harp": 2 * macs["nonzero"] * batch / (harp_stats.median_ms * 1e6),
+                   "onnxruntime": 2 * macs["dense"] * batch / (ort_stats.median_ms * 1e6)},
         "kernels": {"sparse": kernels.count("sparse"), "dense": kernels.count("dense")},
         "parity": {"max_abs_diff": float(np.abs(y_harp - y_ort).max()), "tolerance": tolerance,
                    "argmax_equal": bool((y_harp.argmax(1) == y_ort.argmax(1)).all())},
@@ -156,11 +161,26 @@ def layer_table(artifact: Path, threads: int, batches=BATCHES, repeats: int = 30
 def _dense_macs(runtime, step_name: str) -> int | None:
     for ex in runtime.executors:
         if ex.step.name == step_name and ex.density is not None:
-            weight = ex.weight
-            out_shape = runtime.plan.values[ex.step.output].shape
-            pixels = out_shape[1] * out_shape[2] if len(out_shape) == 3 else 1
-            return weight.n_rows * weight.n_cols * pixels
+            return _executor_dense_macs(runtime, ex)
     return None
+
+
+def _executor_dense_macs(runtime, ex) -> int:
+    """Multiply-adds per image of a conv/linear step with its weight dense (what onnxruntime computes)."""
+    out_shape = runtime.plan.values[ex.step.output].shape
+    pixels = out_shape[1] * out_shape[2] if len(out_shape) == 3 else 1
+    return ex.weight.n_rows * ex.weight.n_cols * pixels
+
+
+def model_macs(runtime) -> dict[str, int]:
+    """Per-image multiply-adds of all conv/linear steps: dense (model.onnx's) and on nonzero weights only.
+
+    Their ratio is the speedup a sparse engine would get at the dense engine's
+    efficiency per multiply-add: the yardstick for the goals.
+    """
+    layers = [ex for ex in runtime.executors if ex.density is not None]
+    return {"dense": sum(_executor_dense_macs(runtime, ex) for ex in layers),
+            "nonzero": sum(ex.macs_per_image for ex in layers)}
 
 
 def dispatch_overhead(artifact: Path, threads: int, iters: int = 300) -> dict[str, Any]:
@@ -299,6 +319,16 @@ def _step_label(row: dict[str, Any]) -> str:
     return f"{row['name']} ({', '.join(parts)})" if parts else row["name"]
 
 
+def _mac_ratio(row: dict[str, Any]) -> str:
+    macs = row.get("macs_per_image")
+    return f"{macs['dense'] / macs['nonzero']:.1f}x" if macs and macs["nonzero"] else ""
+
+
+def _gflops(row: dict[str, Any]) -> str:
+    g = row.get("gflops")
+    return f"{g['harp']:.0f} / {g['onnxruntime']:.0f}" if g else ""
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -311,9 +341,10 @@ def render(report: dict[str, Any]) -> str:
         "Protocol (`harp.bench.latency`): seeded uniform [0, 1) inputs; warm-up outside the timed region; "
         f"{report['iters']} timed calls per round, two rounds per backend (the better median kept); "
         "onnxruntime with intra_op_num_threads = threads, inter_op_num_threads = 1, sequential execution, all "
-        "graph optimisations; harp with `fallback=\"auto\"` (per-layer sparse/dense choice timed at "
-        "prepare). Load = 1-minute load average before each timed round (min..max); the machine is shared "
-        "(another job trains on it), so absolute times are inflated when the load exceeds "
+        "graph optimisations and its default thread spinning; harp with `fallback=\"auto\"` (per-layer "
+        f"sparse/dense choice timed at prepare) and the `{report.get('wait_policy', 'passive')}` wait policy "
+        "for its idle threads (`harp.kernels.threads`). Load = 1-minute load average before each timed round "
+        "(min..max); the machine is shared, so absolute times are inflated when the load exceeds "
         f"{m['cores']} - threads.",
         "",
         "Models: random init (seed 0) with randomised BatchNorm statistics, pruned one-shot, exported with "
@@ -328,8 +359,9 @@ def render(report: dict[str, Any]) -> str:
     for variant in variants:
         lines += ["", f"## Latency: {VARIANT_TITLES.get(variant, variant)}", "",
                   "| model | sparsity (after export) | batch | harp median (p90, p99) ms | ORT dense median (p90, p99) ms "
-                  "| speedup | goal | sparse/dense layers | load |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| speedup | goal | dense/nonzero MACs | GFLOP/s harp (nonzero) / ORT (dense) "
+                  "| sparse/dense layers | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in report["latency"]:
             if row.get("variant", "global") != variant:
                 continue
@@ -340,7 +372,8 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['name']} | {target}{row['sparsity']:.2%} | {row['batch']} | {h['median_ms']:.3f} "
                 f"({h['p90_ms']:.3f}, {h['p99_ms']:.3f}) | {o['median_ms']:.3f} ({o['p90_ms']:.3f}, {o['p99_ms']:.3f}) "
-                f"| {row['speedup']:.1f}x | {goal_text} | {row['kernels']['sparse']}/{row['kernels']['dense']} | "
+                f"| {row['speedup']:.1f}x | {goal_text} | {_mac_ratio(row)} | {_gflops(row)} "
+                f"| {row['kernels']['sparse']}/{row['kernels']['dense']} | "
                 f"{min(row['load']):.1f}..{max(row['load']):.1f} |")
     goal_rows = [r for r in report["latency"] if (r.get("target_sparsity"), r["batch"]) in GOALS]
     if goal_rows:
@@ -450,11 +483,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifact", action="append", default=[], help="An extra artifact dir to time.")
     parser.add_argument("--checkpoint", action="append", default=[], help="A pruned checkpoint to export and time.")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "runtime.md")
+    parser.add_argument("--wait-policy", choices=WAIT_POLICIES, default="spin",
+                        help="how harp's idle kernel threads wait (harp.kernels.threads); onnxruntime keeps "
+                             "its default (spinning)")
     args = parser.parse_args(argv)
 
     from harp.kernels.threads import init_threads
 
-    init_threads(args.threads)  # sleeping idle threads, set before any OpenMP pool starts
+    init_threads(args.threads, args.wait_policy)  # before any OpenMP pool starts
+    os.environ["HARP_WAIT_POLICY"] = args.wait_policy  # the cold-start processes use it too
     work = args.work or Path(tempfile.mkdtemp(prefix="harp-runtime-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     targets: list[tuple[str, str, float | None, Path]] = []
@@ -468,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         targets.append(("given", describe(path)["architecture"], None, path))
 
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-                              "threads": args.threads, "iters": args.iters, "latency": []}
+                              "threads": args.threads, "iters": args.iters, "wait_policy": args.wait_policy,
+                              "latency": []}
     for variant, arch, target, path in targets:
         info = describe(path)
         for batch in BATCHES:

@@ -5,7 +5,7 @@ Run: `python -m harp.kernels._microbench [--threads 2] [--budget 0.15]`
 Protocol: seeded random inputs and random unstructured sparse weights (density
 1% and 10%, i.e. 99% and 90% sparsity) for every VGG16-CIFAR 3x3 conv shape;
 batch 1 and 16; numba, BLAS and torch on the same thread count and the same
-OpenMP wait policy (`--wait-policy`, default passive); each function
+OpenMP wait policy (`--wait-policy`, default spin); each function
 runs 3 times untimed (compilation, caches), then is timed repeatedly for about
 `--budget` seconds (at least 5 runs) and the median is reported in microseconds.
 The sparse kernel gets its plan, workspace and output buffer prepared outside the
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=float, default=0.15, help="seconds of timed runs per cell")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.1])
-    parser.add_argument("--wait-policy", choices=WAIT_POLICIES, default="passive",
+    parser.add_argument("--wait-policy", choices=WAIT_POLICIES, default="spin",
                         help="idle-thread policy of numba's and torch's OpenMP pools (both get it)")
     args = parser.parse_args(argv)
 

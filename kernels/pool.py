@@ -74,7 +74,8 @@ def bind_maxpool2d(src, src_layout: Layout, n: int, kernel, stride, padding, dil
     shape = pool2d_output_shape(op, _chw(src_layout), kernel, stride, padding, dilation, ceil_mode)
     _check_buffers(op, src, src_layout, n, out, out_layout, shape)
     return partial(_maxpool, src, src_layout.params(), n, kernel[0], kernel[1], stride[0], stride[1],
-                   padding[0], padding[1], dilation[0], dilation[1], out, out_layout.params())
+                   padding[0], padding[1], dilation[0], dilation[1], out, out_layout.params(),
+                   _channel_run(out_layout, n))
 
 
 def bind_avgpool2d(src, src_layout: Layout, n: int, kernel, stride, padding, ceil_mode, count_include_pad,
@@ -85,7 +86,8 @@ def bind_avgpool2d(src, src_layout: Layout, n: int, kernel, stride, padding, cei
     shape = pool2d_output_shape(op, _chw(src_layout), kernel, stride, padding, (1, 1), ceil_mode)
     _check_buffers(op, src, src_layout, n, out, out_layout, shape)
     return partial(_avgpool, src, src_layout.params(), n, kernel[0], kernel[1], stride[0], stride[1],
-                   padding[0], padding[1], bool(count_include_pad), out, out_layout.params())
+                   padding[0], padding[1], bool(count_include_pad), out, out_layout.params(),
+                   _channel_run(out_layout, n))
 
 
 def bind_global_avgpool(src, src_layout: Layout, n: int, out, out_layout: Layout) -> Callable[[], None]:
@@ -95,7 +97,8 @@ def bind_global_avgpool(src, src_layout: Layout, n: int, out, out_layout: Layout
     if h * w == 0:
         raise ValueError(f"{op}: empty spatial size in input {(c, h, w)}")
     _check_buffers(op, src, src_layout, n, out, out_layout, (c, 1, 1))
-    return partial(_global_avgpool, src, src_layout.params(), n, out, out_layout.params())
+    return partial(_global_avgpool, src, src_layout.params(), n, out, out_layout.params(),
+                   _channel_run(out_layout, n))
 
 
 def _chw(layout: Layout) -> tuple[int, int, int]:
@@ -146,127 +149,188 @@ def _resolve_out(op, out, shape) -> np.ndarray:
     return out
 
 
-# Kernels: one (image block of the output, channel) per work item, its images one by one.
+# Kernels: one (image block of the output, run of channels) per work item; the
+# runs are as long as `_channel_run` says, so that small planes (the deep layers
+# of VGG at batch 16: 512 channels of 2x2 pixels) do not pay a call per plane.
 # Pixel (h, w) of image i, channel c of a buffer in layout `lay` is at
 # row_offset(lay, i // G, c, h) + w*G + i % G. Each work item calls a plain
 # (not inlined) njit function: loop nests written inside a prange body compile
 # to code several times slower (measured 4x on maxpool).
 
+# Output elements a work item should at least cover (a plain call costs ~0.1 µs).
+RUN_ELEMS = 2048
+
+
+def _channel_run(out_layout: Layout, n: int) -> int:
+    """Channels per work item: about RUN_ELEMS outputs, but >= 8 items in all where possible."""
+    plane = out_layout.height * out_layout.width * out_layout.group
+    per_plane = -(-RUN_ELEMS // max(plane, 1))
+    blocks = max(n // out_layout.group, 1)
+    return max(1, min(per_plane, out_layout.channels * blocks // 8))
+
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _maxpool(src, sl, n, kh, kw, sh, sw, ph, pw, dh, dw, out, ol):
+def _maxpool(src, sl, n, kh, kw, sh, sw, ph, pw, dh, dw, out, ol, run):
     go, c = ol[5], ol[0]
     # The VGG/ResNet case, 2x2 windows at stride 2 without padding, all inside the input, has its own loop.
     halving = (kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1
                and 2 * ol[1] <= sl[1] and 2 * ol[2] <= sl[2])
-    for item in prange((n // go) * c):
-        blk, ch = item // c, item % c
-        for k in range(go):
-            img = blk * go + k
-            if halving:
-                _maxpool_2x2_plane(src, sl, img // sl[5], img % sl[5], ch, out, ol, blk, k)
-            else:
-                _maxpool_plane(src, sl, img // sl[5], img % sl[5], ch, kh, kw, sh, sw, ph, pw, dh, dw,
-                               out, ol, blk, k)
+    runs = (c + run - 1) // run
+    for item in prange((n // go) * runs):
+        blk, ch0 = item // runs, (item % runs) * run
+        ch1 = min(ch0 + run, c)
+        if halving:
+            _maxpool_2x2_channels(src, sl, blk, ch0, ch1, out, ol)
+        else:
+            _maxpool_channels(src, sl, blk, ch0, ch1, kh, kw, sh, sw, ph, pw, dh, dw, out, ol)
+
+
+_U = np.uint64  # unsigned flat indices: numba then adds no wraparound test and LLVM vectorises
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _max4(a, b, e, f):
+    """max of four values, NaN if any is NaN (torch semantics); branch-free so loops vectorise."""
+    m = a if a > b else b
+    m2 = e if e > f else f
+    m = m if m > m2 else m2
+    return np.float32(np.nan) if (a != a) | (b != b) | (e != e) | (f != f) else m
 
 
 @njit(cache=True, error_model="numpy")
-def _maxpool_2x2_plane(src, sl, s_blk, s_k, ch, out, ol, blk, k):
+def _maxpool_2x2_channels(src, sl, blk, ch0, ch1, out, ol):
+    # Offsets are int64 and become uint64 only as indices: numba turns uint64 op int64 into float64.
     gs, go = sl[5], ol[5]
     ho, wo = ol[1], ol[2]
-    for oh in range(ho):
-        r0 = row_offset(sl, s_blk, ch, 2 * oh) + s_k
-        r1 = row_offset(sl, s_blk, ch, 2 * oh + 1) + s_k
-        d = row_offset(ol, blk, ch, oh) + k
-        for ow in range(wo):
-            j0, j1 = 2 * ow * gs, (2 * ow + 1) * gs
-            a, b, e, f = src[r0 + j0], src[r0 + j1], src[r1 + j0], src[r1 + j1]
-            m = a if a > b else b
-            m2 = e if e > f else f
-            m = m if m > m2 else m2
-            if a != a or b != b or e != e or f != f:  # NaN wins, as in torch
-                m = np.float32(np.nan)
-            out[d + ow * go] = m
+    if gs == go:  # same image group: the G images of a pixel are contiguous on both sides
+        for ch in range(ch0, ch1):
+            for oh in range(ho):
+                r0 = row_offset(sl, blk, ch, 2 * oh)
+                r1 = row_offset(sl, blk, ch, 2 * oh + 1)
+                d = row_offset(ol, blk, ch, oh)
+                if go == 1:  # plain planes: a loop over k of length 1 would not vectorise
+                    for ow in range(wo):
+                        j = r0 + 2 * ow
+                        i = r1 + 2 * ow
+                        out[_U(d + ow)] = _max4(src[_U(j)], src[_U(j + 1)], src[_U(i)], src[_U(i + 1)])
+                    continue
+                for ow in range(wo):
+                    j = r0 + 2 * ow * go
+                    i = r1 + 2 * ow * go
+                    o = d + ow * go
+                    for k in range(go):
+                        out[_U(o + k)] = _max4(src[_U(j + k)], src[_U(j + go + k)], src[_U(i + k)],
+                                               src[_U(i + go + k)])
+        return
+    # Different groups (e.g. a 32x32 plane per image in, 16x16 planes of 16 interleaved images out):
+    # images innermost, so the output is written in one contiguous run per row and each
+    # image's input rows are read in order (images outermost rewrites every output cache line G times).
+    r0 = np.empty(go, np.int64)
+    r1 = np.empty(go, np.int64)
+    for ch in range(ch0, ch1):
+        for oh in range(ho):
+            for k in range(go):
+                img = blk * go + k
+                r0[k] = row_offset(sl, img // gs, ch, 2 * oh) + img % gs
+                r1[k] = row_offset(sl, img // gs, ch, 2 * oh + 1) + img % gs
+            d = row_offset(ol, blk, ch, oh)
+            for ow in range(wo):
+                j0, j1 = 2 * ow * gs, (2 * ow + 1) * gs
+                o = d + ow * go
+                for k in range(go):
+                    out[_U(o + k)] = _max4(src[_U(r0[k] + j0)], src[_U(r0[k] + j1)], src[_U(r1[k] + j0)],
+                                           src[_U(r1[k] + j1)])
 
 
 @njit(cache=True, error_model="numpy")
-def _maxpool_plane(src, sl, s_blk, s_k, ch, kh, kw, sh, sw, ph, pw, dh, dw, out, ol, blk, k):
+def _maxpool_channels(src, sl, blk, ch0, ch1, kh, kw, sh, sw, ph, pw, dh, dw, out, ol):
     h, w, gs = sl[1], sl[2], sl[5]
     ho, wo, go = ol[1], ol[2], ol[5]
     rows = np.empty(kh, np.int64)
-    for oh in range(ho):
-        n_rows = 0  # the window rows inside the input, as buffer offsets
-        for a in range(kh):
-            r = oh * sh - ph + a * dh
-            if 0 <= r < h:
-                rows[n_rows] = row_offset(sl, s_blk, ch, r) + s_k
-                n_rows += 1
-        d = row_offset(ol, blk, ch, oh) + k
-        for ow in range(wo):
-            c0 = ow * sw - pw
-            m = np.float32(-np.inf)
-            for b in range(kw):
-                col = c0 + b * dw
-                if 0 <= col < w:
-                    for a in range(n_rows):
-                        v = src[rows[a] + col * gs]
-                        if v > m or v != v:  # NaN wins, as in torch
-                            m = v
-            out[d + ow * go] = m
+    for ch in range(ch0, ch1):
+        for k in range(go):
+            img = blk * go + k
+            s_blk, s_k = img // gs, img % gs
+            for oh in range(ho):
+                n_rows = 0  # the window rows inside the input, as buffer offsets
+                for a in range(kh):
+                    r = oh * sh - ph + a * dh
+                    if 0 <= r < h:
+                        rows[n_rows] = row_offset(sl, s_blk, ch, r) + s_k
+                        n_rows += 1
+                d = row_offset(ol, blk, ch, oh) + k
+                for ow in range(wo):
+                    c0 = ow * sw - pw
+                    m = np.float32(-np.inf)
+                    for b in range(kw):
+                        col = c0 + b * dw
+                        if 0 <= col < w:
+                            for a in range(n_rows):
+                                v = src[rows[a] + col * gs]
+                                if v > m or v != v:  # NaN wins, as in torch
+                                    m = v
+                    out[d + ow * go] = m
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _avgpool(src, sl, n, kh, kw, sh, sw, ph, pw, count_include_pad, out, ol):
+def _avgpool(src, sl, n, kh, kw, sh, sw, ph, pw, count_include_pad, out, ol, run):
     go, c = ol[5], ol[0]
-    for item in prange((n // go) * c):
-        blk, ch = item // c, item % c
-        for k in range(go):
-            img = blk * go + k
-            _avgpool_plane(src, sl, img // sl[5], img % sl[5], ch, kh, kw, sh, sw, ph, pw, count_include_pad,
-                           out, ol, blk, k)
+    runs = (c + run - 1) // run
+    for item in prange((n // go) * runs):
+        blk, ch0 = item // runs, (item % runs) * run
+        _avgpool_channels(src, sl, blk, ch0, min(ch0 + run, c), kh, kw, sh, sw, ph, pw, count_include_pad,
+                          out, ol)
 
 
 @njit(cache=True, error_model="numpy")
-def _avgpool_plane(src, sl, s_blk, s_k, ch, kh, kw, sh, sw, ph, pw, count_include_pad, out, ol, blk, k):
+def _avgpool_channels(src, sl, blk, ch0, ch1, kh, kw, sh, sw, ph, pw, count_include_pad, out, ol):
     h, w, gs = sl[1], sl[2], sl[5]
     ho, wo, go = ol[1], ol[2], ol[5]
-    for oh in range(ho):
-        r0 = oh * sh - ph
-        r1 = min(r0 + kh, h + ph)  # the window clipped to the padded input
-        rr0, rr1 = max(r0, 0), min(r1, h)
-        d = row_offset(ol, blk, ch, oh) + k
-        for ow in range(wo):
-            c0 = ow * sw - pw
-            c1 = min(c0 + kw, w + pw)
-            cc0, cc1 = max(c0, 0), min(c1, w)
-            total = np.float32(0.0)
-            for r in range(rr0, rr1):
-                base = row_offset(sl, s_blk, ch, r) + s_k
-                for col in range(cc0, cc1):
-                    total += src[base + col * gs]
-            if count_include_pad:
-                divisor = (r1 - r0) * (c1 - c0)
-            else:
-                divisor = (rr1 - rr0) * (cc1 - cc0)
-            out[d + ow * go] = total / np.float32(divisor)
+    for ch in range(ch0, ch1):
+        for k in range(go):
+            img = blk * go + k
+            s_blk, s_k = img // gs, img % gs
+            for oh in range(ho):
+                r0 = oh * sh - ph
+                r1 = min(r0 + kh, h + ph)  # the window clipped to the padded input
+                rr0, rr1 = max(r0, 0), min(r1, h)
+                d = row_offset(ol, blk, ch, oh) + k
+                for ow in range(wo):
+                    c0 = ow * sw - pw
+                    c1 = min(c0 + kw, w + pw)
+                    cc0, cc1 = max(c0, 0), min(c1, w)
+                    total = np.float32(0.0)
+                    for r in range(rr0, rr1):
+                        base = row_offset(sl, s_blk, ch, r) + s_k
+                        for col in range(cc0, cc1):
+                            total += src[base + col * gs]
+                    if count_include_pad:
+                        divisor = (r1 - r0) * (c1 - c0)
+                    else:
+                        divisor = (rr1 - rr0) * (cc1 - cc0)
+                    out[d + ow * go] = total / np.float32(divisor)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _global_avgpool(src, sl, n, out, ol):
+def _global_avgpool(src, sl, n, out, ol, run):
     go, c = ol[5], ol[0]
-    for item in prange((n // go) * c):
-        blk, ch = item // c, item % c
-        for k in range(go):
-            img = blk * go + k
-            out[row_offset(ol, blk, ch, 0) + k] = _plane_mean(src, sl, img // sl[5], img % sl[5], ch)
+    runs = (c + run - 1) // run
+    for item in prange((n // go) * runs):
+        blk, ch0 = item // runs, (item % runs) * run
+        _global_avgpool_channels(src, sl, blk, ch0, min(ch0 + run, c), out, ol)
 
 
 @njit(cache=True, error_model="numpy")
-def _plane_mean(src, sl, s_blk, s_k, ch):
+def _global_avgpool_channels(src, sl, blk, ch0, ch1, out, ol):
     h, w, gs = sl[1], sl[2], sl[5]
-    total = 0.0
-    for r in range(h):
-        base = row_offset(sl, s_blk, ch, r) + s_k
-        for col in range(w):
-            total += src[base + col * gs]
-    return total / (h * w)
+    go = ol[5]
+    for ch in range(ch0, ch1):
+        for k in range(go):
+            img = blk * go + k
+            s_blk, s_k = img // gs, img % gs
+            total = 0.0
+            for r in range(h):
+                base = row_offset(sl, s_blk, ch, r) + s_k
+                for col in range(w):
+                    total += src[base + col * gs]
+            out[row_offset(ol, blk, ch, 0) + k] = total / (h * w)

@@ -116,7 +116,7 @@ class Runtime:
         if fallback not in FALLBACKS:
             raise ValueError(f"Runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
         start = time.perf_counter()
-        thread_settings.init_threads()  # sleeping idle threads, before the first parallel kernel
+        thread_settings.init_threads()  # the idle threads' wait policy, before the first parallel kernel
         self.threads = thread_settings.get_num_threads() if threads is None else threads
         thread_settings.set_num_threads(self.threads)
         self.fallback = fallback

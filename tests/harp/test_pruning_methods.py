@@ -1,10 +1,7 @@
 """Pruning methods end to end on digits: targets hit, gamma freezes, fine-tuning keeps masks."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from harp.checkpoint import load_checkpoint
 from harp.errors import HarpError

@@ -191,6 +191,23 @@ def test_pools_between_layouts_match_reference(n, c, h, w, kernel, stride, paddi
         assert_close(from_layout(out, out_layout, n), ref)
 
 
+@pytest.mark.parametrize("n, in_group, out_group", [(1, 1, 1), (3, 1, 1), (4, 4, 4), (4, 1, 4), (4, 4, 1),
+                                                   (4, 2, 4), (4, 4, 2)])
+@pytest.mark.parametrize("hw", [(2, 2), (7, 5), (8, 8)])
+def test_maxpool_halving_between_layouts_matches_reference_with_nan(n, in_group, out_group, hw):
+    """The 2x2 stride-2 fast path for every pairing of image groups, NaN included (VGG's case)."""
+    x = np.random.default_rng(sum(hw) + 10 * n + in_group).standard_normal((n, 5, *hw)).astype(np.float32)
+    x[0, 1, 0, 1] = np.nan
+    x[-1, 4, -1, -1] = np.nan
+    in_layout = Layout(5, *hw, 1, 1, in_group)
+    expected = maxpool2d_ref(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+    out_layout = Layout(5, expected.shape[2], expected.shape[3], 1, 0, out_group)
+    out = np.zeros(out_layout.size(n), np.float32)
+    bind_maxpool2d(to_layout(x, in_layout), in_layout, n, 2, 2, 0, 1, False, out, out_layout)()
+    assert borders_are_zero(out, out_layout, n)
+    np.testing.assert_array_equal(from_layout(out, out_layout, n), expected)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5), st.integers(0, 2),
        st.integers(0, 2), st.integers(0, 2), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 99))

@@ -28,6 +28,7 @@ import io
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from harp.checkpoint import load_checkpoint, save_checkpoint
+from harp.cli_errors import run_script
 from harp.data import dataset_spec
 from harp.export.bundle import PREAMBLE, load_bundle, write_bundle
 from harp.export.exporter import export_checkpoint, export_model
@@ -352,4 +354,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "export_sizes"))

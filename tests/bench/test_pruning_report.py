@@ -65,3 +65,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert run_script(lambda: pruning_report.main(argv), "pruning_report") == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def test_winners_rank_by_worst_case_and_leave_chance_level_models_out():
+    def row(method, natural, pgd, aa):
+        return _row(method, 0.99, 1.0, finetuned={"natural": natural, "robust": pgd},
+                    autoattack={"accuracy": aa, "examples": 1000, "seconds": 1.0})
+
+    # HARP leads under PGD but is gradient-masked (AutoAttack 3%); PwoA is a constant classifier.
+    rows = [row("harp", 0.95, 0.74, 0.03), row("hydra", 0.72, 0.56, 0.08), row("pwoa", 0.10, 0.10, 0.10)]
+    lines = pruning_report.winners(rows, classes=10)
+    assert "- 99.00%: natural harp (95.00%); PGD harp (74.00%); worst case hydra (8.00%); not ranked: pwoa." in lines
+    assert lines[-2].endswith("pwoa 10.00% (not ranked): holds.")  # by PGD
+    assert lines[-1].endswith("pwoa 10.00% (not ranked): does not hold.")  # by worst case: hydra 8% > harp 3%

@@ -187,6 +187,13 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
             s0 = _U(row_offset(lay, blk, ch, h_in) + w0 * gs)
             for j in range(width * ug):
                 packed[d0 + j] = src[s0 + j]
+        elif gs == g:  # same image group, strided columns: each column's g images are one contiguous run
+            s0 = row_offset(lay, blk, ch, h_in) + w0 * gs
+            for b in range(width):
+                d = d0 + b * ug
+                src_col = _U(s0) + b * _U(sw * gs)
+                for k in range(ug):
+                    packed[d + k] = src[src_col + k]
         elif g == 1:  # one image, strided columns
             s0 = _U(row_offset(lay, blk // gs, ch, h_in) + w0 * gs + blk % gs)
             step = _U(sw * gs)

@@ -67,6 +67,17 @@ def test_pack_from_a_layout_matches_pack_of_nchw(n, c, h, w, stride, padding, bo
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("stride, padding, border", [((2, 2), (1, 1), 0), ((2, 2), (0, 0), 1), ((3, 2), (1, 0), 2),
+                                                     ((1, 2), (2, 1), 0)])
+def test_pack_of_a_strided_conv_within_one_image_group(stride, padding, border):
+    """Grouped source and packed input with the same group, strided columns (ResNet's downsampling convs)."""
+    x = np.random.default_rng(sum(stride) + border).standard_normal((4, 3, 7, 6)).astype(np.float32)
+    src_layout = Layout(3, 7, 6, border, border, 4)
+    out = np.full(packed_size(4, 3, (7, 6), stride, padding), np.nan, np.float32)
+    bind_pack(to_layout(x, src_layout), src_layout, 4, stride, padding, 4, out)()
+    np.testing.assert_array_equal(out, pack_input(x, stride, padding, 4, allow_view=False))
+
+
 @st.composite
 def layout_conv_cases(draw):
     depthwise = draw(st.booleans())

@@ -18,8 +18,8 @@ checkpoints first (e.g. HARP-learned masks).
 
 Timing follows `latency`'s protocol: batch 1 and 16, the same seeded inputs and
 thread count (default 2) everywhere, warm-up outside the timed region, >= 50
-timed calls, medians with p90/p99; each (model, batch) is timed as two rounds of
-harp then onnxruntime, and each backend keeps its better round (a burst of
+timed calls, medians with p90/p99; each (model, batch) is timed as three rounds of
+harp then onnxruntime, and each backend keeps its best round (a burst of
 load on this shared machine hits one round, not both). The machine load is
 recorded with every row. Also: a per-layer table of VGG16 at 99%
 (`Runtime.profile`), the cold start of the runtime in a fresh process (numba
@@ -63,6 +63,7 @@ BATCHES = (1, 16)
 LAYER_TABLE = ("global", "vgg16_bn", 0.99)  # (variant, arch, sparsity) of the per-step table
 GOALS = {(0.99, 1): 3.0, (0.99, 16): 8.0, (0.9, 1): 1.0, (0.9, 16): 1.0}  # minimum speedup over ORT dense
 PARITY_RTOL = 1e-4
+ROUNDS = 3  # timed rounds per backend and (model, batch), alternating harp and onnxruntime
 
 
 # ---------------------------------------------------------------- artifacts
@@ -115,7 +116,7 @@ def describe(artifact: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- measurements
 
 
-def time_pair(artifact: Path, batch: int, threads: int, iters: int, rounds: int = 2) -> dict[str, Any]:
+def time_pair(artifact: Path, batch: int, threads: int, iters: int, rounds: int = ROUNDS) -> dict[str, Any]:
     """harp vs onnxruntime (dense model.onnx) on one artifact and batch size."""
     harp = harp_backend(artifact, threads)
     ort = onnxruntime_backend(artifact, threads)
@@ -352,7 +353,8 @@ def render(report: dict[str, Any]) -> str:
         f"{report['threads']} threads for every backend.",
         "",
         "Protocol (`harp.bench.latency`): seeded uniform [0, 1) inputs; warm-up outside the timed region; "
-        f"{report['iters']} timed calls per round, two rounds per backend (the better median kept); "
+        f"{report['iters']} timed calls per round, {report.get('rounds', 2)} rounds per backend, alternating "
+        "(the best median kept: the host's other tenants make single rounds vary by up to 2x); "
         "onnxruntime with intra_op_num_threads = threads, inter_op_num_threads = 1, sequential execution, all "
         "graph optimisations and its default thread spinning; harp with `fallback=\"auto\"` (per-layer "
         f"sparse/dense choice timed at prepare) and the `{report.get('wait_policy', 'passive')}` wait policy "
@@ -536,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         targets.append(("given", describe(path)["architecture"], None, path))
 
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-                              "threads": args.threads, "iters": args.iters, "wait_policy": args.wait_policy,
+                              "threads": args.threads, "iters": args.iters, "rounds": ROUNDS,
+                              "wait_policy": args.wait_policy,
                               "latency": []}
     for variant, arch, target, path in targets:
         info = describe(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from harp.cli_errors import run_cli
+from harp.errors import HarpError
 
 DEMO_RUN = Path("runs/demo")
 DEMO_ARTIFACT = DEMO_RUN / "artifact"
@@ -54,6 +55,12 @@ def cli(ctx: click.Context) -> None:
 
     With no command: time runs/demo/artifact on torch, onnxruntime, onnxruntime-sparse and harp.
     """
+    from harp.kernels.threads import env_wait_policy
+
+    try:
+        env_wait_policy()  # the harp backend's thread policy: a typo is one line here, not a traceback later
+    except ValueError as e:
+        raise HarpError(str(e)) from e
     if ctx.invoked_subcommand is None:
         demo_latency()
 

@@ -49,8 +49,8 @@ from typing import Any
 import torch
 
 from harp.checkpoint import load_checkpoint
-from harp.data import dataset_spec
 from harp.cli_errors import run_script
+from harp.data import dataset_spec
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.finetune import finetune_checkpoint

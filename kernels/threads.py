@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import os
 
-import numba
-
 WAIT_POLICIES = ("spin", "passive", "active")
 
 # Pause instructions an idle thread spins for under the "spin" policy (libgomp's GOMP_SPINCOUNT).
@@ -45,7 +43,17 @@ _dense_split = 1
 
 def max_threads() -> int:
     """The most threads numba can use in this process (NUMBA_NUM_THREADS)."""
+    import numba  # here, not at the top: checking a policy or an option needs no numba
+
     return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def env_wait_policy() -> str:
+    """The wait policy $HARP_WAIT_POLICY names, "spin" when it is unset; ValueError for anything else."""
+    policy = os.environ.get("HARP_WAIT_POLICY", "spin")
+    if policy not in WAIT_POLICIES:
+        raise ValueError(f"HARP_WAIT_POLICY must be one of {', '.join(WAIT_POLICIES)}, got {policy!r}")
+    return policy
 
 
 def init_threads(n: int | None = None, wait_policy: str | None = None) -> bool:
@@ -56,7 +64,7 @@ def init_threads(n: int | None = None, wait_policy: str | None = None) -> bool:
     running with whatever policy it started with.
     """
     if wait_policy is None:
-        wait_policy = os.environ.get("HARP_WAIT_POLICY", "spin")
+        wait_policy = env_wait_policy()
     if wait_policy not in WAIT_POLICIES:
         raise ValueError(f"init_threads: wait_policy must be one of {WAIT_POLICIES}, got {wait_policy!r}")
     applied = not _pool_started()
@@ -77,6 +85,8 @@ def set_num_threads(n: int) -> None:
     global _dense_split
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_threads():
         raise ValueError(f"set_num_threads: expected an int in 1..{max_threads()}, got {n!r}")
+    import numba
+
     numba.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
@@ -94,6 +104,8 @@ def dense_split() -> int:
 
 def get_num_threads() -> int:
     """Threads numba kernels started from this thread will use."""
+    import numba
+
     return int(numba.get_num_threads())
 
 

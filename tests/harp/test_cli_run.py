@@ -91,3 +91,11 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, artifact, args, message):
     tmp, _ = artifact
     code, _, err = _run(capsys, "run", *[a.replace("{tmp}", str(tmp)) for a in args])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_wait_policy_is_one_line_and_exit_2(capsys, artifact, monkeypatch):
+    tmp, _ = artifact
+    monkeypatch.setenv("HARP_WAIT_POLICY", "busy")
+    code, _, err = _run(capsys, "run", tmp / "art", "--input", tmp / "x.npy")
+    assert code == 2 and "HARP_WAIT_POLICY must be one of spin, passive, active, got 'busy'" in err
+    assert len(err.strip().splitlines()) == 1

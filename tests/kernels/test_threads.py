@@ -34,3 +34,15 @@ def test_init_threads_reports_pool_already_running():
         assert get_num_threads() == 1
     finally:
         set_num_threads(before)
+
+
+def test_wait_policy_comes_from_the_environment(monkeypatch):
+    from harp.kernels.threads import env_wait_policy
+
+    monkeypatch.delenv("HARP_WAIT_POLICY", raising=False)
+    assert env_wait_policy() == "spin"
+    monkeypatch.setenv("HARP_WAIT_POLICY", "passive")
+    assert env_wait_policy() == "passive"
+    monkeypatch.setenv("HARP_WAIT_POLICY", "sleepy")
+    with pytest.raises(ValueError, match="HARP_WAIT_POLICY must be one of spin, passive, active, got 'sleepy'"):
+        init_threads()

@@ -17,7 +17,6 @@ from pathlib import Path
 import click
 
 from harp.cli_errors import run_cli
-from harp.errors import HarpError
 
 DEMO_RUN = Path("runs/demo")
 DEMO_ARTIFACT = DEMO_RUN / "artifact"
@@ -57,10 +56,7 @@ def cli(ctx: click.Context) -> None:
     """
     from harp.kernels.threads import env_wait_policy
 
-    try:
-        env_wait_policy()  # the harp backend's thread policy: a typo is one line here, not a traceback later
-    except ValueError as e:
-        raise HarpError(str(e)) from e
+    env_wait_policy()  # the harp backend's thread policy: a typo fails here, before any backend runs
     if ctx.invoked_subcommand is None:
         demo_latency()
 

@@ -29,14 +29,14 @@ from harp.cli_errors import run_script
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.methods import PruneOptions, load_stage_data, make_config, score_job
 from harp.training.losses import LossConfig
-from harp.training.runner import Job, RunConfig, make_optimizer
+from harp.training.runner import Job, RunConfig, make_optimizer, train_step
 from harp.training.train import TrainJob, budget_for, train_attack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _stepper(job: Job, run: RunConfig):
-    """One training step of `job` as run_job takes it; returns its seconds."""
+    """One training step of `job` as run_job takes it (`train_step`); returns its seconds."""
     opt = make_optimizer(run, job.parameter_groups())
 
     def forward(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -45,16 +45,7 @@ def _stepper(job: Job, run: RunConfig):
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         t0 = time.perf_counter()
         job.model.train()
-        loss = job.loss(forward, x, y, job.loss_cfg)
-        extra = job.extra_loss(0)
-        if extra is not None:
-            loss = loss + extra
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        job.before_step()
-        opt.step()
-        job.after_step()
-        loss.item()
+        train_step(job, forward, opt, x, y, job.loss_cfg, 0).item()
         return time.perf_counter() - t0
     return step
 

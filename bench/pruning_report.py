@@ -396,6 +396,10 @@ def main(argv: list[str] | None = None) -> None:
         dense, dense_epoch = dense_reference(args.dataset, args.dense, args.work, args.data_root, args.subset)
     else:
         dense = args.dense
+    fixed = {"dataset": args.dataset, "granularity": args.granularity, "dense": str(dense),
+             "dense_metrics": load_checkpoint(dense).meta["metrics"], "dense_epoch_seconds": dense_epoch,
+             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                        f"Python {platform.python_version()}, torch {torch.__version__}"}
     # every finished row stays in the file, also those of methods or targets not asked for this time
     results: dict[tuple[str, float], dict[str, Any]] = dict(done)
     for sparsity in sparsities:
@@ -413,11 +417,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                 "autoattack", "prune_seconds",
                                                                 "adversarial_examples")}), flush=True)
             # rewritten after every row: a long run leaves usable partial results
-            header = {"dataset": args.dataset, "granularity": args.granularity, "dense": str(dense),
-                      "dense_metrics": load_checkpoint(dense).meta["metrics"], "dense_epoch_seconds": dense_epoch,
-                      "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                                 f"Python {platform.python_version()}, torch {torch.__version__}",
-                      "command": command, "seconds": earlier + time.perf_counter() - t0,
+            header = {**fixed, "command": command, "seconds": earlier + time.perf_counter() - t0,
                       "curve_examples": args.curve_examples, "epoch_examples": args.subset}
             write_results(name, list(results.values()), header)
     print(f"wrote {RESULTS / f'{name}.md'}")

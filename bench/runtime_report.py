@@ -43,7 +43,7 @@ import numpy as np
 
 from harp.cli_errors import run_script
 from harp.errors import HarpError
-from harp.kernels.threads import WAIT_POLICIES
+from harp.kernels.threads import WAIT_POLICIES, init_threads, max_threads
 
 from .latency import (
     MIN_ITERS,
@@ -489,8 +489,6 @@ def render(report: dict[str, Any]) -> str:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Bad options and missing inputs as HarpError (one line and exit 2 under run_script)."""
-    from harp.kernels.threads import max_threads
-
     if args.iters < MIN_ITERS:
         raise HarpError(f"--iters must be >= {MIN_ITERS}, got {args.iters}")
     if not 1 <= args.threads <= max_threads():
@@ -520,9 +518,6 @@ def main(argv: list[str] | None = None) -> None:
                              "its default (spinning)")
     args = parser.parse_args(argv)
     _check_args(args)
-
-    from harp.kernels.threads import init_threads
-
     init_threads(args.threads, args.wait_policy)  # before any OpenMP pool starts
     os.environ["HARP_WAIT_POLICY"] = args.wait_policy  # the cold-start processes use it too
     work = args.work or Path(tempfile.mkdtemp(prefix="harp-runtime-bench-"))

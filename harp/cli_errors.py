@@ -18,7 +18,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Exception types that mean bad input, not a bug in harp."""
     errors: list[type[Exception]] = [HarpError]
     for module, name in (("harp.export.graph", "GraphError"), ("harp.export.bundle", "BundleError"),
-                         ("harp.export.errors", "ExportError"), ("harp.export.csr", "CSRError")):
+                         ("harp.export.errors", "ExportError"), ("harp.export.csr", "CSRError"),
+                         ("harp.kernels.threads", "WaitPolicyError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -28,8 +29,14 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def run_cli(group: click.Group, args: list[str] | None = None, prog: str = "harp") -> int:
     """Invoke a click group; user errors become one line on stderr and exit status 2."""
+    return run_script(lambda: group.main(args=args, prog_name=prog, standalone_mode=False), prog)
+
+
+def run_script(main: Callable[[], object], prog: str) -> int:
+    """Run a command's main (a click group's, or an argparse benchmark script's); user errors become one
+    line on stderr and exit status 2."""
     try:
-        group.main(args=args, prog_name=prog, standalone_mode=False)
+        main()
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.Abort:
@@ -38,19 +45,6 @@ def run_cli(group: click.Group, args: list[str] | None = None, prog: str = "harp
     except click.ClickException as e:
         click.echo(f"{prog}: error: {e.format_message()}", err=True)
         return 2
-    except user_errors() as e:
-        click.echo(f"{prog}: error: {e}", err=True)
-        return 2
-    except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted", err=True)
-        return 130
-    return 0
-
-
-def run_script(main: Callable[[], object], prog: str) -> int:
-    """Run an argparse script's main (the benchmark reports); user errors become one line and exit status 2."""
-    try:
-        main()
     except user_errors() as e:
         click.echo(f"{prog}: error: {e}", err=True)
         return 2

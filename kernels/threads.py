@@ -48,11 +48,15 @@ def max_threads() -> int:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
+class WaitPolicyError(ValueError):
+    """An unknown wait policy; the harp CLIs report it as one line (it is the user's setting)."""
+
+
 def env_wait_policy() -> str:
-    """The wait policy $HARP_WAIT_POLICY names, "spin" when it is unset; ValueError for anything else."""
+    """The wait policy $HARP_WAIT_POLICY names, "spin" when it is unset; WaitPolicyError for anything else."""
     policy = os.environ.get("HARP_WAIT_POLICY", "spin")
     if policy not in WAIT_POLICIES:
-        raise ValueError(f"HARP_WAIT_POLICY must be one of {', '.join(WAIT_POLICIES)}, got {policy!r}")
+        raise WaitPolicyError(f"HARP_WAIT_POLICY must be one of {', '.join(WAIT_POLICIES)}, got {policy!r}")
     return policy
 
 
@@ -66,7 +70,7 @@ def init_threads(n: int | None = None, wait_policy: str | None = None) -> bool:
     if wait_policy is None:
         wait_policy = env_wait_policy()
     if wait_policy not in WAIT_POLICIES:
-        raise ValueError(f"init_threads: wait_policy must be one of {WAIT_POLICIES}, got {wait_policy!r}")
+        raise WaitPolicyError(f"init_threads: wait_policy must be one of {WAIT_POLICIES}, got {wait_policy!r}")
     applied = not _pool_started()
     if applied:
         # libgomp reads these when numba loads it, at the first parallel kernel call.

@@ -31,15 +31,12 @@ def run_model(artifact: str | os.PathLike[str], x: np.ndarray, *, batch: int | N
               threads: int | None = None) -> np.ndarray:
     """Logits (N, classes) of the bundle in `artifact` (artifact dir or .harpz file) on x, `batch` at a time.
 
-    Raises HarpError for input the runtime rejects (shape, NaN/inf); BundleError for a bad bundle.
+    Raises HarpError for input the runtime rejects (shape, NaN/inf); BundleError for a bad bundle;
+    WaitPolicyError for a bad $HARP_WAIT_POLICY.
     """
     from harp.kernels.runtime import RuntimeInputError, load_runtime  # numba loads only for this command
-    from harp.kernels.threads import env_wait_policy, max_threads
+    from harp.kernels.threads import max_threads
 
-    try:
-        env_wait_policy()
-    except ValueError as e:
-        raise HarpError(str(e)) from e
     if batch is not None and batch < 1:
         raise HarpError(f"--batch must be >= 1, got {batch}")
     if threads is not None and not 1 <= threads <= max_threads():

@@ -115,6 +115,24 @@ class _MultiForward(nn.Module):
         return [self.model(x) for x in xs]
 
 
+def train_step(job: Job, forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               loss_cfg: LossConfig, epoch: int) -> torch.Tensor:
+    """One optimiser step of `job` on a batch (its loss plus its extra loss, backward, the job's
+    hooks around the step); returns the loss. `run_job` runs it per batch, harp.bench.epoch_cost times it."""
+    loss = job.loss(forward, x, y, loss_cfg)
+    extra = job.extra_loss(epoch)
+    if extra is not None:
+        loss = loss + extra
+    if not torch.isfinite(loss):
+        raise HarpError(f"{job.kind}: loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    job.before_step()
+    opt.step()
+    job.after_step()
+    return loss
+
+
 def make_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
@@ -161,18 +179,8 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             loss_cfg = _ramped(job.loss_cfg, cfg, epoch + i / steps_per_epoch)
-            loss = job.loss(forward, x, y, loss_cfg)
-            extra = job.extra_loss(epoch)
-            if extra is not None:
-                loss = loss + extra
-            if not torch.isfinite(loss):
-                raise HarpError(f"{job.kind}: loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            job.before_step()
-            opt.step()
+            loss = train_step(job, forward, opt, x, y, loss_cfg, epoch)
             sched.step()
-            job.after_step()
             total_loss += loss.item() * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}")

@@ -192,15 +192,13 @@ class Runtime:
         try:
             slots = [np.zeros(slot.per_image * n, np.float32) for slot in plan.slots]
             buffers = Buffers(n=n, slots=slots, input=np.zeros(n * int(np.prod(self.input_shape)), np.float32),
-                              pack=np.zeros(0, np.float32), scratch=np.zeros(0, np.float32))
+                              pack=np.zeros(0, np.float32))
         except MemoryError as e:
             raise RuntimeInputError(f"batch of {n} needs {self.buffer_bytes(n) / 2**30:.1f} GiB of activation "
                                     f"buffers, more than this machine can allocate") from e
         ctx = Context(plan, buffers)
         candidates = [self._candidates(ex) for ex in self.executors]
-        needs = [ex.workspace(ctx, kernels) for ex, (kernels, _) in zip(self.executors, candidates)]
-        buffers.pack = np.zeros(max((p for p, _ in needs), default=0), np.float32)
-        buffers.scratch = np.zeros(max((s for _, s in needs), default=0), np.float32)
+        buffers.pack = np.zeros(max((ex.workspace(ctx) for ex in self.executors), default=0), np.float32)
         steps = []
         for ex, (kernels, reason) in zip(self.executors, candidates):
             variants = {kernel: ex.bind(ctx, kernel) for kernel in kernels}

@@ -21,7 +21,7 @@ from harp.export.csr import CSRTensor
 
 from .conv import SparseConvPlan, bind_sparse_conv2d, plan_sparse_conv2d
 from .csr import kernel_csr
-from .dense import DenseConvPlan, bind_dense_conv2d, bind_dense_linear, dense_conv2d_scratch, plan_dense_conv2d
+from .dense import SMALL_BATCH, DenseConvPlan, bind_dense_conv2d, bind_dense_linear, plan_dense_conv2d, weight_slabs
 from .elementwise import bind_add_act, bind_affine_act
 from .epilogue import resolve_activation
 from .layout import Layout
@@ -35,13 +35,12 @@ Call = Callable[[], None]
 
 @dataclass
 class Buffers:
-    """The arrays of one prepared batch size: value slots, the input, and two shared workspaces."""
+    """The arrays of one prepared batch size: value slots, the input, and the shared pack workspace."""
 
     n: int
     slots: list[np.ndarray]
     input: np.ndarray
     pack: np.ndarray  # packed inputs of convs that cannot read their input in place
-    scratch: np.ndarray  # dense conv im2col/product slices
 
 
 class Context:
@@ -95,9 +94,9 @@ class Executor:
         """Multiply-adds per image the sparse kernel performs (nonzeros x output pixels)."""
         return None
 
-    def workspace(self, ctx: Context, kernels: tuple[str, ...]) -> tuple[int, int]:
-        """(pack, scratch) float32 elements this step needs for the context's batch size and kernels."""
-        return 0, 0
+    def workspace(self, ctx: Context) -> int:
+        """float32 elements of the pack workspace this step needs for the context's batch size."""
+        return 0
 
     def bind(self, ctx: Context, kernel: str) -> list[Call]:
         raise NotImplementedError
@@ -135,12 +134,6 @@ class ConvExecutor(Executor):
         return (stride == (1, 1) and layout.group == group and layout.pad_h >= padding[0]
                 and layout.pad_w >= padding[1])
 
-    def _border(self, ctx: Context) -> tuple[int, int]:
-        x_layout = ctx.layout(self.step.inputs[0])
-        if self._reads_in_place(x_layout, ctx.layout(self.step.output).group):
-            return x_layout.pad_h, x_layout.pad_w
-        return self.geometry[1]
-
     def sparse_plan(self, border) -> SparseConvPlan:
         if border not in self._sparse:
             self._sparse[border] = plan_sparse_conv2d(self.indptr, self.indices, self.weight.shape, self.in_hw,
@@ -154,16 +147,11 @@ class ConvExecutor(Executor):
             self._dense[border] = plan_dense_conv2d(self._dense_weight, self.in_hw, *self.geometry, border=border)
         return self._dense[border]
 
-    def workspace(self, ctx: Context, kernels: tuple[str, ...]) -> tuple[int, int]:
-        group = ctx.layout(self.step.output).group
+    def workspace(self, ctx: Context) -> int:
         x_layout = ctx.layout(self.step.inputs[0])
-        pack = 0
-        if not self._reads_in_place(x_layout, group):
-            pack = packed_size(ctx.n, x_layout.channels, self.in_hw, self.geometry[0], self.geometry[1])
-        scratch = 0
-        if "dense" in kernels:
-            scratch = dense_conv2d_scratch(self.dense_plan(self._border(ctx)), ctx.n, group)
-        return pack, scratch
+        if self._reads_in_place(x_layout, ctx.layout(self.step.output).group):
+            return 0
+        return packed_size(ctx.n, x_layout.channels, self.in_hw, self.geometry[0], self.geometry[1])
 
     def bind(self, ctx: Context, kernel: str) -> list[Call]:
         step = self.step
@@ -185,7 +173,7 @@ class ConvExecutor(Executor):
                                             group, self.bias, act, lo, hi, res, res_layout, out, out_layout))
         else:
             calls.append(bind_dense_conv2d(self.dense_plan(border), packed, ctx.n, group, self.bias, act, lo, hi,
-                                           res, res_layout, out, out_layout, ctx.buffers.scratch))
+                                           res, res_layout, out, out_layout))
         return calls
 
 
@@ -201,6 +189,7 @@ class LinearExecutor(Executor):
         self.indptr, self.indices, self.values = kernel_csr(weight)
         self.bias = _bias(tensors, step, weight.shape[0])
         self._dense_weight: np.ndarray | None = None
+        self._slabs: np.ndarray | None = None
 
     @property
     def density(self) -> float:
@@ -219,7 +208,9 @@ class LinearExecutor(Executor):
             return [bind_spmm(self.indptr, self.indices, self.values, x, self.bias, act, lo, hi, res, out)]
         if self._dense_weight is None:
             self._dense_weight = self.weight.to_dense()
-        return [bind_dense_linear(self._dense_weight, x, self.bias, act, lo, hi, res, out)]
+        if x.shape[1] <= SMALL_BATCH and self._slabs is None:
+            self._slabs = weight_slabs(self._dense_weight)
+        return [bind_dense_linear(self._dense_weight, x, self.bias, act, lo, hi, res, out, self._slabs)]
 
 
 class AffineExecutor(Executor):

@@ -1,4 +1,4 @@
-"""Thread settings of the kernels: numba's parallel regions and the BLAS of the dense fallback.
+"""Thread settings of the kernels: numba's parallel regions and the BLAS of dense linear layers.
 
 Call `init_threads` once, before the first kernel runs (a runtime does it at load
 time, before `warmup()`). It picks how idle kernel threads wait between parallel
@@ -19,9 +19,10 @@ cannot change it):
 The environment variable HARP_WAIT_POLICY sets the default.
 
 numba's thread count is per calling thread: set it from the thread that runs the
-kernels. BLAS (used by the dense fallback) is the other thread pool: OpenBLAS
-workers spin for a long time after each call, which on a 2-core host starves
-numba's threads (a dense conv measured 24 ms instead of 1.6 ms). So when
+kernels. BLAS (used by dense linear layers at batch > `dense.SMALL_BATCH`) is the
+other thread pool: OpenBLAS workers spin for a long time after each call, which
+on a 2-core host starves numba's threads (a dense product measured 24 ms instead
+of 1.6 ms). So when
 `threadpoolctl` is installed (it is optional), `set_num_threads` pins BLAS to
 one thread and the dense kernels split each matrix product across `n` plain
 Python threads themselves (`dense_split`); without it, BLAS keeps its own

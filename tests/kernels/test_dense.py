@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from harp.kernels import dense, packing
 from harp.kernels.dense import dense_conv2d, dense_linear
+from harp.kernels.epilogue import resolve_activation
 from harp.kernels.reference import conv2d_ref, epilogue_ref, linear_ref
 from harp.kernels.threads import get_num_threads, max_threads, set_num_threads
 
@@ -32,9 +33,10 @@ def conv_cases(draw):
             draw(st.sampled_from(ACTS)), draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
 
 
-@settings(max_examples=60, deadline=None)
-@given(conv_cases())
-def test_dense_conv2d_matches_reference(case):
+@pytest.mark.parametrize("min_pixel_run", [0, 10**9], ids=["pixel-major", "channel-major"])
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases())
+def test_dense_conv2d_matches_reference(min_pixel_run, case):
     n, groups, cg, og, kernel, stride, padding, dilation, hw, (act, clip_range), with_residual, seed = case
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, cg * groups, *hw)).astype(np.float32)
@@ -43,24 +45,32 @@ def test_dense_conv2d_matches_reference(case):
     expected = conv2d_ref(x, weight, bias, stride, padding, dilation, groups)
     residual = rng.standard_normal(expected.shape).astype(np.float32) if with_residual else None
     expected = epilogue_ref(expected, act, clip_range, residual)
-    actual = dense_conv2d(x, weight, bias, stride, padding, dilation, groups, act=act, clip_range=clip_range,
-                          residual=residual)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dense, "MIN_PIXEL_RUN", min_pixel_run)
+        actual = dense_conv2d(x, weight, bias, stride, padding, dilation, groups, act=act, clip_range=clip_range,
+                              residual=residual)
     assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("min_pixel_run", [0, 10**9], ids=["pixel-major", "channel-major"])
 @pytest.mark.parametrize("min_plane_pixels", [1, 10**9])  # every image alone / whole batch interleaved
 @pytest.mark.parametrize("n", [1, 5])
-def test_dense_conv2d_in_row_slices(monkeypatch, n, min_plane_pixels):
-    # A tiny im2col budget forces one output row per slice.
-    monkeypatch.setattr(dense, "IM2COL_ELEMS", 8)
+def test_dense_conv2d_blocking_edges(monkeypatch, n, min_plane_pixels, min_pixel_run):
+    # 70 output channels: two slabs of 64 (the second mostly padding) and a last quad
+    # of 2; 2 x 3 x 3 + 1 x 1 ... columns: K = 7 * 9 = 63, not a multiple of 4; several
+    # pixel tiles and a last element quad of 1-3 elements.
+    monkeypatch.setattr(dense, "MIN_PIXEL_RUN", min_pixel_run)
+    monkeypatch.setattr(dense, "PIXEL_TILE_ELEMS", 40)
+    monkeypatch.setattr(dense, "CHANNEL_SLAB", 64)
     monkeypatch.setattr(packing, "MIN_PLANE_PIXELS", min_plane_pixels)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((n, 3, 9, 7)).astype(np.float32)
-    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    out = np.empty((n, 4, 9, 7), np.float32)
+    x = rng.standard_normal((n, 7, 9, 7)).astype(np.float32)
+    weight = rng.standard_normal((70, 7, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(70).astype(np.float32)
+    out = np.empty((n, 70, 9, 7), np.float32)
     residual = rng.standard_normal(out.shape).astype(np.float32)
-    assert dense_conv2d(x, weight, None, 1, 1, residual=residual, out=out) is out
-    assert_close(out, conv2d_ref(x, weight, None, (1, 1), (1, 1), (1, 1), 1) + residual)
+    assert dense_conv2d(x, weight, bias, 1, 1, act="relu", residual=residual, out=out) is out
+    assert_close(out, np.maximum(conv2d_ref(x, weight, bias, (1, 1), (1, 1), (1, 1), 1) + residual, 0))
 
 
 def test_dense_conv2d_out_may_be_the_input():
@@ -88,6 +98,22 @@ def test_dense_linear_matches_reference(n, i, o, act, with_bias, with_residual, 
     residual = rng.standard_normal((n, o)).astype(np.float32) if with_residual else None
     expected = epilogue_ref(linear_ref(x, weight, bias), act[0], act[1], residual)
     assert_close(dense_linear(x, weight, bias, act[0], act[1], residual), expected)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])  # up to SMALL_BATCH columns: numba kernel; more: BLAS
+@pytest.mark.parametrize("o", [10, 300])  # one slab padded to 16 channels; two slabs, the last partial
+def test_bound_dense_linear_matches_reference(o, m):
+    rng = np.random.default_rng(o * 100 + m)
+    k = 37
+    weight = rng.standard_normal((o, k)).astype(np.float32)
+    x = rng.standard_normal((k, m)).astype(np.float32)  # feature-major, as the runtime keeps it
+    bias = rng.standard_normal(o).astype(np.float32)
+    residual = rng.standard_normal((o, m)).astype(np.float32)
+    out = np.full((o, m), np.nan, np.float32)
+    act, lo, hi = resolve_activation("test", "clip", (-0.5, 0.75))
+    dense.bind_dense_linear(weight, x, bias, act, lo, hi, residual, out)()
+    expected = epilogue_ref(linear_ref(x.T, weight, bias), "clip", (-0.5, 0.75), residual.T).T
+    assert_close(out, expected)
 
 
 def test_dense_linear_rejects_mismatch():

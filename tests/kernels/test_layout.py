@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from harp.export.csr import dense_to_csr
 from harp.kernels.conv import bind_sparse_conv2d, plan_sparse_conv2d
 from harp.kernels.csr import kernel_csr
-from harp.kernels.dense import bind_dense_conv2d, dense_conv2d_scratch, plan_dense_conv2d
+from harp.kernels import dense
+from harp.kernels.dense import bind_dense_conv2d, plan_dense_conv2d
 from harp.kernels.elementwise import bind_add_act, bind_affine_act
 from harp.kernels.epilogue import resolve_activation
 from harp.kernels.layout import Layout, borders_are_zero, from_layout, to_layout
@@ -94,7 +95,7 @@ def layout_conv_cases(draw):
         in_grouped=draw(st.booleans()), grouped=draw(st.booleans()),
         out_border=draw(st.integers(0, 2)), res_border=draw(st.sampled_from([None, 0, 1])),
         act=draw(st.sampled_from([("none", None), ("relu", None), ("clip", (-0.5, 0.5))])),
-        density=draw(st.sampled_from([0.0, 0.3, 1.0])), kernel=draw(st.sampled_from(["sparse", "dense"])),
+        density=draw(st.sampled_from([0.0, 0.3, 1.0])), kernel=draw(st.sampled_from(["sparse", "dense pixel-major", "dense channel-major"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -136,8 +137,10 @@ def test_conv_between_layouts_matches_reference(case):
                                  out_layout)
     else:
         plan = plan_dense_conv2d(weight, case["hw"], stride, padding, 1, groups, border=border)
-        scratch = np.empty(dense_conv2d_scratch(plan, n, group), np.float32)
-        run = bind_dense_conv2d(plan, packed, n, group, bias, act, lo, hi, res, res_layout, out, out_layout, scratch)
+        pixel_major = case["kernel"] == "dense pixel-major"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dense, "MIN_PIXEL_RUN", 0 if pixel_major else 10**9)
+            run = bind_dense_conv2d(plan, packed, n, group, bias, act, lo, hi, res, res_layout, out, out_layout)
     run()
     assert borders_are_zero(out, out_layout, n)
     assert_close(from_layout(out, out_layout, n), expected)

@@ -21,7 +21,7 @@ def test_topk_mask_keeps_exactly_the_count(numel, density):
                         learn_rate=True)["0"]
     with torch.no_grad():
         layer.scores.copy_(torch.randn(1, numel))
-    k = keep_count(numel, float(layer.fraction()))
+    k = keep_count(numel, float(layer.fraction().detach()))
     mask = layer.mask()
     assert int(mask.sum()) == k and k >= 1 and k == keep_count(numel, density)
     scores = layer.scores.detach()
@@ -50,7 +50,7 @@ def test_eval_mode_weight_follows_score_and_rate_updates():
         layer.scores.copy_(torch.where(layer.mask().bool(), 0.0, 1.0 + torch.rand(1, 100)))
         layer.rate.copy_(torch.tensor(fraction_to_rate(0.3, 0.0)))
     assert torch.equal(layer.effective_weight(), layer.weight * layer.mask())
-    kept = keep_count(100, float(layer.fraction()))
+    kept = keep_count(100, float(layer.fraction().detach()))
     assert kept >= 30 and int((layer.effective_weight() != 0).sum()) == kept  # the new rate, not the cached 10
     net.train()  # training differentiates through the mask again
     net(x).sum().backward()

@@ -42,8 +42,8 @@ import numpy as np
 from numba import njit, prange
 
 from .arrays import as_kernel_array
-from .conv import FASTMATH, _check_flat, _check_geometry, _check_input, _check_output_layouts, _pair, equal_tiles
-from .conv import store_tile
+from .conv import (FASTMATH, _NO_RES, _check_flat, _check_geometry, _check_input, _check_output_layouts, _pair,
+                   equal_tiles, store_tile)
 from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_out, resolve_residual
 from .layout import Layout, row_offset
 from .packing import image_group, pack_input, packed_hw, tap_offsets
@@ -179,7 +179,7 @@ def bind_dense_conv2d(plan: DenseConvPlan, packed, n: int, group: int, bias, act
     res_params, has_res = _check_output_layouts(op, (o, ho, wo), n, out, out_layout, residual, res_layout)
     if bias.dtype != np.float32 or bias.shape != (o,):
         raise ValueError(f"{op}: bias must be float32 ({o},), got {bias.dtype} {bias.shape}")
-    res = residual if has_res else np.zeros(1, np.float32)
+    res = residual if has_res else _NO_RES
     lo, hi = np.float32(lo), np.float32(hi)
     epilogue = (bias, act, lo, hi, res, res_params, has_res, out, out_layout.params())
     l_pix = (ho - 1) * wq + wo
@@ -408,18 +408,40 @@ def dense_linear(x, weight, bias=None, act="none", clip_range=None, residual=Non
     return out
 
 
-def bind_dense_linear(weight, x, bias, act: int, lo, hi, residual, out, slabs=None) -> Callable[[], None]:
+@dataclass(frozen=True)
+class DenseLinearPlan:
+    """A dense linear weight (O, K) and, made on first use, its copy for the channel-major kernel."""
+
+    weight: np.ndarray
+    _transposed: list = field(default_factory=list, compare=False, repr=False)  # weight_slabs, once made
+
+    def weight_slabs(self) -> np.ndarray:
+        if not self._transposed:
+            self._transposed.append(weight_slabs(self.weight))
+        return self._transposed[0]
+
+
+def plan_dense_linear(weight) -> DenseLinearPlan:
+    """Plan a dense linear layer of `weight`, a contiguous float32 (O, K) array."""
+    if (not isinstance(weight, np.ndarray) or weight.dtype != np.float32 or weight.ndim != 2
+            or not weight.flags.c_contiguous):
+        raise ValueError(f"dense_linear: weight must be a contiguous float32 2-D array, got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
+    return DenseLinearPlan(weight)
+
+
+def bind_dense_linear(plan: DenseLinearPlan, x, bias, act: int, lo, hi, residual, out) -> Callable[[], None]:
     """A no-argument callable: out = act(weight @ x + bias[:, None] + residual), feature-major.
 
-    weight (O, K), x (K, M), out and residual (O, M), all contiguous float32; the
-    runtime keeps flat values as (features, batch) (see `layout`). `act, lo, hi`
-    come from `epilogue.resolve_activation`. Checked here, once. Up to
-    SMALL_BATCH columns run the channel-major conv kernel (a 1x1 conv on a 1x1
-    plane, the batch as image group) on `slabs` = `weight_slabs(weight)`, made
-    here when not given; more run BLAS.
+    x (K, M), out and residual (O, M), all contiguous float32; the runtime keeps
+    flat values as (features, batch) (see `layout`). `act, lo, hi` come from
+    `epilogue.resolve_activation`. Checked here, once. Up to SMALL_BATCH columns
+    run the channel-major conv kernel (a 1x1 conv on a 1x1 plane, the batch as
+    image group); more run BLAS.
     """
     op = "dense_linear"
-    for what, a in (("weight", weight), ("input", x), ("out", out)):
+    weight = plan.weight
+    for what, a in (("input", x), ("out", out)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2 or not a.flags.c_contiguous:
             raise ValueError(f"{op}: {what} must be a contiguous float32 2-D array, got "
                              f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
@@ -432,12 +454,10 @@ def bind_dense_linear(weight, x, bias, act: int, lo, hi, residual, out, slabs=No
     res, has_res = resolve_residual(op, residual, out.shape)
     lo, hi = np.float32(lo), np.float32(hi)
     if 0 < m <= SMALL_BATCH:
-        slabs = weight_slabs(weight) if slabs is None else slabs
-        if slabs.dtype != np.float32 or slabs.ndim != 3 or slabs.shape[1] != k or slabs.shape[0] * slabs.shape[2] < o:
-            raise ValueError(f"{op}: slabs {slabs.shape} are not weight_slabs of a weight {weight.shape}")
         lay = Layout(o, 1, 1, group=m).params()
-        return partial(_dense_conv_channels, x.reshape(-1), k * m, np.arange(k, dtype=np.int64).reshape(1, k), slabs, m, m,
-                       1, 1, 1, bias, act, lo, hi, res.reshape(-1), lay, has_res, out.reshape(-1), lay)
+        columns = np.arange(k, dtype=np.int64).reshape(1, k)  # column k starts at row k of x
+        return partial(_dense_conv_channels, x.reshape(-1), k * m, columns, plan.weight_slabs(), m, m, 1, 1, 1,
+                       bias, act, lo, hi, res.reshape(-1), lay, has_res, out.reshape(-1), lay)
 
     def run() -> None:
         split_dot(weight, x, out)

@@ -21,7 +21,8 @@ from harp.export.csr import CSRTensor
 
 from .conv import SparseConvPlan, bind_sparse_conv2d, plan_sparse_conv2d
 from .csr import kernel_csr
-from .dense import SMALL_BATCH, DenseConvPlan, bind_dense_conv2d, bind_dense_linear, plan_dense_conv2d, weight_slabs
+from .dense import (DenseConvPlan, DenseLinearPlan, bind_dense_conv2d, bind_dense_linear, plan_dense_conv2d,
+                    plan_dense_linear)
 from .elementwise import bind_add_act, bind_affine_act
 from .epilogue import resolve_activation
 from .layout import Layout
@@ -188,8 +189,7 @@ class LinearExecutor(Executor):
         self.weight = weight
         self.indptr, self.indices, self.values = kernel_csr(weight)
         self.bias = _bias(tensors, step, weight.shape[0])
-        self._dense_weight: np.ndarray | None = None
-        self._slabs: np.ndarray | None = None
+        self._dense: DenseLinearPlan | None = None
 
     @property
     def density(self) -> float:
@@ -206,11 +206,9 @@ class LinearExecutor(Executor):
         act, lo, hi = _activation(step)
         if kernel == "sparse":
             return [bind_spmm(self.indptr, self.indices, self.values, x, self.bias, act, lo, hi, res, out)]
-        if self._dense_weight is None:
-            self._dense_weight = self.weight.to_dense()
-        if x.shape[1] <= SMALL_BATCH and self._slabs is None:
-            self._slabs = weight_slabs(self._dense_weight)
-        return [bind_dense_linear(self._dense_weight, x, self.bias, act, lo, hi, res, out, self._slabs)]
+        if self._dense is None:
+            self._dense = plan_dense_linear(self.weight.to_dense())
+        return [bind_dense_linear(self._dense, x, self.bias, act, lo, hi, res, out)]
 
 
 class AffineExecutor(Executor):

@@ -24,9 +24,9 @@ other thread pool: OpenBLAS workers spin for a long time after each call, which
 on a 2-core host starves numba's threads (a dense product measured 24 ms instead
 of 1.6 ms). So when
 `threadpoolctl` is installed (it is optional), `set_num_threads` pins BLAS to
-one thread and the dense kernels split each matrix product across `n` plain
+one thread and dense linear layers split each matrix product across `n` plain
 Python threads themselves (`dense_split`); without it, BLAS keeps its own
-threads and the dense kernels call it once.
+threads and each product calls it once.
 """
 
 from __future__ import annotations

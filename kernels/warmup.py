@@ -16,7 +16,7 @@ from harp.export.csr import dense_to_csr
 
 from .conv import sparse_conv2d
 from .csr import INDEX_DTYPES, kernel_csr
-from .dense import bind_dense_linear, dense_conv2d, dense_linear
+from .dense import bind_dense_linear, dense_conv2d, dense_linear, plan_dense_linear
 from .elementwise import add, affine, clip, relu
 from .pool import avgpool2d, global_avgpool, maxpool2d
 from .spmm import sparse_linear, spmm
@@ -55,9 +55,12 @@ def warmup() -> dict[str, float]:
         (1, 4, 16, 16), np.float32)))
     timed("dense_linear", lambda: dense_linear(features, linear_weight, None, act="relu",
                                                residual=np.zeros((2, 3), np.float32)))
-    timed("dense_linear", bind_dense_linear(linear_weight, np.ascontiguousarray(features.T), np.zeros(3, np.float32),
-                                            0, np.float32(-np.inf), np.float32(np.inf), None,
-                                            np.zeros((3, 2), np.float32)))
+    linear_plan = plan_dense_linear(linear_weight)
+    for m in (2, 5):  # the channel-major kernel (small batch) and BLAS
+        columns = rng.standard_normal((5, m)).astype(np.float32)  # feature-major (I, M)
+        timed("dense_linear", bind_dense_linear(linear_plan, columns, np.zeros(3, np.float32), 0,
+                                                np.float32(-np.inf), np.float32(np.inf), None,
+                                                np.zeros((3, m), np.float32)))
     timed("pool", lambda: maxpool2d(x, 2, 2, 1, ceil_mode=True))
     timed("pool", lambda: avgpool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False))
     timed("pool", lambda: global_avgpool(x))

@@ -111,7 +111,7 @@ def test_bound_dense_linear_matches_reference(o, m):
     residual = rng.standard_normal((o, m)).astype(np.float32)
     out = np.full((o, m), np.nan, np.float32)
     act, lo, hi = resolve_activation("test", "clip", (-0.5, 0.75))
-    dense.bind_dense_linear(weight, x, bias, act, lo, hi, residual, out)()
+    dense.bind_dense_linear(dense.plan_dense_linear(weight), x, bias, act, lo, hi, residual, out)()
     expected = epilogue_ref(linear_ref(x.T, weight, bias), "clip", (-0.5, 0.75), residual.T).T
     assert_close(out, expected)
 

@@ -46,7 +46,7 @@ def test_gamma_grows_then_freezes_once_target_is_met():
                    densities={n: 0.2 for n in ("net.features.0", "net.features.4", "net.features.8",
                                                "net.classifier.1", "net.classifier.4")},
                    a_min=0.005, learn_rate=True, gamma0=0.5, score_lr=0.01, rate_lr=0.01, input_shape=(1, 8, 8))
-    assert float(job.extra_loss(0)) > 0 and job.gamma == 0.5
+    assert float(job.extra_loss(0).detach()) > 0 and job.gamma == 0.5
     job.extra_loss(2)
     assert job.gamma == 1.5 and not job.gamma_frozen
     job.epoch_end(2)
@@ -54,7 +54,7 @@ def test_gamma_grows_then_freezes_once_target_is_met():
     for layer in job.layers.values():
         layer.rate.data.fill_(-10.0)  # rates pushed under the target
     job.epoch_end(3)
-    assert job.gamma_frozen and float(job.extra_loss(3)) == 0.0
+    assert job.gamma_frozen and float(job.extra_loss(3).detach()) == 0.0
     job.extra_loss(9)
     assert job.gamma == 1.5  # frozen at the value it had
 

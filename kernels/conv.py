@@ -63,6 +63,14 @@ class SparseConvPlan:
     row_cost: np.ndarray
     _blocks: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def used_channels(self) -> np.ndarray:
+        """One bool per input channel: does some nonzero weight read it (see `packing.bind_pack`)."""
+        channels = self.weight_shape[1] * self.groups
+        chan_pix = self.stride[0] * self.stride[1] * self.packed_hw[0] * self.packed_hw[1]
+        used = np.zeros(channels, np.bool_)
+        used[self.offsets // chan_pix] = True
+        return used
+
     def blocks(self, n_threads: int) -> np.ndarray:
         """Boundaries of `n_threads` runs of output channels with about equal work."""
         if n_threads not in self._blocks:

@@ -101,13 +101,16 @@ def pack_input(x: np.ndarray, stride, padding, group: int, out: np.ndarray | Non
 
 
 def bind_pack(src: np.ndarray, src_layout: Layout, n: int, stride, padding, group: int,
-              out: np.ndarray, phases: np.ndarray | None = None) -> Callable[[], None]:
+              out: np.ndarray, phases: np.ndarray | None = None,
+              channels: np.ndarray | None = None) -> Callable[[], None]:
     """A no-argument callable packing the batch of n held in `src` (in `src_layout`) into `out`.
 
     Checks everything once; the callable only runs the kernel (the runtime calls it
     every time). `out` needs `packed_size(...)` elements. `phases` (from
     `used_phases`) leaves the stride phases no tap reads unwritten, e.g. three of
-    the four of a 1x1 stride-2 conv.
+    the four of a 1x1 stride-2 conv; `channels` (one bool per input channel, e.g.
+    `SparseConvPlan.used_channels`) does the same for the input channels no
+    nonzero weight reads, most of them in a 99%-sparse layer.
     """
     c, h, w = src_layout.channels, src_layout.height, src_layout.width
     src_layout.check_batch(n)
@@ -123,8 +126,12 @@ def bind_pack(src: np.ndarray, src_layout: Layout, n: int, stride, padding, grou
     elif phases.dtype != np.bool_ or phases.shape != (int(stride[0]) * int(stride[1]),):
         raise ValueError(f"pack_input: phases must be {int(stride[0]) * int(stride[1])} bools, got "
                          f"{phases.dtype} {phases.shape}")
+    if channels is None:
+        channels = np.ones(c, np.bool_)
+    elif channels.dtype != np.bool_ or channels.shape != (c,):
+        raise ValueError(f"pack_input: channels must be {c} bools, got {channels.dtype} {channels.shape}")
     return partial(_pack, src, src_layout.params(), n, int(padding[0]), int(padding[1]), int(stride[0]),
-                   int(stride[1]), hq, wq, int(group), phases, out)
+                   int(stride[1]), hq, wq, int(group), phases, np.flatnonzero(channels).astype(np.int64), out)
 
 
 def _resolve_workspace(out, size: int) -> np.ndarray:
@@ -142,8 +149,9 @@ _U = np.uint64
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _pack(src, lay, n, ph, pw, sh, sw, hq, wq, g, phases, packed):
+def _pack(src, lay, n, ph, pw, sh, sw, hq, wq, g, phases, channels, packed):
     c, h, w = lay[0], lay[1], lay[2]
+    n_used = channels.shape[0]
     plane = hq * wq * g
     # Rows a in [a_lo, a_hi) and columns b in [b_lo, b_hi) of phase plane (pi, pj)
     # hold input pixels (not padding); integer division is slow, so do it once here.
@@ -155,14 +163,14 @@ def _pack(src, lay, n, ph, pw, sh, sw, hq, wq, g, phases, packed):
     for pj in range(sw):
         b_lo[pj] = min(max(-(-(pw - pj) // sw), 0), wq)
         b_hi[pj] = min(max(-(-(w + pw - pj) // sw), b_lo[pj]), wq)
-    for item in prange((n // g) * c):
-        blk = item // c
-        ch = item - blk * c
+    for item in prange((n // g) * n_used):  # unused channels and phases stay unwritten
+        blk = item // n_used
+        ch = channels[item - blk * n_used]
         for pi in range(sh):
             for pj in range(sw):
-                if phases[pi * sw + pj]:  # a phase no tap reads stays unwritten
+                if phases[pi * sw + pj]:
                     _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo[pi], a_hi[pi], b_lo[pj],
-                                b_hi[pj], hq, ((item * sh + pi) * sw + pj) * plane, packed)
+                                b_hi[pj], hq, (((blk * c + ch) * sh + pi) * sw + pj) * plane, packed)
 
 
 @njit(cache=True, error_model="numpy")

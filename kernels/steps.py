@@ -167,7 +167,9 @@ class ConvExecutor(Executor):
         else:
             packed, border = ctx.buffers.pack, padding
             phases = used_phases(self.weight.shape[2:], stride, self.geometry[2])
-            calls.append(bind_pack(x, x_layout, ctx.n, stride, padding, group, packed, phases))
+            # The dense kernel reads every channel; the sparse one only those its nonzeros name.
+            channels = self.sparse_plan(border).used_channels() if kernel == "sparse" else None
+            calls.append(bind_pack(x, x_layout, ctx.n, stride, padding, group, packed, phases, channels))
         act, lo, hi = _activation(step)
         if kernel == "sparse":
             calls.append(bind_sparse_conv2d(self.sparse_plan(border), self.indptr, self.values, packed, ctx.n,

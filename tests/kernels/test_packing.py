@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harp.kernels.packing import pack_input, packed_hw, packed_size, tap_offsets
+from harp.kernels.layout import Layout
+from harp.kernels.packing import bind_pack, pack_input, packed_hw, packed_size, tap_offsets
 
 
 @settings(max_examples=40, deadline=None)
@@ -46,3 +47,28 @@ def test_pack_input_is_a_view_when_layout_is_nchw():
     packed = pack_input(x, (1, 1), (0, 0), 1)
     assert np.shares_memory(packed, x)
     np.testing.assert_array_equal(packed, x.ravel())
+
+
+def test_bind_pack_writes_only_the_used_channels_and_phases():
+    n, c, h, w = 2, 5, 6, 7
+    x = np.random.default_rng(2).standard_normal((n, c, h, w)).astype(np.float32)
+    full = pack_input(x, (2, 2), (1, 1), 1)
+    channels = np.array([False, True, False, False, True])
+    phases = np.array([True, False, False, True])
+    size = packed_size(n, c, (h, w), (2, 2), (1, 1))
+    out = np.full(size, np.nan, np.float32)
+    bind_pack(x.reshape(-1), Layout(c, h, w), n, (2, 2), (1, 1), 1, out, phases, channels)()
+    hq, wq = packed_hw((h, w), (2, 2), (1, 1))
+    got = out.reshape(n, c, 4, hq * wq)
+    want = full.reshape(n, c, 4, hq * wq)
+    written = channels[None, :, None, None] & phases[None, None, :, None]
+    np.testing.assert_array_equal(got[np.broadcast_to(written, got.shape)],
+                                  want[np.broadcast_to(written, want.shape)])
+    assert np.isnan(got[np.broadcast_to(~written, got.shape)]).all()
+
+
+def test_bind_pack_rejects_a_channel_mask_of_the_wrong_size():
+    x = np.zeros(2 * 3 * 3, np.float32)
+    with pytest.raises(ValueError, match="channels must be 2 bools"):
+        bind_pack(x, Layout(2, 3, 3), 1, (1, 1), (1, 1), 1, np.zeros(50, np.float32),
+                  channels=np.ones(3, np.bool_))

@@ -3,25 +3,28 @@
 The conv reads the packed input of the sparse kernel (see `packing`): column k =
 (input channel, tap) of a group's (O, K) weight matrix multiplies the contiguous
 run of packed input that starts at pixel `src[grp, k]`. Two register-blocked
-kernels compute the product without an im2col copy; each pass does 16
-multiply-adds per 4 loads and 4 stores of accumulators (the sparse kernel does
-one load per multiply-add):
+kernels compute the product without an im2col copy:
 
-- pixel-major: 4 output channels x 4 columns per pass, vectorised along a tile
-  of output pixels. For planes whose runs are long.
-- channel-major: 4 output pixels x 4 columns per pass, vectorised along output
-  channels of a transposed copy of the weight (`weight_slabs`, made once). For
-  small planes at small batch: a 4x4 plane at batch 1 has runs of 22 values,
-  too short to vectorise, but hundreds of output channels.
+- pixel-major: a GEMM micro-kernel on explicit 16-lane vectors (`simd`). A
+  block of 6 output channels x 64 output elements (24 vector accumulators)
+  stays in registers for the whole sum over columns; each column costs 4
+  vector loads and 6 broadcasts for 24 FMAs. For runs of at least
+  MIN_PIXEL_RUN values.
+- channel-major: 4 output pixels x 4 columns per pass, vectorised (by LLVM)
+  along output channels of a transposed copy of the weight (`weight_slabs`).
+  For small planes at small batch: a 4x4 plane at batch 1 has runs of 22
+  values but hundreds of output channels. Its accumulators are separate
+  arrays, not rows of one 2-D array: LLVM vectorises a pass only when it can
+  tell the stores of the four rows apart (measured: 13 vs 70 GFLOP/s on one
+  core).
 
-Measured on 2 cores (bench/results/runtime.md has the models): 110-160 GFLOP/s,
-60-75% of onnxruntime's dense conv. They replaced im2col + OpenBLAS, which ran
-3-10x slower on these skinny products (64->64 3x3 on 32x32 at batch 1: 1.6 ms
-vs 0.48 ms; 512->512 on 2x2: 0.8-1.7 ms vs 0.17 ms; batch 16: 21 ms vs 7.9 ms).
-
-Accumulators are separate arrays, not rows of one 2-D array: LLVM vectorises a
-pass only when it can tell the stores of the four rows apart (measured: 13 vs
-70 GFLOP/s on one core).
+Both kernels' weight copies are made once, on first use. Measured on 2 cores
+against onnxruntime's conv alone: the pixel-major kernel runs at 170-185
+GFLOP/s on 32x32 and 16x16 planes, about onnxruntime's speed (the
+auto-vectorised kernel it replaced, 4 channels x 4 columns per pass with its
+accumulators in memory, reached 110-140); the channel-major one at 105-135.
+Both replaced im2col + OpenBLAS, which ran 3-10x slower on these skinny
+products.
 
 Linear layers of up to SMALL_BATCH columns run the channel-major kernel; larger
 batches run NumPy's `np.dot` (OpenBLAS). Once `threads.set_num_threads(n)` has
@@ -41,21 +44,25 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .arrays import as_kernel_array
 from .conv import (FASTMATH, _NO_RES, _check_flat, _check_geometry, _check_input, _check_output_layouts, _pair,
                    equal_tiles, store_tile)
 from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_out, resolve_residual
 from .layout import Layout, row_offset
 from .packing import image_group, pack_input, packed_hw, tap_offsets
 from .reference import conv2d_output_hw
+from .simd import LANES, vfma, vload, vsplat, vstore, vzero
 from .threads import dense_split
 
 _U = np.uint64
 
-# Runs (packed pixels x images of an output plane) shorter than this use the channel-major kernel.
-MIN_PIXEL_RUN = 128
-# Pixel-major tile, in float32 elements per accumulator (four of them stay in L1).
-PIXEL_TILE_ELEMS = 1024
+# Runs (packed pixels x images of an output plane) shorter than this use the channel-major kernel
+# (measured: the two are even at 78 values, an 8x8 plane at batch 1; below 64 a chunk is mostly padding).
+MIN_PIXEL_RUN = 64
+# Pixel-major tile, in float32 elements per output channel: whole planes up to 64x64 at batch 1.
+PIXEL_TILE_ELEMS = 4096
+# Pixel-major register block: BLOCK_CHANNELS output channels x CHUNK output elements.
+BLOCK_CHANNELS = 6
+CHUNK = 4 * LANES
 # Channel-major: output channels per slab of the transposed weight (four accumulators of 1 KiB).
 CHANNEL_SLAB = 256
 # Work items per thread the pixel-major kernel aims for (it splits output channels to get them).
@@ -85,23 +92,33 @@ class DenseConvPlan:
     dilation: tuple[int, int]
     groups: int
     border: tuple[int, int]
-    _transposed: list = field(default_factory=list, compare=False, repr=False)  # weight_slabs, once made
+    _copies: dict = field(default_factory=dict, compare=False, repr=False)  # the kernels' weight copies
 
     def weight_slabs(self) -> np.ndarray:
         """The channel-major kernel's copy of the weight (see `weight_slabs`), made on first use."""
-        if not self._transposed:
-            self._transposed.append(weight_slabs(self.weight2d, self.groups))
-        return self._transposed[0]
+        return self._copy("slabs", lambda: weight_slabs(self.weight2d, self.groups))
+
+    def weight_blocks(self) -> np.ndarray:
+        """The pixel-major kernel's copy: the weight in blocks of BLOCK_CHANNELS channels, made on first use."""
+        return self._copy("blocks", lambda: weight_slabs(self.weight2d, self.groups, BLOCK_CHANNELS))
+
+    def _copy(self, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+        if name not in self._copies:
+            self._copies[name] = make()
+        return self._copies[name]
 
 
-def weight_slabs(weight2d: np.ndarray, groups: int = 1) -> np.ndarray:
-    """An (O, K) weight of `groups` groups as (groups * slabs, K, width) for the channel-major kernel.
+def weight_slabs(weight2d: np.ndarray, groups: int = 1, width: int | None = None) -> np.ndarray:
+    """An (O, K) weight of `groups` groups as (groups * slabs, K, width), output channels innermost.
 
     Slab s of group grp holds W[grp*og + s*width + j, k] at [grp*slabs + s, k, j],
-    zero beyond the group's og channels.
+    zero beyond the group's og channels. The channel-major kernel takes the
+    default width (up to CHANNEL_SLAB, a multiple of 16); the pixel-major one
+    blocks of BLOCK_CHANNELS.
     """
     og = weight2d.shape[0] // groups
-    width = min(CHANNEL_SLAB, -(-og // 16) * 16)
+    if width is None:
+        width = min(CHANNEL_SLAB, -(-og // 16) * 16)
     slabs = -(-og // width)
     w = np.zeros((groups, slabs * width, weight2d.shape[1]), np.float32)
     w[:, :og] = weight2d.reshape(groups, og, -1)
@@ -189,21 +206,21 @@ def bind_dense_conv2d(plan: DenseConvPlan, packed, n: int, group: int, bias, act
     tile_pix = equal_tiles(l_pix, max(1, PIXEL_TILE_ELEMS // group))
     base_items = (n // group) * -(-l_pix // tile_pix) * plan.groups
     threads = numba.get_num_threads() if n_threads is None else n_threads
-    quads = -(-(o // plan.groups) // 4)
-    runs = min(quads, max(1, -(-ITEMS_PER_THREAD * threads // base_items)))
-    return partial(_dense_conv_pixels, packed, block_elems, plan.src, as_kernel_array(plan.weight2d), n, group,
-                   ho, wo, wq, tile_pix, runs, *epilogue)
+    blocks = plan.weight_blocks()
+    runs = min(blocks.shape[0] // plan.groups, max(1, -(-ITEMS_PER_THREAD * threads // base_items)))
+    return partial(_dense_conv_pixels, packed, block_elems, plan.src, blocks, n, group, ho, wo, wq, tile_pix, runs,
+                   *epilogue)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
-def _dense_conv_pixels(packed, block_elems, src, weight, n, g, ho, wo, wq, tile_pix, runs,
+def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_pix, runs,
                        bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
-    # Work item = (image block, pixel tile, group, run of channel quads), tiles outermost as in
-    # the sparse kernel. A quad short of four channels (og % 4) is done one channel at a time.
-    groups, k_all = src.shape
-    og = weight.shape[0] // groups
-    quads = (og + 3) // 4
-    k4 = k_all - k_all % 4
+    # Work item = (image block, pixel tile, group, run of channel blocks), tiles outermost as
+    # in the sparse kernel. Channels past the group's last (the zero padding of its last
+    # block) are computed and not stored.
+    groups = src.shape[0]
+    per_group = blocks.shape[0] // groups
+    og = bias.shape[0] // groups
     l_pix = (ho - 1) * wq + wo
     n_tiles = (l_pix + tile_pix - 1) // tile_pix
     per_tile = groups * runs
@@ -217,73 +234,73 @@ def _dense_conv_pixels(packed, block_elems, src, weight, n, g, ho, wo, wq, tile_
         run = rest - grp * runs
         q0 = tile * tile_pix
         q1 = min(q0 + tile_pix, l_pix)
-        length = _U((q1 - q0) * g)
+        length = (q1 - q0) * g
         start = blk * block_elems + q0 * g
         s = src[grp]
         a0 = np.empty(length, np.float32)
         a1 = np.empty(length, np.float32)
         a2 = np.empty(length, np.float32)
         a3 = np.empty(length, np.float32)
-        for quad in range(quads * run // runs, quads * (run + 1) // runs):
-            o = grp * og + 4 * quad
-            if 4 * quad + 4 > og:
-                for r in range(o, (grp + 1) * og):
-                    _pixels_row(a0, packed, s, weight[r], g, start, length)
-                    store_tile(a0, r, q0, q1, blk, g, ho, wq, wo, bias[r], act, lo, hi, res, res_lay, has_res,
-                               out, out_lay)
-                continue
-            for j in range(length):
-                a0[j] = 0.0
-                a1[j] = 0.0
-                a2[j] = 0.0
-                a3[j] = 0.0
-            w0, w1, w2, w3 = weight[o], weight[o + 1], weight[o + 2], weight[o + 3]
-            for k in range(0, k4, 4):
-                s0 = _U(s[k] * g + start)
-                s1 = _U(s[k + 1] * g + start)
-                s2 = _U(s[k + 2] * g + start)
-                s3 = _U(s[k + 3] * g + start)
-                v00, v01, v02, v03 = w0[k], w0[k + 1], w0[k + 2], w0[k + 3]
-                v10, v11, v12, v13 = w1[k], w1[k + 1], w1[k + 2], w1[k + 3]
-                v20, v21, v22, v23 = w2[k], w2[k + 1], w2[k + 2], w2[k + 3]
-                v30, v31, v32, v33 = w3[k], w3[k + 1], w3[k + 2], w3[k + 3]
-                for j in range(length):
-                    x0 = packed[s0 + j]
-                    x1 = packed[s1 + j]
-                    x2 = packed[s2 + j]
-                    x3 = packed[s3 + j]
-                    a0[j] += v00 * x0 + v01 * x1 + v02 * x2 + v03 * x3
-                    a1[j] += v10 * x0 + v11 * x1 + v12 * x2 + v13 * x3
-                    a2[j] += v20 * x0 + v21 * x1 + v22 * x2 + v23 * x3
-                    a3[j] += v30 * x0 + v31 * x1 + v32 * x2 + v33 * x3
-            for k in range(k4, k_all):
-                s0 = _U(s[k] * g + start)
-                v0, v1, v2, v3 = w0[k], w1[k], w2[k], w3[k]
-                for j in range(length):
-                    x0 = packed[s0 + j]
-                    a0[j] += v0 * x0
-                    a1[j] += v1 * x0
-                    a2[j] += v2 * x0
-                    a3[j] += v3 * x0
-            store_tile(a0, o, q0, q1, blk, g, ho, wq, wo, bias[o], act, lo, hi, res, res_lay, has_res, out, out_lay)
-            store_tile(a1, o + 1, q0, q1, blk, g, ho, wq, wo, bias[o + 1], act, lo, hi, res, res_lay, has_res,
-                       out, out_lay)
-            store_tile(a2, o + 2, q0, q1, blk, g, ho, wq, wo, bias[o + 2], act, lo, hi, res, res_lay, has_res,
-                       out, out_lay)
-            store_tile(a3, o + 3, q0, q1, blk, g, ho, wq, wo, bias[o + 3], act, lo, hi, res, res_lay, has_res,
-                       out, out_lay)
+        a4 = np.empty(length, np.float32)
+        a5 = np.empty(length, np.float32)
+        for b in range(per_group * run // runs, per_group * (run + 1) // runs):
+            w = blocks[grp * per_group + b]
+            for c in range(0, length, CHUNK):
+                _block_chunk(packed, s, w, g, start + c, length - c, c, a0, a1, a2, a3, a4, a5)
+            o = grp * og + BLOCK_CHANNELS * b
+            for i in range(min(BLOCK_CHANNELS, og - BLOCK_CHANNELS * b)):
+                acc = a0 if i == 0 else a1 if i == 1 else a2 if i == 2 else a3 if i == 3 else a4 if i == 4 else a5
+                store_tile(acc, o + i, q0, q1, blk, g, ho, wq, wo, bias[o + i], act, lo, hi, res, res_lay, has_res,
+                           out, out_lay)
 
 
-@njit(cache=True, inline="always", error_model="numpy", fastmath=FASTMATH)
-def _pixels_row(acc, packed, s, w, g, start, length):
-    """acc = one output channel's tile: the sum over columns k of w[k] times run s[k]."""
-    for j in range(length):
-        acc[j] = 0.0
+@njit(cache=True, inline="always", error_model="numpy")
+def _block_chunk(packed, s, w, g, start, count, c, a0, a1, a2, a3, a4, a5):
+    """a_i[c : c + count] = channel i of block w times the runs s[k] from `start`; count is clipped to CHUNK.
+
+    6 channels x 4 vectors of accumulators stay in registers through the whole sum
+    over columns: each column costs 4 vector loads and 6 broadcasts for 24 FMAs.
+    """
+    r00, r01, r02, r03 = vzero(), vzero(), vzero(), vzero()
+    r10, r11, r12, r13 = vzero(), vzero(), vzero(), vzero()
+    r20, r21, r22, r23 = vzero(), vzero(), vzero(), vzero()
+    r30, r31, r32, r33 = vzero(), vzero(), vzero(), vzero()
+    r40, r41, r42, r43 = vzero(), vzero(), vzero(), vzero()
+    r50, r51, r52, r53 = vzero(), vzero(), vzero(), vzero()
+    n1, n2, n3 = count - LANES, count - 2 * LANES, count - 3 * LANES
     for k in range(s.shape[0]):
-        s0 = _U(s[k] * g + start)
-        v = w[k]
-        for j in range(length):
-            acc[j] += v * packed[s0 + j]
+        p = s[k] * g + start
+        x0 = vload(packed, p, count)
+        x1 = vload(packed, p + LANES, n1)
+        x2 = vload(packed, p + 2 * LANES, n2)
+        x3 = vload(packed, p + 3 * LANES, n3)
+        wk = w[k]
+        v = vsplat(wk[0])
+        r00, r01, r02, r03 = vfma(v, x0, r00), vfma(v, x1, r01), vfma(v, x2, r02), vfma(v, x3, r03)
+        v = vsplat(wk[1])
+        r10, r11, r12, r13 = vfma(v, x0, r10), vfma(v, x1, r11), vfma(v, x2, r12), vfma(v, x3, r13)
+        v = vsplat(wk[2])
+        r20, r21, r22, r23 = vfma(v, x0, r20), vfma(v, x1, r21), vfma(v, x2, r22), vfma(v, x3, r23)
+        v = vsplat(wk[3])
+        r30, r31, r32, r33 = vfma(v, x0, r30), vfma(v, x1, r31), vfma(v, x2, r32), vfma(v, x3, r33)
+        v = vsplat(wk[4])
+        r40, r41, r42, r43 = vfma(v, x0, r40), vfma(v, x1, r41), vfma(v, x2, r42), vfma(v, x3, r43)
+        v = vsplat(wk[5])
+        r50, r51, r52, r53 = vfma(v, x0, r50), vfma(v, x1, r51), vfma(v, x2, r52), vfma(v, x3, r53)
+    _store4(a0, c, count, r00, r01, r02, r03)
+    _store4(a1, c, count, r10, r11, r12, r13)
+    _store4(a2, c, count, r20, r21, r22, r23)
+    _store4(a3, c, count, r30, r31, r32, r33)
+    _store4(a4, c, count, r40, r41, r42, r43)
+    _store4(a5, c, count, r50, r51, r52, r53)
+
+
+@njit(cache=True, inline="always")
+def _store4(acc, c, count, r0, r1, r2, r3):
+    vstore(acc, c, count, r0)
+    vstore(acc, c + LANES, count - LANES, r1)
+    vstore(acc, c + 2 * LANES, count - 2 * LANES, r2)
+    vstore(acc, c + 3 * LANES, count - 3 * LANES, r3)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)

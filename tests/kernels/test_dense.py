@@ -56,9 +56,10 @@ def test_dense_conv2d_matches_reference(min_pixel_run, case):
 @pytest.mark.parametrize("min_plane_pixels", [1, 10**9])  # every image alone / whole batch interleaved
 @pytest.mark.parametrize("n", [1, 5])
 def test_dense_conv2d_blocking_edges(monkeypatch, n, min_plane_pixels, min_pixel_run):
-    # 70 output channels: two slabs of 64 (the second mostly padding) and a last quad
-    # of 2; 2 x 3 x 3 + 1 x 1 ... columns: K = 7 * 9 = 63, not a multiple of 4; several
-    # pixel tiles and a last element quad of 1-3 elements.
+    # 70 output channels: two slabs of 64 (the second mostly padding), and 11 blocks
+    # of 6 and a last one of 4 (pixel-major); K = 7 * 9 = 63 columns, not a multiple
+    # of 4; several pixel tiles of 40 elements, each one chunk of 64 only partly
+    # filled; and a last element quad of 1-3 elements (channel-major).
     monkeypatch.setattr(dense, "MIN_PIXEL_RUN", min_pixel_run)
     monkeypatch.setattr(dense, "PIXEL_TILE_ELEMS", 40)
     monkeypatch.setattr(dense, "CHANNEL_SLAB", 64)

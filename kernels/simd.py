@@ -1,0 +1,126 @@
+"""A 16-lane float32 vector for numba kernels, as a handful of LLVM intrinsics.
+
+numba's auto-vectoriser keeps accumulators in memory: a loop body that adds to
+an array is loaded and stored on every pass, and a block of scalar
+accumulators stays scalar. A register-blocked GEMM micro-kernel needs the
+opposite, a grid of vector accumulators that live in registers for a whole
+reduction, so it is written with this explicit vector type instead
+(`dense._dense_conv_pixels`). One `F32x16` is one AVX-512 register (two AVX2
+or four NEON registers elsewhere: still correct, only slower).
+
+Loads and stores are masked to the first `count` lanes (count <= 0: none, >=
+16: all), so a run that ends mid-vector, or at the end of a buffer, neither
+reads nor writes past its last element. `vfma` is LLVM's fmuladd: one fused
+instruction where the target has FMA.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+
+_VECTOR = ir.VectorType(ir.FloatType(), LANES)
+_MASK = ir.VectorType(ir.IntType(1), LANES)
+_I64 = ir.IntType(64)
+
+
+class F32x16(types.Type):
+    def __init__(self):
+        super().__init__(name=f"f32x{LANES}")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VECTOR)
+
+
+@intrinsic
+def vzero(typingctx):
+    """A vector of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VECTOR, [0.0] * LANES)
+    return f32x16(), codegen
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """float32 x in every lane."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(_VECTOR, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+    return f32x16(types.float32), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c, lane by lane."""
+    if not (a == b == c == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
+                                            f"llvm.fmuladd.v{LANES}f32")
+        return builder.call(fn, args)
+    return f32x16(a, b, c), codegen
+
+
+def _check_array(arr, idx, count) -> bool:
+    return (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1
+            and isinstance(idx, types.Integer) and isinstance(count, types.Integer))
+
+
+def _lane_pointer_and_mask(context, builder, arrty, arr, idx, count):
+    data = context.make_array(arrty)(context, builder, arr).data
+    ptr = builder.bitcast(builder.gep(data, [builder.sext(idx, _I64) if idx.type.width < 64 else idx]),
+                          _VECTOR.as_pointer())
+    count = builder.sext(count, _I64) if count.type.width < 64 else count
+    lanes = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), count,
+                               ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined),
+        ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+    return ptr, builder.icmp_signed("<", lanes, splat)
+
+
+@intrinsic
+def vload(typingctx, arr, idx, count):
+    """arr[idx : idx + count] in the first lanes (count clipped to 0..16), zeros in the rest."""
+    if not _check_array(arr, idx, count):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr, mask = _lane_pointer_and_mask(context, builder, sig.args[0], *args)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VECTOR, [_VECTOR.as_pointer(), ir.IntType(32), _MASK, _VECTOR]),
+            f"llvm.masked.load.v{LANES}f32.p0")
+        return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 4), mask, ir.Constant(_VECTOR, [0.0] * LANES)])
+    return f32x16(arr, idx, count), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, count, v):
+    """arr[idx : idx + count] = the first count lanes of v (count clipped to 0..16)."""
+    if not _check_array(arr, idx, count) or v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr, mask = _lane_pointer_and_mask(context, builder, sig.args[0], *args[:3])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _VECTOR.as_pointer(), ir.IntType(32), _MASK]),
+            f"llvm.masked.store.v{LANES}f32.p0")
+        builder.call(fn, [args[3], ptr, ir.Constant(ir.IntType(32), 4), mask])
+        return context.get_dummy_value()
+    return types.none(arr, idx, count, v), codegen

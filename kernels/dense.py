@@ -58,7 +58,7 @@ _U = np.uint64
 # Runs (packed pixels x images of an output plane) shorter than this use the channel-major kernel
 # (measured: the two are even at 78 values, an 8x8 plane at batch 1; below 64 a chunk is mostly padding).
 MIN_PIXEL_RUN = 64
-# Pixel-major tile, in float32 elements per output channel: whole planes up to 64x64 at batch 1.
+# Pixel-major tile, in float32 elements per output channel (a whole 32x32 plane at batch 1 is one tile).
 PIXEL_TILE_ELEMS = 4096
 # Pixel-major register block: BLOCK_CHANNELS output channels x CHUNK output elements.
 BLOCK_CHANNELS = 6

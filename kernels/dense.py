@@ -37,8 +37,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
+from functools import cached_property, partial
 
 import numba
 import numpy as np
@@ -92,20 +92,16 @@ class DenseConvPlan:
     dilation: tuple[int, int]
     groups: int
     border: tuple[int, int]
-    _copies: dict = field(default_factory=dict, compare=False, repr=False)  # the kernels' weight copies
 
+    @cached_property
     def weight_slabs(self) -> np.ndarray:
         """The channel-major kernel's copy of the weight (see `weight_slabs`), made on first use."""
-        return self._copy("slabs", lambda: weight_slabs(self.weight2d, self.groups))
+        return weight_slabs(self.weight2d, self.groups)
 
+    @cached_property
     def weight_blocks(self) -> np.ndarray:
         """The pixel-major kernel's copy: the weight in blocks of BLOCK_CHANNELS channels, made on first use."""
-        return self._copy("blocks", lambda: weight_slabs(self.weight2d, self.groups, BLOCK_CHANNELS))
-
-    def _copy(self, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
-        if name not in self._copies:
-            self._copies[name] = make()
-        return self._copies[name]
+        return weight_slabs(self.weight2d, self.groups, BLOCK_CHANNELS)
 
 
 def weight_slabs(weight2d: np.ndarray, groups: int = 1, width: int | None = None) -> np.ndarray:
@@ -201,12 +197,12 @@ def bind_dense_conv2d(plan: DenseConvPlan, packed, n: int, group: int, bias, act
     epilogue = (bias, act, lo, hi, res, res_params, has_res, out, out_layout.params())
     l_pix = (ho - 1) * wq + wo
     if l_pix * group < MIN_PIXEL_RUN:
-        return partial(_dense_conv_channels, packed, block_elems, plan.src, plan.weight_slabs(), n, group,
+        return partial(_dense_conv_channels, packed, block_elems, plan.src, plan.weight_slabs, n, group,
                        ho, wo, wq, *epilogue)
     tile_pix = equal_tiles(l_pix, max(1, PIXEL_TILE_ELEMS // group))
     base_items = (n // group) * -(-l_pix // tile_pix) * plan.groups
     threads = numba.get_num_threads() if n_threads is None else n_threads
-    blocks = plan.weight_blocks()
+    blocks = plan.weight_blocks
     runs = min(blocks.shape[0] // plan.groups, max(1, -(-ITEMS_PER_THREAD * threads // base_items)))
     return partial(_dense_conv_pixels, packed, block_elems, plan.src, blocks, n, group, ho, wo, wq, tile_pix, runs,
                    *epilogue)
@@ -431,12 +427,10 @@ class DenseLinearPlan:
     """A dense linear weight (O, K) and, made on first use, its copy for the channel-major kernel."""
 
     weight: np.ndarray
-    _transposed: list = field(default_factory=list, compare=False, repr=False)  # weight_slabs, once made
 
+    @cached_property
     def weight_slabs(self) -> np.ndarray:
-        if not self._transposed:
-            self._transposed.append(weight_slabs(self.weight))
-        return self._transposed[0]
+        return weight_slabs(self.weight)
 
 
 def plan_dense_linear(weight) -> DenseLinearPlan:
@@ -474,7 +468,7 @@ def bind_dense_linear(plan: DenseLinearPlan, x, bias, act: int, lo, hi, residual
     if 0 < m <= SMALL_BATCH:
         lay = Layout(o, 1, 1, group=m).params()
         columns = np.arange(k, dtype=np.int64).reshape(1, k)  # column k starts at row k of x
-        return partial(_dense_conv_channels, x.reshape(-1), k * m, columns, plan.weight_slabs(), m, m, 1, 1, 1,
+        return partial(_dense_conv_channels, x.reshape(-1), k * m, columns, plan.weight_slabs, m, m, 1, 1, 1,
                        bias, act, lo, hi, res.reshape(-1), lay, has_res, out.reshape(-1), lay)
 
     def run() -> None:

@@ -70,6 +70,21 @@ class Artifact:
         return str(pruning.get("method", "?")) if isinstance(pruning, dict) else "none"
 
     @property
+    def target_sparsity(self) -> float | None:
+        """The sparsity the model was pruned to (`harp prune --sparsity`), None when the manifest does not say."""
+        pruning = self.model.get("pruning")
+        if not isinstance(pruning, dict):
+            return None
+        value = pruning.get("target_sparsity", pruning.get("sparsity"))  # checkpoints / bench-built models
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The checkpoint's recorded accuracy (natural_accuracy, robust_accuracy, test_examples), {} if none."""
+        metrics = self.model.get("metrics")
+        return metrics if isinstance(metrics, dict) else {}
+
+    @property
     def layers(self) -> list[dict[str, Any]]:
         """Per prunable layer of the source model: name, shape, params, nonzero, density."""
         return list(self.model.get("layers", []))

@@ -113,6 +113,19 @@ def describe(artifact: Path) -> dict[str, Any]:
             "input_shape": tuple(bundle.graph.input_shape)}
 
 
+def given_source(artifact: Path) -> dict[str, Any]:
+    """How a given artifact was made, from its checked manifest: label, pruning, accuracy, layer densities."""
+    from .artifact import open_artifact
+
+    art = open_artifact(artifact)
+    dataset = art.dataset or "?"
+    if dataset.startswith("imagefolder:"):
+        dataset = f"imagefolder {Path(dataset.split(':', 1)[1]).name}"
+    return {"label": f"{art.architecture} ({art.method}, {dataset})", "method": art.method, "dataset": art.dataset,
+            "target_sparsity": art.target_sparsity, "metrics": art.metrics,
+            "densities": [float(layer.get("density", 0.0)) for layer in art.layers]}
+
+
 # ---------------------------------------------------------------- measurements
 
 
@@ -309,7 +322,7 @@ VARIANT_TITLES = {
     "global": "global magnitude, shipped (dead channels trimmed from every format)",
     "global-untrimmed": "global magnitude, exported with trim=False (model.onnx is the full dense architecture)",
     "uniform": "uniform per-layer magnitude, shipped",
-    "given": "given artifacts and checkpoints",
+    "given": "given artifacts and checkpoints (pruning method, target and dataset from each manifest)",
 }
 
 
@@ -343,6 +356,27 @@ def _gflops(row: dict[str, Any]) -> str:
     return f"{g['harp']:.0f} / {g['onnxruntime']:.0f}" if g else ""
 
 
+def _given_notes(report: dict[str, Any]) -> list[str]:
+    """One line per given artifact: its pruning target, recorded accuracy and per-layer densities."""
+    lines = [""]
+    seen = set()
+    for row in report["latency"]:
+        source = row.get("source")
+        if source is None or row["artifact"] in seen:
+            continue
+        seen.add(row["artifact"])
+        m = source["metrics"]
+        accuracy = ""
+        if "natural_accuracy" in m and "robust_accuracy" in m:
+            accuracy = (f"; natural {m['natural_accuracy']:.1%}, PGD {m['robust_accuracy']:.1%} on "
+                        f"{m.get('test_examples', '?')} test images")
+        target = "" if source["target_sparsity"] is None else f"pruned to {source['target_sparsity']:.1%}"
+        densities = " ".join(f"{d:.0%}" for d in source["densities"])
+        lines.append(f"- {row['name']}: {source['method']} on {source['dataset']}, {target}{accuracy}; "
+                     f"layer densities in order: {densities}.")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -368,8 +402,10 @@ def render(report: dict[str, Any]) -> str:
         "pruning removes the deep layers first (their weights are smallest): at 99% VGG16 keeps 30-86% of its "
         "first three convs and almost nothing after the fifth, which trimming then cuts away, so the shipped "
         "'global' rows measure a small, moderately sparse network. Uniform pruning is closer to what learned "
-        "masks look like. HARP-learned masks of these two architectures need CIFAR-10 training, which this "
-        "machine has neither the data nor the GPU for; `--checkpoint DIR` exports and times such a checkpoint.",
+        "masks look like. HARP's published masks of these architectures come from CIFAR-10 on a GPU, neither of "
+        "which this machine has; `python -m harp.bench.learned_masks` learns HARP masks for the same "
+        "architectures and input shape on MNIST digits (as 32x32 RGB, a short CPU schedule), and "
+        "`--checkpoint DIR` exports and times such a checkpoint (or a CIFAR-10 one) in the 'given' section.",
     ]
     variants = list(dict.fromkeys(row.get("variant", "global") for row in report["latency"]))
     for variant in variants:
@@ -391,6 +427,8 @@ def render(report: dict[str, Any]) -> str:
                 f"| {row['speedup']:.1f}x | {goal_text} | {_mac_ratio(row)} | {_gflops(row)} "
                 f"| {row['kernels']['sparse']}/{row['kernels']['dense']} | "
                 f"{min(row['load']):.1f}..{max(row['load']):.1f} |")
+        if variant == "given":
+            lines += _given_notes(report)
     goal_rows = [r for r in report["latency"] if (r.get("target_sparsity"), r["batch"]) in GOALS]
     if goal_rows:
         lines += ["", "## Goals", "",
@@ -529,8 +567,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"exporting {arch} at {sparsity:.1%} ({variant})", flush=True)
                 targets.append((variant, arch, sparsity,
                                 build_artifact(arch, sparsity, variant, work / f"{variant}-{arch}-{sparsity}")))
+    given: dict[str, dict[str, Any]] = {}
     for path in [Path(a) for a in args.artifact] + export_checkpoints(args.checkpoint, work):
-        targets.append(("given", describe(path)["architecture"], None, path))
+        source = given_source(path)
+        given[str(path)] = source
+        targets.append(("given", source["label"], source["target_sparsity"], path))
 
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                               "threads": args.threads, "iters": args.iters, "rounds": ROUNDS,
@@ -542,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
             row = time_pair(path, batch, args.threads, args.iters)
             row.update(variant=variant, name=arch, artifact=str(path), sparsity=info["sparsity"],
                        target_sparsity=target)
+            if str(path) in given:
+                row["source"] = given[str(path)]
             report["latency"].append(row)
             print(f"{variant} {arch} {info['sparsity']:.2%} b{batch}: harp {row['harp']['median_ms']:.3f} ms, ORT "
                   f"{row['onnxruntime']['median_ms']:.3f} ms, {row['speedup']:.1f}x (load {max(row['load']):.1f})",

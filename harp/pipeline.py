@@ -45,7 +45,8 @@ class PipelineOptions:
 PIPELINE_FILE = "pipeline.json"
 
 
-def _done(path: Path) -> bool:
+def stage_done(path: Path) -> bool:
+    """Whether a stage's checkpoint at `path` is complete (it loads), so a re-run can skip the stage."""
     try:
         load_checkpoint(path)
         return True
@@ -68,18 +69,18 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
                               device=opts.device)
     results: dict[str, Any] = {}
     dense, pruned, tuned = out / "dense", out / "pruned", out / "finetuned"
-    if not _done(dense):
+    if not stage_done(dense):
         log(f"[1/4] adversarial training ({opts.adv}) on {opts.dataset} -> {dense}")
         train(TrainOptions(dataset=opts.dataset, arch=opts.arch, adv=opts.adv, epochs=opts.train_epochs,
                            seed=opts.seed, data_root=opts.data_root, download=opts.download, device=opts.device),
               dense, force=dense.exists(), quiet=quiet)
     results["dense"] = load_checkpoint(dense).meta["metrics"]
-    if not _done(pruned):
+    if not stage_done(pruned):
         log(f"[2/4] pruning with {opts.method} to {opts.sparsity:.2%} {opts.granularity} sparsity -> {pruned}")
         prune_checkpoint(dense, pruned, config, replace(stage_opts, epochs=opts.prune_epochs),
                          force=pruned.exists(), quiet=quiet)
     results["pruned"] = load_checkpoint(pruned).meta["metrics"]
-    if not _done(tuned):
+    if not stage_done(tuned):
         log(f"[3/4] adversarial fine-tuning -> {tuned}")
         finetune_checkpoint(pruned, tuned, replace(stage_opts, epochs=opts.finetune_epochs),
                             force=tuned.exists(), quiet=quiet)

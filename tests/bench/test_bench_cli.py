@@ -187,6 +187,21 @@ def test_greedy_pixel_attack_changes_at_most_k_pixels(artifact):
     assert bool((fooled_now == (fooled_at <= 3)).all())
 
 
+def test_runtime_report_reads_how_a_given_artifact_was_pruned(artifact):
+    from harp.bench import runtime_report
+
+    source = runtime_report.given_source(artifact)
+    assert source["label"] == "small_cnn (global_magnitude, digits)"
+    assert source["target_sparsity"] == 0.5  # the goals of a given artifact follow its pruning target
+    layers = open_artifact(artifact).layers
+    assert source["densities"] == [layer["density"] for layer in layers] and len(layers) >= 3
+    assert 0.1 < source["metrics"]["natural_accuracy"] <= 1.0
+    row = {"artifact": str(artifact), "name": source["label"], "source": source}
+    notes = runtime_report._given_notes({"latency": [row, dict(row)]})  # one line per artifact, not per batch
+    assert len([line for line in notes if line]) == 1
+    assert "global_magnitude on digits, pruned to 50.0%; natural " in notes[1]
+
+
 def test_kernels_table(artifact):
     from harp.bench.kernels_bench import run_kernels
 

@@ -1,0 +1,35 @@
+"""The learned-masks benchmark's dataset: digits written as an ImageFolder read back by harp as CIFAR-shaped data."""
+
+import numpy as np
+import pytest
+
+from harp.bench.learned_masks import main, write_imagefolder
+from harp.cli_errors import run_script
+from harp.data import dataset_spec, load_split
+
+
+def test_imagefolder_round_trip_gives_cifar_shaped_images_with_their_labels(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    for split, per_class in (("train", 3), ("test", 2)):
+        assert write_imagefolder(images, digits.target, tmp_path / split, per_class) == 10 * per_class
+    name = f"imagefolder:{tmp_path}"
+    assert dataset_spec(name).input_shape == (3, 32, 32)
+    train = load_split(name, train=True)
+    assert train.images.shape == (30, 3, 32, 32) and train.images.dtype.is_floating_point is False
+    assert np.bincount(train.labels.numpy()).tolist() == [3] * 10
+    # the first image of class 7, upscaled: grey (R = G = B) and bright where the digit's strokes are
+    first7 = train.images[train.labels == 7][0].numpy().astype(int)
+    assert (first7[0] == first7[1]).all() and (first7[1] == first7[2]).all()
+    original = images[np.flatnonzero(digits.target == 7)[0]]
+    assert np.corrcoef(first7[0, ::4, ::4].ravel(), original.ravel())[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "--epochs must be >= 1"),
+                                           (["--data-root", "/nonexistent"], "MNIST not found under /nonexistent")])
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert run_script(lambda: main(["--work", str(tmp_path / "w")] + argv), "learned_masks") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

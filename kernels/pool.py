@@ -223,23 +223,29 @@ def _maxpool_2x2_channels(src, sl, blk, ch0, ch1, out, ol):
                                                src[_U(i + go + k)])
         return
     # Different groups (e.g. a 32x32 plane per image in, 16x16 planes of 16 interleaved images out):
-    # images innermost, so the output is written in one contiguous run per row and each
-    # image's input rows are read in order (images outermost rewrites every output cache line G times).
-    r0 = np.empty(go, np.int64)
-    r1 = np.empty(go, np.int64)
+    # each image's output row goes to a small tile first, read from its two input rows in order,
+    # then the tile is written image-innermost as one contiguous run. Reading the G images'
+    # rows side by side instead ran 2.7x slower: planes 256 KiB apart alias in the L1 cache.
+    tile = np.empty(go * wo, np.float32)
     for ch in range(ch0, ch1):
         for oh in range(ho):
             for k in range(go):
                 img = blk * go + k
-                r0[k] = row_offset(sl, img // gs, ch, 2 * oh) + img % gs
-                r1[k] = row_offset(sl, img // gs, ch, 2 * oh + 1) + img % gs
+                r0 = row_offset(sl, img // gs, ch, 2 * oh) + img % gs
+                r1 = row_offset(sl, img // gs, ch, 2 * oh + 1) + img % gs
+                t = k * wo
+                if gs == 1:  # a constant stride lets LLVM vectorise the row
+                    for ow in range(wo):
+                        tile[_U(t + ow)] = _max4(src[_U(r0 + 2 * ow)], src[_U(r0 + 2 * ow + 1)],
+                                                 src[_U(r1 + 2 * ow)], src[_U(r1 + 2 * ow + 1)])
+                    continue
+                for ow in range(wo):
+                    j0, j1 = 2 * ow * gs, (2 * ow + 1) * gs
+                    tile[_U(t + ow)] = _max4(src[_U(r0 + j0)], src[_U(r0 + j1)], src[_U(r1 + j0)], src[_U(r1 + j1)])
             d = row_offset(ol, blk, ch, oh)
             for ow in range(wo):
-                j0, j1 = 2 * ow * gs, (2 * ow + 1) * gs
-                o = d + ow * go
                 for k in range(go):
-                    out[_U(o + k)] = _max4(src[_U(r0[k] + j0)], src[_U(r0[k] + j1)], src[_U(r1[k] + j0)],
-                                           src[_U(r1[k] + j1)])
+                    out[_U(d + ow * go + k)] = tile[_U(k * wo + ow)]
 
 
 @njit(cache=True, error_model="numpy")

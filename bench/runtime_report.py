@@ -88,13 +88,23 @@ def build_artifact(arch: str, sparsity: float, variant: str, out: Path) -> Path:
 
 
 def export_checkpoints(checkpoints: list[str], work: Path) -> list[Path]:
+    """Export each checkpoint into `work`, reusing an export made from the same meta.json."""
     from harp.export.exporter import export_checkpoint
+    from harp.export.verify import sha256_file
 
     out = []
     for ckpt in checkpoints:
-        target = work / f"ckpt-{Path(ckpt).name}"
-        if not (target / "manifest.json").is_file():
-            export_checkpoint(ckpt, target, force=True)
+        path = Path(ckpt).resolve()
+        target = work / f"ckpt-{path.parent.name}-{path.name}"  # e.g. ckpt-vgg16_bn-finetuned
+        if target in out:  # two checkpoints of the same names in different folders
+            target = target.with_name(f"{target.name}-{len(out)}")
+        try:
+            source = json.loads((target / "manifest.json").read_text())["source"]
+            fresh = source["meta_sha256"] == sha256_file(path / "meta.json")
+        except (OSError, ValueError, KeyError, TypeError):
+            fresh = False
+        if not fresh:
+            export_checkpoint(path, target, force=True)
         out.append(target)
     return out
 

@@ -27,3 +27,19 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "r.md").exists()
+
+
+def test_checkpoints_are_exported_once_each_even_with_the_same_folder_names(digits_ckpt, tmp_path):
+    import shutil
+
+    ckpts = [tmp_path / run / "finetuned" for run in ("a", "b")]
+    for ckpt in ckpts:
+        shutil.copytree(digits_ckpt, ckpt)
+    work = tmp_path / "work"
+    first = runtime_report.export_checkpoints([str(c) for c in ckpts], work)
+    assert [p.name for p in first] == ["ckpt-a-finetuned", "ckpt-b-finetuned"]
+    stamps = [(p / "manifest.json").stat().st_mtime_ns for p in first]
+    assert runtime_report.export_checkpoints([str(c) for c in ckpts], work) == first  # reused, not re-exported
+    assert [(p / "manifest.json").stat().st_mtime_ns for p in first] == stamps
+    same = runtime_report.export_checkpoints([str(ckpts[0]), str(ckpts[0])], work)
+    assert same[0] != same[1]  # the same checkpoint twice: two rows, two folders

@@ -225,7 +225,8 @@ def _maxpool_2x2_channels(src, sl, blk, ch0, ch1, out, ol):
     # Different groups (e.g. a 32x32 plane per image in, 16x16 planes of 16 interleaved images out):
     # each image's output row goes to a small tile first, read from its two input rows in order,
     # then the tile is written image-innermost as one contiguous run. Reading the G images'
-    # rows side by side instead ran 2.7x slower: planes 256 KiB apart alias in the L1 cache.
+    # rows side by side instead took 512 µs against 161 (VGG16 at batch 16): their planes,
+    # 256 KiB apart, map to the same L1 cache sets.
     tile = np.empty(go * wo, np.float32)
     for ch in range(ch0, ch1):
         for oh in range(ho):

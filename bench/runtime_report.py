@@ -381,7 +381,7 @@ def _given_notes(report: dict[str, Any]) -> list[str]:
             accuracy = (f"; natural {m['natural_accuracy']:.1%}, PGD {m['robust_accuracy']:.1%} on "
                         f"{m.get('test_examples', '?')} test images")
         target = "" if source["target_sparsity"] is None else f"pruned to {source['target_sparsity']:.1%}"
-        densities = " ".join(f"{d:.0%}" for d in source["densities"])
+        densities = " ".join(f"{d:.1%}" for d in source["densities"])
         lines.append(f"- {row['name']}: {source['method']} on {source['dataset']}, {target}{accuracy}; "
                      f"layer densities in order: {densities}.")
     return lines

@@ -18,7 +18,7 @@ def test_missed_goal_states_the_speed_per_multiply_add_it_needs():
 
 
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
-    for argv, message in [(["--iters", "10"], "--iters must be >= 50"),
+    for argv, message in [(["--iters", "10"], "--iters must be >= 50"), (["--passes", "0"], "--passes must be >= 1"),
                           (["--threads", "0"], "--threads must be in 1.."),
                           (["--archs", "alexnet"], "unknown architecture(s) alexnet"),
                           (["--artifact", str(tmp_path / "missing")], "not a directory")]:
@@ -43,3 +43,15 @@ def test_checkpoints_are_exported_once_each_even_with_the_same_folder_names(digi
     assert [(p / "manifest.json").stat().st_mtime_ns for p in first] == stamps
     same = runtime_report.export_checkpoints([str(ckpts[0]), str(ckpts[0])], work)
     assert same[0] != same[1]  # the same checkpoint twice: two rows, two folders
+
+
+def test_passes_merge_into_each_backends_best_median():
+    def stats(ms):
+        return {"median_ms": ms, "p90_ms": ms, "p99_ms": ms}
+
+    rows = [{"batch": 16, "harp": stats(h), "onnxruntime": stats(o), "speedup": o / h, "load": [load],
+             "macs_per_image": {"dense": 1000, "nonzero": 10}} for h, o, load in ((2.0, 50.0, 0.5), (1.0, 60.0, 1.5))]
+    merged = runtime_report.merge_passes(rows)
+    assert merged["harp"]["median_ms"] == 1.0 and merged["onnxruntime"]["median_ms"] == 50.0
+    assert merged["speedup"] == 50.0 and merged["passes"] == 2 and merged["load"] == [0.5, 1.5]
+    assert merged["gflops"] == {"harp": 2 * 10 * 16 / 1e6, "onnxruntime": 2 * 1000 * 16 / 50e6}

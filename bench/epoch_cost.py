@@ -14,7 +14,6 @@ is the epoch estimate. Writes bench/results/epoch-cost-DATASET.md and .json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from harp.checkpoint import load_checkpoint
-from harp.cli_errors import run_script
+from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.methods import PruneOptions, load_stage_data, make_config, score_job
 from harp.training.losses import LossConfig
@@ -96,7 +95,7 @@ def render(r: dict[str, Any], command: str, machine: str, load: tuple[float, flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ScriptArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dense", type=Path, required=True)
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--sparsity", type=float, default=0.99)

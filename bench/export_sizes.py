@@ -22,7 +22,6 @@ Protocol
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from harp.checkpoint import load_checkpoint, save_checkpoint
-from harp.cli_errors import run_script
+from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.data import dataset_spec
 from harp.export.bundle import PREAMBLE, load_bundle, write_bundle
 from harp.export.exporter import export_checkpoint, export_model
@@ -336,7 +335,7 @@ def _parity_table(p, rows, relative: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--digits-checkpoint", type=Path, default=None,
                         help="Dense digits checkpoint to prune (default: train one).")
     parser.add_argument("--demo-checkpoint", type=Path, default=None,

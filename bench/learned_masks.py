@@ -17,14 +17,13 @@ reused. It prints the fine-tuned checkpoints, to be timed with
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from harp.cli_errors import run_script
+from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.errors import HarpError
 
 ARCHS = ("vgg16_bn", "resnet18")
@@ -91,7 +90,7 @@ def learn_masks(arch: str, dataset: str, out: Path, epochs: int, steps: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="Where the dataset and checkpoints go (reused).")
     parser.add_argument("--data-root", default="../shared/data", help="Folder holding torchvision's MNIST.")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))

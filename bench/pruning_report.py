@@ -37,7 +37,6 @@ Protocol
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 
 from harp.checkpoint import load_checkpoint
-from harp.cli_errors import run_script
+from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.data import dataset_spec
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
@@ -341,7 +340,7 @@ def _read_results(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ScriptArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--dense", type=Path, default=None)

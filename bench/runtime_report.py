@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from harp.cli_errors import run_script
+from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.errors import HarpError
 from harp.kernels.threads import WAIT_POLICIES, init_threads, max_threads
 
@@ -569,7 +569,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--passes", type=int, default=2, help="Sweeps over all models; each row keeps its best.")
@@ -610,17 +610,17 @@ def main(argv: list[str] | None = None) -> None:
     # Whole sweeps, repeated: a burst of load on the shared host lasts long enough to hit every
     # round of one row, but rarely the same row in two passes minutes apart.
     passes: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    sparsity = {path: describe(path)["sparsity"] for _, _, _, path in targets}
     for number in range(1, args.passes + 1):
         for variant, arch, target, path in targets:
-            info = describe(path)
             for batch in BATCHES:
                 row = time_pair(path, batch, args.threads, args.iters)
-                row.update(variant=variant, name=arch, artifact=str(path), sparsity=info["sparsity"],
+                row.update(variant=variant, name=arch, artifact=str(path), sparsity=sparsity[path],
                            target_sparsity=target)
                 if str(path) in given:
                     row["source"] = given[str(path)]
                 passes.setdefault((str(path), batch), []).append(row)
-                print(f"pass {number}: {variant} {arch} {info['sparsity']:.2%} b{batch}: harp "
+                print(f"pass {number}: {variant} {arch} {sparsity[path]:.2%} b{batch}: harp "
                       f"{row['harp']['median_ms']:.3f} ms, ORT {row['onnxruntime']['median_ms']:.3f} ms, "
                       f"{row['speedup']:.1f}x (load {max(row['load']):.1f})", flush=True)
     report["passes"] = args.passes

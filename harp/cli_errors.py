@@ -7,7 +7,9 @@ bad input to the same one line and exit status 2.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
+from typing import NoReturn
 
 import click
 
@@ -52,3 +54,10 @@ def run_script(main: Callable[[], object], prog: str) -> int:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
     return 0
+
+
+class ScriptArgumentParser(argparse.ArgumentParser):
+    """argparse for the benchmark scripts: a bad option is a HarpError, so `run_script` prints it as one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise HarpError(message)

@@ -28,6 +28,7 @@ def test_imagefolder_round_trip_gives_cifar_shaped_images_with_their_labels(tmp_
 
 
 @pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "--epochs must be >= 1"),
+                                           (["--archs", "alexnet"], "argument --archs: invalid choice: 'alexnet'"),
                                            (["--data-root", "/nonexistent"], "MNIST not found under /nonexistent")])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert run_script(lambda: main(["--work", str(tmp_path / "w")] + argv), "learned_masks") == 2

@@ -178,7 +178,9 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
     """One phase plane of one channel of one image block: input rows copied in, padding zeroed.
 
     A plain (not inlined) function: the same loops written inside the prange body
-    of `_pack` compile to slower code.
+    of `_pack` compile to slower code. Where the source has another image group,
+    each image's position is found once per plane, not once per row: the integer
+    divisions by the runtime group cost more than copying a row of a small plane.
     """
     gs = lay[5]
     ug = _U(g)
@@ -188,30 +190,37 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
         packed[_U(base) + j] = 0.0
     if width == 0:
         return
+    row_step = (lay[2] + 2 * lay[4]) * gs  # from one source row to the next
+    if gs == g:
+        first = row_offset(lay, blk, ch, 0) + w0 * gs
+    else:  # image k of this block: source block (blk*g + k) // gs, position (blk*g + k) % gs in it
+        starts = np.empty(g, np.int64)
+        for k in range(g):
+            img = blk * g + k
+            starts[k] = row_offset(lay, img // gs, ch, 0) + w0 * gs + img % gs
     for a in range(a_lo, a_hi):
         h_in = a * sh + pi - ph
         d0 = _U(base + (a * wq + b_lo) * g)
         if gs == g and sw == 1:  # same image group, unit stride: one run of width*g values
-            s0 = _U(row_offset(lay, blk, ch, h_in) + w0 * gs)
+            s0 = _U(first + h_in * row_step)
             for j in range(width * ug):
                 packed[d0 + j] = src[s0 + j]
         elif gs == g:  # same image group, strided columns: each column's g images are one contiguous run
-            s0 = row_offset(lay, blk, ch, h_in) + w0 * gs
+            s0 = first + h_in * row_step
             for b in range(width):
                 d = d0 + b * ug
                 src_col = _U(s0) + b * _U(sw * gs)
                 for k in range(ug):
                     packed[d + k] = src[src_col + k]
         elif g == 1:  # one image, strided columns
-            s0 = _U(row_offset(lay, blk // gs, ch, h_in) + w0 * gs + blk % gs)
+            s0 = _U(starts[0] + h_in * row_step)
             step = _U(sw * gs)
             for j in range(width):
                 packed[d0 + j] = src[s0 + j * step]
         else:
             step = _U(sw * gs)
             for k in range(g):
-                img = blk * g + k
-                s0 = _U(row_offset(lay, img // gs, ch, h_in) + w0 * gs + img % gs)
+                s0 = _U(starts[k] + h_in * row_step)
                 for j in range(width):
                     packed[d0 + _U(k) + j * ug] = src[s0 + j * step]
 

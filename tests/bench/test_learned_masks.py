@@ -3,18 +3,25 @@
 import numpy as np
 import pytest
 
-from harp.bench.learned_masks import main, write_imagefolder
+from harp.bench.learned_masks import SPARSITY, learn_masks, main, write_imagefolder
+from harp.checkpoint import load_checkpoint
 from harp.cli_errors import run_script
 from harp.data import dataset_spec, load_split
 
 
-def test_imagefolder_round_trip_gives_cifar_shaped_images_with_their_labels(tmp_path):
+def _digits_imagefolder(root, per_class):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
-    for split, per_class in (("train", 3), ("test", 2)):
-        assert write_imagefolder(images, digits.target, tmp_path / split, per_class) == 10 * per_class
+    for split, n in per_class.items():
+        write_imagefolder(images, digits.target, root / split, n)
+    return digits, images
+
+
+def test_imagefolder_round_trip_gives_cifar_shaped_images_with_their_labels(tmp_path):
+    digits, images = _digits_imagefolder(tmp_path, {"train": 3, "test": 2})
+    assert write_imagefolder(images, digits.target, tmp_path / "again", 2) == 20
     name = f"imagefolder:{tmp_path}"
     assert dataset_spec(name).input_shape == (3, 32, 32)
     train = load_split(name, train=True)
@@ -27,7 +34,22 @@ def test_imagefolder_round_trip_gives_cifar_shaped_images_with_their_labels(tmp_
     assert np.corrcoef(first7[0, ::4, ::4].ravel(), original.ravel())[0, 1] > 0.8
 
 
+def test_a_method_prunes_the_trained_model_into_checkpoints_named_after_it(tmp_path):
+    _digits_imagefolder(tmp_path / "data", {"train": 2, "test": 1})
+    dataset = f"imagefolder:{tmp_path / 'data'}"
+    tuned = learn_masks("resnet18", dataset, tmp_path / "run", epochs=1, steps=1, method="global-magnitude")
+    assert tuned == tmp_path / "run" / "finetuned-global-magnitude"
+    dense = (tmp_path / "run" / "dense" / "meta.json").stat().st_mtime_ns
+    ckpt = load_checkpoint(tuned)
+    assert ckpt.meta["pruning"]["method"] == "global-magnitude"
+    assert ckpt.meta["pruning"]["achieved_sparsity"] == pytest.approx(SPARSITY, abs=1e-3)
+    # a re-run (e.g. for another method) reuses the trained model instead of training again
+    again = learn_masks("resnet18", dataset, tmp_path / "run", epochs=1, steps=1, method="global-magnitude")
+    assert again == tuned and (tmp_path / "run" / "dense" / "meta.json").stat().st_mtime_ns == dense
+
+
 @pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "--epochs must be >= 1"),
+                                           (["--methods", "obd"], "argument --methods: invalid choice: 'obd'"),
                                            (["--archs", "alexnet"], "argument --archs: invalid choice: 'alexnet'"),
                                            (["--data-root", "/nonexistent"], "MNIST not found under /nonexistent")])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message):

@@ -42,7 +42,7 @@ FALLBACKS = ("auto", "sparse", "dense")
 BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
 SPARSE_ONLY_BELOW = 0.05  # "auto" takes the sparse kernel of layers sparser than this without timing
 CHOICE_REPEATS = 3  # timed runs per candidate kernel (after one untimed run), best kept
-CHOICE_SLOW_US = 20_000.0  # a candidate whose first run takes longer is timed by that run alone
+CHOICE_SLOW_US = 20_000.0  # a candidate (a model run, in the choice) taking longer is timed by fewer runs
 SERIAL_BELOW_US = 40.0  # steps faster than this are also timed on one thread (no wake-up of the others)
 KEPT_BATCH_SIZES = 4  # prepared batch sizes kept (buffers and bound kernels)
 
@@ -199,17 +199,14 @@ class Runtime:
         ctx = Context(plan, buffers)
         candidates = [self._candidates(ex) for ex in self.executors]
         buffers.pack = np.zeros(max((ex.workspace(ctx) for ex in self.executors), default=0), np.float32)
+        variants = [{kernel: ex.bind(ctx, kernel) for kernel in kernels} for ex, (kernels, _) in
+                    zip(self.executors, candidates)]
         steps = []
-        for ex, (kernels, reason) in zip(self.executors, candidates):
-            variants = {kernel: ex.bind(ctx, kernel) for kernel in kernels}
-            timings = {}
-            if len(variants) > 1:
-                timings = {kernel: _best_time_us(calls) for kernel, calls in variants.items()}
-                kernel = min(timings, key=timings.get)
-            else:
-                kernel = kernels[0]
-            step = BoundStep(ex, kernel, reason, variants[kernel], timings, threads=self.threads)
-            if self.threads > 1 and variants[kernel]:
+        for ex, (kernels, reason), bound, timings in zip(self.executors, candidates, variants,
+                                                          _timings_in_flow(variants)):
+            kernel = min(timings, key=timings.get) if timings else kernels[0]
+            step = BoundStep(ex, kernel, reason, bound[kernel], timings, threads=self.threads)
+            if self.threads > 1 and step.calls:
                 self._maybe_serial(step)
             steps.append(step)
         if len(self._prepared) >= KEPT_BATCH_SIZES:
@@ -223,8 +220,9 @@ class Runtime:
     def _maybe_serial(self, step: BoundStep) -> None:
         """Run a tiny step on one thread when that is faster: waking the other threads costs ~10 µs."""
         parallel_us = step.timings_us.get(step.kernel)
-        if parallel_us is None:
-            parallel_us = _best_time_us(step.calls)
+        if parallel_us is not None and parallel_us >= SERIAL_BELOW_US:
+            return
+        parallel_us = _best_time_us(step.calls)  # alone, as the serial variant is timed
         if parallel_us >= SERIAL_BELOW_US:
             return
         serial = [_on_one_thread(step.calls, self.threads)]
@@ -319,6 +317,35 @@ def _on_one_thread(calls: list[Call], threads: int) -> Call:
             numba.set_num_threads(threads)
 
     return run
+
+
+def _timings_in_flow(variants: list[dict[str, list[Call]]]) -> list[dict[str, float]]:
+    """For each step with several candidate kernels, each candidate's best time in µs; {} for the others.
+
+    The candidates are timed inside whole runs of the model, not alone: a step
+    repeated alone keeps its weights in cache, while in the model the steps
+    before it have evicted them, so the kernel that streams more weight bytes
+    (dense) looks faster alone than it is (ResNet18's 256->512 conv at 18%
+    density, batch 1: dense 447 µs alone, 1073 µs in the model, sparse 618 µs
+    alone). Every round runs all steps in order once per kernel name, each step
+    that has that kernel using it; rounds alternate the names, the first is
+    untimed, and a slow model (big batches) gets fewer rounds.
+    """
+    names = list(dict.fromkeys(kernel for bound in variants if len(bound) > 1 for kernel in bound))
+    best = [dict.fromkeys(bound, float("inf")) if len(bound) > 1 else {} for bound in variants]
+    for round_ in range(CHOICE_REPEATS + 1):
+        round_start = time.perf_counter()
+        for name in names:
+            for bound, times in zip(variants, best):
+                calls = bound.get(name) or next(iter(bound.values()))
+                start = time.perf_counter()
+                for call in calls:
+                    call()
+                if round_ and name in times:
+                    times[name] = min(times[name], (time.perf_counter() - start) * 1e6)
+        if round_ and (time.perf_counter() - round_start) * 1e6 > CHOICE_SLOW_US * len(names):
+            break
+    return best
 
 
 def _best_time_us(calls: list[Call]) -> float:

@@ -45,6 +45,32 @@ def test_auto_choice_is_timed_and_reported(resnet):
             assert row["kernel"] == "-" and row["density"] is None
 
 
+def test_candidates_are_timed_inside_whole_runs_of_the_model():
+    # Three steps, the middle one with two kernels; each call records itself and takes a
+    # known time, so the order of the calls and the best time of each candidate are checked.
+    import time
+
+    log = []
+
+    def step(name, seconds):
+        def call():
+            log.append(name)
+            time.sleep(seconds)
+        return [call]
+
+    variants = [{"-": step("before", 0)}, {"sparse": step("sparse", 0.002), "dense": step("dense", 0.004)},
+                {"-": step("after", 0)}]
+    timings = runtime_module._timings_in_flow(variants)
+    assert timings[0] == {} and timings[2] == {} and set(timings[1]) == {"sparse", "dense"}
+    assert 2000 <= timings[1]["sparse"] < timings[1]["dense"]
+    # every candidate runs between the steps before and after it, never repeated alone
+    runs = [log[i:i + 3] for i in range(0, len(log), 3)]
+    assert len(log) == 3 * len(runs)
+    assert {tuple(r) for r in runs} == {("before", k, "after") for k in ("sparse", "dense")}
+    assert [r[1] for r in runs][:4] == ["sparse", "dense", "sparse", "dense"]  # alternating
+    assert len(runs) == 2 * (runtime_module.CHOICE_REPEATS + 1)
+
+
 def test_plan_fuses_and_reuses_buffers(resnet):
     _, _, runtime = resnet
     summary = runtime.summary()

@@ -1,4 +1,4 @@
-"""Masks of trained models (HARP-learned, global magnitude) for the runtime report's CIFAR-shaped VGG16-BN and ResNet18.
+"""Pruning masks of trained CIFAR-shaped VGG16-BN and ResNet18 models, for the runtime report.
 
     .venv/bin/python -m harp.bench.learned_masks --work DIR [--data-root ../shared/data]
         [--archs vgg16_bn resnet18] [--methods harp [global-magnitude]] [--per-class 300] [--epochs 4] [--steps 3]
@@ -8,15 +8,14 @@ neither can still learn real HARP masks for the same architectures and input
 shape (3x32x32): this writes `--per-class` MNIST training digits per class and
 50 test digits per class as an ImageFolder under DIR (harp's imagefolder loader
 turns them into 32x32 RGB), then runs harp's own stages on it: PGD adversarial
-training (DIR/ARCH/dense), then for each of `--methods` pruning that model to 99%
-and PGD fine-tuning (DIR/ARCH/finetuned-METHOD). `harp` (the default) learns
+training (DIR/ARCH/dense), then for each of `--methods` pruning that model to
+99% and PGD fine-tuning (DIR/ARCH/finetuned-METHOD). `harp` (the default) learns
 per-layer rates and scores under the PGD loss; `global-magnitude` keeps the
 largest weights of the trained model, to compare its per-layer profile with the
 random-init one the report prunes itself (at 99% it empties whole layers, and
-the models end at chance accuracy). The
-schedule is short (PGD with `--steps` steps, a few epochs) so that it fits a
-2-core CPU. Stages already finished in DIR are reused. It prints the fine-tuned
-checkpoints, to be timed with
+the models end at chance accuracy). The schedule is short (PGD with `--steps`
+steps, a few epochs) so that it fits a 2-core CPU. Stages already finished in
+DIR are reused. It prints the fine-tuned checkpoints, to be timed with
 `python -m harp.bench.runtime_report --checkpoint DIR/ARCH/finetuned-METHOD`.
 """
 

@@ -417,7 +417,8 @@ def render(report: dict[str, Any]) -> str:
         "tenants make single rounds, and sometimes a whole model's rounds, vary by up to 2x); "
         "onnxruntime with intra_op_num_threads = threads, inter_op_num_threads = 1, sequential execution, all "
         "graph optimisations and its default thread spinning; harp with `fallback=\"auto\"` (per-layer "
-        f"sparse/dense choice timed at prepare, inside whole runs of the model) and the `{report.get('wait_policy', 'passive')}` wait policy "
+        "sparse/dense choice timed at prepare, inside whole runs of the model) and the "
+        f"`{report.get('wait_policy', 'passive')}` wait policy "
         "for its idle threads (`harp.kernels.threads`). Load = 1-minute load average before each timed round "
         "(min..max); the machine is shared, so absolute times are inflated when the load exceeds "
         f"{m['cores']} - threads.",

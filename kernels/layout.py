@@ -20,6 +20,9 @@ runtime only reuses a bordered buffer for values of the same geometry.
 In numba kernels a layout is an int64 array `lay` = [C, H, W, ph, pw, G];
 `row_offset(lay, blk, c, h)` is where the interior row h of channel c of block
 blk starts; that row holds W*G contiguous values (pixel-major, image innermost).
+`image_row_offset` is the same for one image, `row_stride` the step to the next
+row (kernels that cross image groups compute an image's position once and step
+by rows: the divisions by the runtime group cost more than a small row's copy).
 
 Caveat for editors: `row_offset` is inlined into kernels of other files, and
 numba's on-disk cache keys a kernel on its own file only: after editing it,
@@ -104,3 +107,16 @@ def row_offset(lay, blk, c, h):
     hp = lay[1] + 2 * lay[3]
     wp = lay[2] + 2 * lay[4]
     return (((blk * lay[0] + c) * hp + h + lay[3]) * wp + lay[4]) * lay[5]
+
+
+@njit(cache=True, inline="always")
+def image_row_offset(lay, img, c, h):
+    """Start of row h of channel c of image img (not image block) in a buffer of layout `lay`;
+    the row's W values follow G apart."""
+    return row_offset(lay, img // lay[5], c, h) + img % lay[5]
+
+
+@njit(cache=True, inline="always")
+def row_stride(lay):
+    """Elements from one row of a channel to the next in a buffer of layout `lay`."""
+    return (lay[2] + 2 * lay[4]) * lay[5]

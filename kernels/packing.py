@@ -33,7 +33,7 @@ from functools import partial
 import numpy as np
 from numba import njit, prange
 
-from .layout import Layout, row_offset
+from .layout import Layout, image_row_offset, row_offset, row_stride
 
 
 def packed_hw(in_hw, stride, padding) -> tuple[int, int]:
@@ -179,8 +179,7 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
 
     A plain (not inlined) function: the same loops written inside the prange body
     of `_pack` compile to slower code. Where the source has another image group,
-    each image's position is found once per plane, not once per row: the integer
-    divisions by the runtime group cost more than copying a row of a small plane.
+    each image's position is found once per plane, not once per row (see `layout`).
     """
     gs = lay[5]
     ug = _U(g)
@@ -190,14 +189,13 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
         packed[_U(base) + j] = 0.0
     if width == 0:
         return
-    row_step = (lay[2] + 2 * lay[4]) * gs  # from one source row to the next
+    row_step = row_stride(lay)
     if gs == g:
         first = row_offset(lay, blk, ch, 0) + w0 * gs
-    else:  # image k of this block: source block (blk*g + k) // gs, position (blk*g + k) % gs in it
+    else:  # where each image of this block starts in the source
         starts = np.empty(g, np.int64)
         for k in range(g):
-            img = blk * g + k
-            starts[k] = row_offset(lay, img // gs, ch, 0) + w0 * gs + img % gs
+            starts[k] = image_row_offset(lay, blk * g + k, ch, 0) + w0 * gs
     for a in range(a_lo, a_hi):
         h_in = a * sh + pi - ph
         d0 = _U(base + (a * wq + b_lo) * g)

@@ -42,7 +42,7 @@ FALLBACKS = ("auto", "sparse", "dense")
 BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
 SPARSE_ONLY_BELOW = 0.05  # "auto" takes the sparse kernel of layers sparser than this without timing
 CHOICE_REPEATS = 3  # timed runs per candidate kernel (after one untimed run), best kept
-CHOICE_SLOW_US = 20_000.0  # a candidate (a model run, in the choice) taking longer is timed by fewer runs
+CHOICE_SLOW_US = 20_000.0  # timing runs longer than this (per candidate) end the timing after one
 SERIAL_BELOW_US = 40.0  # steps faster than this are also timed on one thread (no wake-up of the others)
 KEPT_BATCH_SIZES = 4  # prepared batch sizes kept (buffers and bound kernels)
 

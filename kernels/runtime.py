@@ -35,6 +35,7 @@ import numpy as np
 from harp.export.bundle import Bundle, BundleError, load_bundle
 
 from . import threads as thread_settings
+from .arrays import aligned_zeros
 from .plan import Plan, plan_graph
 from .steps import EXECUTORS, Buffers, Call, Context, Executor
 
@@ -190,15 +191,15 @@ class Runtime:
             thread_settings.set_num_threads(self.threads)
         plan = self.plan
         try:
-            slots = [np.zeros(slot.per_image * n, np.float32) for slot in plan.slots]
-            buffers = Buffers(n=n, slots=slots, input=np.zeros(n * int(np.prod(self.input_shape)), np.float32),
-                              pack=np.zeros(0, np.float32))
+            slots = [aligned_zeros(slot.per_image * n) for slot in plan.slots]
+            buffers = Buffers(n=n, slots=slots, input=aligned_zeros(n * int(np.prod(self.input_shape))),
+                              pack=aligned_zeros(0))
         except MemoryError as e:
             raise RuntimeInputError(f"batch of {n} needs {self.buffer_bytes(n) / 2**30:.1f} GiB of activation "
                                     f"buffers, more than this machine can allocate") from e
         ctx = Context(plan, buffers)
         candidates = [self._candidates(ex) for ex in self.executors]
-        buffers.pack = np.zeros(max((ex.workspace(ctx) for ex in self.executors), default=0), np.float32)
+        buffers.pack = aligned_zeros(max((ex.workspace(ctx) for ex in self.executors), default=0))
         variants = [{kernel: ex.bind(ctx, kernel) for kernel in kernels} for ex, (kernels, _) in
                     zip(self.executors, candidates)]
         steps = []

@@ -87,8 +87,12 @@ def test_batch_size_changes(resnet):
     expected = run_reference(graph, x)
     for n in (1, 4, 2, 4, 5, 1):
         assert_parity(runtime.run(x[:n]), expected[:n])
-    assert runtime.prepare(4).buffers.slots[0].shape[0] == 4 * runtime.plan.slots[0].per_image
+    buffers = runtime.prepare(4).buffers
+    assert buffers.slots[0].shape[0] == 4 * runtime.plan.slots[0].per_image
     assert len(runtime._prepared) <= runtime_module.KEPT_BATCH_SIZES
+    # Every activation buffer starts on a cache line (image groups of 16 then read whole lines).
+    for buf in (*buffers.slots, buffers.input, buffers.pack):
+        assert buf.ctypes.data % 64 == 0 and buf.flags.c_contiguous and buf.flags.writeable
 
 
 def test_results_are_fresh_arrays_and_the_input_is_untouched(resnet):

@@ -29,6 +29,7 @@ from typing import Any
 import click
 
 from harp.errors import HarpError
+from harp.io import atomic_write_bytes, atomic_write_json
 
 from .artifact import BACKEND_FILES, Artifact, check_backend_packages, check_backends, open_artifact
 from .latency import DEFAULT_WARMUP, MIN_ITERS
@@ -181,9 +182,9 @@ def write_outputs(result: dict[str, Any], json_path: str | None, md_path: str | 
     if json_path == "-":
         click.echo(json.dumps(result, indent=2))
     elif json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(json_path, result)
     if md_path:
-        Path(md_path).write_text(markdown(result))
+        atomic_write_bytes(md_path, markdown(result).encode())
 
 
 def latency_text(result: dict[str, Any]) -> str:

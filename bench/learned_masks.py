@@ -29,6 +29,7 @@ import numpy as np
 
 from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.errors import HarpError
+from harp.io import atomic_write_bytes
 
 ARCHS = ("vgg16_bn", "resnet18")
 METHODS = ("harp", "global-magnitude")
@@ -65,7 +66,7 @@ def mnist_imagefolder(data_root: str, out: Path, per_class: int) -> Path:
         except RuntimeError as e:
             raise HarpError(f"MNIST not found under {data_root} (torchvision format, e.g. ../shared/data): {e}") from None
         write_imagefolder(ds.data.numpy(), ds.targets.numpy(), out / split, n)
-    done.write_text(str(per_class))
+    atomic_write_bytes(done, str(per_class).encode())
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from harp.io import atomic_writer
+
 CURVE_TITLES = {"linf": "PGD L-inf", "l2": "PGD L2", "l0": "greedy L0 (pixels)"}
 CURVE_XLABELS = {"linf": "eps (L-inf, pixel scale)", "l2": "eps (L2)", "l0": "pixels changed"}
 
@@ -42,8 +44,7 @@ def latency_plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{result['artifact']['name']}: latency by backend")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def curves_plot(curves: dict[str, dict[str, Any]], path: str | os.PathLike[str]) -> None:
@@ -62,8 +63,7 @@ def curves_plot(curves: dict[str, dict[str, Any]], path: str | os.PathLike[str])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sparsity_plot(layers: list[dict[str, Any]], overall: float, title: str, path: str | os.PathLike[str]) -> None:
@@ -80,5 +80,11 @@ def sparsity_plot(layers: list[dict[str, Any]], overall: float, title: str, path
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike[str]) -> None:
+    """Write the figure as PNG atomically (a temp file renamed into place), then free it."""
+    with atomic_writer(path) as f:
+        fig.savefig(f, dpi=120, format="png")
+    _pyplot().close(fig)

@@ -11,7 +11,6 @@ results are saved beside it as report.json.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from harp.io import atomic_write_bytes, atomic_write_json
 
 from .artifact import Artifact, open_artifact
 from .latency_bench import BACKEND_ORDER, LatencyOptions, latency_markdown, run_latency
@@ -109,8 +110,8 @@ def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike
             curves_plot({run["artifact"]["name"]: run["curves"] for run in robust_runs}, out / curves_png)
         text += ["## Robustness", "", robustness_markdown({"machine": machine, "runs": robust_runs}, curves_png)]
     path = out / REPORT
-    path.write_text("\n".join(text) + "\n")
-    (out / "report.json").write_text(json.dumps(raw, indent=2) + "\n")
+    atomic_write_bytes(path, ("\n".join(text) + "\n").encode())
+    atomic_write_json(out / "report.json", raw)
     return path
 
 

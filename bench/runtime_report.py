@@ -44,6 +44,7 @@ import numpy as np
 
 from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.errors import HarpError
+from harp.io import atomic_write_bytes
 from harp.kernels.threads import WAIT_POLICIES, init_threads, max_threads
 
 from .latency import (
@@ -637,8 +638,8 @@ def main(argv: list[str] | None = None) -> None:
         report["cold_start"] = {"artifact": label, **cold_start(layer_target, args.threads)}
         report["dispatch"] = {"artifact": label, **dispatch_overhead(layer_target, args.threads)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(report))
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_bytes(args.out, render(report).encode())
+    atomic_write_bytes(args.out.with_suffix(".json"), (json.dumps(report, indent=1, default=str) + "\n").encode())
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
 
 

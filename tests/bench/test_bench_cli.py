@@ -225,7 +225,22 @@ def test_report_writes_markdown_and_figures(artifact, tmp_path):
         assert section in text
     name = open_artifact(artifact).name  # the artifact's folder, or its parent's for OUT/artifact
     for png in (f"{name}-latency.png", f"{name}-sparsity.png", "robustness-curves.png"):
-        assert (path.parent / png).stat().st_size > 1000
+        data = (path.parent / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000
+    assert not [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_figure_that_fails_midway_leaves_no_file(tmp_path):
+    from harp.bench.plots import _save
+
+    class FailsMidway:
+        def savefig(self, f, **options):
+            f.write(b"\x89PNG half a figure")
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        _save(FailsMidway(), tmp_path / "latency.png")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- bad input

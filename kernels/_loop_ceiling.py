@@ -6,13 +6,14 @@ Run: `python -m harp.kernels._loop_ceiling [--md bench/results/sparse-loop.md]`
 one multiply-add per element of a contiguous run of the packed input. An
 unstructured mask has no regular pattern that would let one loaded input value
 serve several output channels from registers, so every multiply-add loads one
-input value, and the loop's speed is set by where those runs come from. Here it runs on one core over R runs of L
-floats (working set R*L*4 bytes), the runs either starting on a 64-byte cache
-line (as with image groups of 16 in line-aligned buffers) or not (image group 1,
-where a 3x3 conv's taps are one float apart). Best of 5 timings of about
-`--budget` seconds each; GFLOP/s = 2 x multiply-adds per second. A conv of a
-model can approach, not pass, the row of its working set: it also stores its
-output and, in a whole model, first fetches its input from the layer before.
+input value, and the loop's speed is set by where those runs come from. Here it
+runs on one core over R runs of L floats (working set R*L*4 bytes), the runs
+either starting on a 64-byte cache line (as with image groups of 16 in
+line-aligned buffers) or not (image group 1, where a 3x3 conv's taps are one
+float apart). Best of 5 timings of about `--budget` seconds each; GFLOP/s =
+2 x multiply-adds per second. A conv of a model can approach, not pass, the row
+of its working set: it also stores its output and, in a whole model, first
+fetches its input from the layer before.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import numpy as np
 from numba import njit
 
-from .arrays import aligned_zeros
+from .arrays import CACHE_LINE, aligned_zeros
 from .conv import FASTMATH, accumulate_row
 
 # (working set, runs R, run length L floats): one in L1 (32 KiB here), one in L2, one past it.
@@ -38,7 +39,7 @@ def _repeat(acc, packed, offsets, values, reps):
 
 def loop_gflops(runs: int, length: int, aligned: bool, budget_s: float, rng: np.random.Generator) -> float:
     """GFLOP/s of `accumulate_row` on one core over `runs` shuffled runs of `length` floats."""
-    lanes = 16  # float32 per cache line
+    lanes = CACHE_LINE // 4  # float32 per cache line
     packed = aligned_zeros(runs * length + length + lanes)
     packed[:] = rng.random(packed.shape[0], dtype=np.float32)
     starts = rng.permutation(runs).astype(np.int64) * length

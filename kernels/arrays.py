@@ -9,7 +9,7 @@ such arrays so that this never copies on the hot path.
 
 Activation buffers also start on a cache line (`aligned_zeros`): in an image
 group of 16 every run a kernel reads then starts on one, and a 64-byte load that
-straddles two lines costs two.
+straddles two lines costs two line reads.
 """
 
 from __future__ import annotations

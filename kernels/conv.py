@@ -58,7 +58,7 @@ class SparseConvPlan:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
-    border: tuple[int, int]  # the padding of the packed input (>= padding, stride 1 only)
+    border: tuple[int, int]  # the padding of the packed input (>= padding)
     offsets: np.ndarray
     row_cost: np.ndarray
     _blocks: dict = field(default_factory=dict, compare=False, repr=False)
@@ -82,8 +82,8 @@ def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padd
                        dilation=(1, 1), groups=1, border=None) -> SparseConvPlan:
     """Decode a CSR conv weight's columns into packed-input offsets for inputs of `in_hw`.
 
-    `border` (stride 1 only): the input is read straight from a runtime `layout`
-    buffer whose border is `border` >= `padding` instead of from `pack_input`.
+    `border` >= `padding`: the packed input has this padding, e.g. a runtime
+    `layout` buffer read in place (stride 1) or a pack shared with another conv.
     """
     o, cg, kh, kw = (int(d) for d in weight_shape)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)

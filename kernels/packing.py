@@ -19,10 +19,13 @@ G = 1 keeps each image's planes contiguous (a plain padded copy, cheap to make
 and to write back); G = N makes runs N times longer, which small planes need to
 keep the inner loops vectorised. `image_group` picks between them.
 
-The source of a pack is any buffer in a runtime `layout` (NCHW is one). For a
-stride-1 conv no pack is needed at all when the input buffer already has the
-conv's image group and a border at least as wide as its padding: that buffer
-is the packed input, read with shifted tap offsets (`tap_offsets(..., border=)`).
+The source of a pack is any buffer in a runtime `layout` (NCHW is one). A conv
+can read a packed input whose border is wider than its own padding, with shifted
+tap offsets (`tap_offsets(..., border=)`). So a stride-1 conv needs no pack at all
+when the input buffer already has the conv's image group and a border at least
+as wide as its padding: that buffer is the packed input. And two convs of one
+input with the same stride share one pack, made with the wider padding: a 1x1
+stride-2 shortcut reads phase (1, 1) of the pack of the 3x3 conv beside it.
 """
 
 from __future__ import annotations
@@ -61,25 +64,22 @@ def packed_size(n: int, channels: int, in_hw, stride, padding) -> int:
 def tap_offsets(kernel_hw, stride, padding, dilation, in_hw, border=None) -> np.ndarray:
     """Offset in pixels, from a channel's packed block start, of each tap t = i*kw + j.
 
-    `border` (stride 1 only) is the padding the packed input really has, when it
-    is at least `padding`: each tap then reads (border - padding) rows and
-    columns further in.
+    `border` is the padding the packed input really has, when it is at least
+    `padding`: each tap then reads (border - padding) padded rows and columns
+    further on, which at stride s is another phase plane and fewer rows down.
     """
     kh, kw = kernel_hw
     sh, sw = stride
     dh, dw = dilation
-    shift_h = shift_w = 0
-    if border is not None and tuple(border) != tuple(padding):
-        if (sh, sw) != (1, 1) or border[0] < padding[0] or border[1] < padding[1]:
-            raise ValueError(f"tap_offsets: a border {tuple(border)} needs stride 1 and at least "
-                             f"padding {tuple(padding)}, got stride {tuple(stride)}")
-        shift_h, shift_w = border[0] - padding[0], border[1] - padding[1]
-        padding = border
-    hq, wq = packed_hw(in_hw, stride, padding)
-    i = np.repeat(np.arange(kh, dtype=np.int64), kw) * dh
-    j = np.tile(np.arange(kw, dtype=np.int64), kh) * dw
+    border = padding if border is None else border
+    if border[0] < padding[0] or border[1] < padding[1]:
+        raise ValueError(f"tap_offsets: a border {tuple(border)} narrower than the padding {tuple(padding)}")
+    hq, wq = packed_hw(in_hw, stride, border)
+    # Padded coordinates of tap (i, j) for output pixel (0, 0), in the packed input's own padding.
+    i = np.repeat(np.arange(kh, dtype=np.int64), kw) * dh + (border[0] - padding[0])
+    j = np.tile(np.arange(kw, dtype=np.int64), kh) * dw + (border[1] - padding[1])
     phase = (i % sh) * sw + (j % sw)
-    return phase * (hq * wq) + (i // sh + shift_h) * wq + (j // sw + shift_w)
+    return phase * (hq * wq) + (i // sh) * wq + (j // sw)
 
 
 def pack_input(x: np.ndarray, stride, padding, group: int, out: np.ndarray | None = None,
@@ -223,13 +223,16 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
                     packed[d0 + _U(k) + j * ug] = src[s0 + j * step]
 
 
-def used_phases(kernel_hw, stride, dilation) -> np.ndarray:
-    """Which stride phases (pi*sw + pj) some tap of the kernel reads; a pack may skip the others."""
+def used_phases(kernel_hw, stride, dilation, shift=(0, 0)) -> np.ndarray:
+    """Which stride phases (pi*sw + pj) some tap of the kernel reads; a pack may skip the others.
+
+    `shift` = border - padding, when the conv reads a pack made with a wider padding.
+    """
     kh, kw = kernel_hw
     sh, sw = stride
     dh, dw = dilation
     phases = np.zeros(sh * sw, np.bool_)
     for i in range(kh):
         for j in range(kw):
-            phases[(i * dh) % sh * sw + (j * dw) % sw] = True
+            phases[(i * dh + shift[0]) % sh * sw + (j * dw + shift[1]) % sw] = True
     return phases

@@ -9,7 +9,8 @@ Loading goes through `harp.export.bundle.load_bundle` only, so every index,
 shape and value is validated before a kernel touches it. Then, once:
 `plan.plan_graph` fuses the graph into steps, picks value borders and buffer
 slots; `steps.EXECUTORS` turn the weights into kernel arrays. For each batch
-size (kept for the last few sizes used) `prepare` allocates the buffers, binds
+size (kept for the last few sizes used) `prepare` allocates the buffers, lets
+convs of one input share its pack (`steps.Context.share_packs`), binds
 every step's kernels to them and, with `fallback="auto"`, times the sparse and
 the dense kernel of every conv/linear step on its own shape and keeps the faster
 (layers sparser than `SPARSE_ONLY_BELOW` skip the timing). A run is then one
@@ -37,7 +38,7 @@ from harp.export.bundle import Bundle, BundleError, load_bundle
 from . import threads as thread_settings
 from .arrays import aligned_zeros
 from .plan import Plan, plan_graph
-from .steps import EXECUTORS, Buffers, Call, Context, Executor
+from .steps import EXECUTORS, Buffers, Call, Context, Executor, SharedPack
 
 FALLBACKS = ("auto", "sparse", "dense")
 BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
@@ -73,6 +74,7 @@ class Prepared:
     calls: list[Call]
     input: np.ndarray  # (N, C, H, W) view of the input buffer
     output: np.ndarray  # (classes, N) view of the output value
+    shared_packs: dict[str, SharedPack]  # step name -> the pack it makes for, or reads from, other convs
 
 
 def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fallback: str = "auto",
@@ -198,6 +200,7 @@ class Runtime:
             raise RuntimeInputError(f"batch of {n} needs {self.buffer_bytes(n) / 2**30:.1f} GiB of activation "
                                     f"buffers, more than this machine can allocate") from e
         ctx = Context(plan, buffers)
+        ctx.share_packs(self.executors)
         candidates = [self._candidates(ex) for ex in self.executors]
         buffers.pack = aligned_zeros(max((ex.workspace(ctx) for ex in self.executors), default=0))
         variants = [{kernel: ex.bind(ctx, kernel) for kernel in kernels} for ex, (kernels, _) in
@@ -214,7 +217,7 @@ class Runtime:
             self._prepared.popitem(last=False)
         state = Prepared(n=n, buffers=buffers, steps=steps, calls=[c for s in steps for c in s.calls],
                          input=buffers.input.reshape(n, *self.input_shape),
-                         output=ctx.matrix(plan.output_name))
+                         output=ctx.matrix(plan.output_name), shared_packs=ctx.shared_packs)
         self._prepared[n] = state
         return state
 
@@ -303,6 +306,7 @@ class Runtime:
             "slots": len(self.plan.slots), "values": len(self.plan.values),
             "in_place_steps": sum(1 for s in self.plan.steps if s.in_place),
             "views": sum(1 for v in self.plan.values.values() if v.view_of),
+            "shared_packs": sum(1 for name, shared in state.shared_packs.items() if name != shared.maker),
             "buffer_bytes": self.buffer_bytes(state.n), "batch": state.n, "threads": self.threads,
         }
 

@@ -44,6 +44,16 @@ class Buffers:
     pack: np.ndarray  # packed inputs of convs that cannot read their input in place
 
 
+@dataclass
+class SharedPack:
+    """One conv's packed input, read by later convs of the same input instead of packing it again."""
+
+    maker: str  # the step that packs
+    border: tuple[int, int]  # the padding it packs with (the maker's own)
+    phases: np.ndarray  # the stride phases the maker and its readers read
+    readers: list[str]
+
+
 class Context:
     """What executors bind against: the plan, the batch size and its buffers."""
 
@@ -51,6 +61,29 @@ class Context:
         self.plan = plan
         self.buffers = buffers
         self.n = buffers.n
+        self.shared_packs: dict[str, SharedPack] = {}  # step name -> the shared pack it makes or reads
+
+    def share_packs(self, executors: list[Executor]) -> None:
+        """Let a conv read the pack of an earlier conv instead of packing the same input again.
+
+        Conv B reads conv A's pack when A is the last conv before B that packs
+        (the workspace still holds A's pack), both read the same value with the
+        same stride and image group, and A's padding is at least B's: ResNet's
+        1x1 stride-2 shortcut then reads phase (1, 1) of the pack of the 3x3
+        stride-2 conv beside it. A packs every channel and the phases both read.
+        """
+        maker: ConvExecutor | None = None
+        for ex in executors:
+            if not isinstance(ex, ConvExecutor) or not ex.packs(self):
+                continue
+            if maker is not None and maker.pack_serves(ex, self):
+                name = maker.step.name
+                shared = self.shared_packs.setdefault(name, SharedPack(name, maker.padding, maker.phases(), []))
+                shared.phases |= ex.phases(shift=tuple(a - b for a, b in zip(maker.padding, ex.padding)))
+                shared.readers.append(ex.step.name)
+                self.shared_packs[ex.step.name] = shared
+            else:
+                maker = ex
 
     def layout(self, value: str) -> Layout:
         return self.plan.layout(value, self.n)
@@ -130,10 +163,28 @@ class ConvExecutor(Executor):
         out_hw = self.plan.values[self.step.output].shape[1:]
         return self.weight.nnz * out_hw[0] * out_hw[1]
 
+    @property
+    def padding(self) -> tuple[int, int]:
+        return self.geometry[1]
+
     def _reads_in_place(self, layout: Layout, group: int) -> bool:
         stride, padding = self.geometry[0], self.geometry[1]
         return (stride == (1, 1) and layout.group == group and layout.pad_h >= padding[0]
                 and layout.pad_w >= padding[1])
+
+    def packs(self, ctx: Context) -> bool:
+        """Whether this conv needs a packed copy of its input at the context's batch size."""
+        return not self._reads_in_place(ctx.layout(self.step.inputs[0]), ctx.layout(self.step.output).group)
+
+    def phases(self, shift=(0, 0)) -> np.ndarray:
+        """The stride phases of a pack made with `shift` more padding than this conv's that it reads."""
+        return used_phases(self.weight.shape[2:], self.geometry[0], self.geometry[2], shift)
+
+    def pack_serves(self, other: ConvExecutor, ctx: Context) -> bool:
+        """Whether this conv's pack of its input can also be `other`'s (see `Context.share_packs`)."""
+        return (other.step.inputs[0] == self.step.inputs[0] and other.geometry[0] == self.geometry[0]
+                and ctx.layout(other.step.output).group == ctx.layout(self.step.output).group
+                and all(mine >= theirs for mine, theirs in zip(self.padding, other.padding)))
 
     def sparse_plan(self, border) -> SparseConvPlan:
         if border not in self._sparse:
@@ -162,13 +213,20 @@ class ConvExecutor(Executor):
         group = out_layout.group
         stride, padding = self.geometry[0], self.geometry[1]
         calls: list[Call] = []
+        shared = ctx.shared_packs.get(step.name)
         if self._reads_in_place(x_layout, group):
             packed, border = x, (x_layout.pad_h, x_layout.pad_w)
+        elif shared is not None and shared.maker != step.name:  # an earlier conv packed it for us
+            packed, border = ctx.buffers.pack, shared.border
         else:
             packed, border = ctx.buffers.pack, padding
-            phases = used_phases(self.weight.shape[2:], stride, self.geometry[2])
-            # The dense kernel reads every channel; the sparse one only those its nonzeros name.
-            channels = self.sparse_plan(border).used_channels() if kernel == "sparse" else None
+            # The dense kernel reads every channel; the sparse one only those its nonzeros name,
+            # unless other convs read the pack too.
+            if shared is not None:
+                phases, channels = shared.phases, None
+            else:
+                phases = self.phases()
+                channels = self.sparse_plan(border).used_channels() if kernel == "sparse" else None
             calls.append(bind_pack(x, x_layout, ctx.n, stride, padding, group, packed, phases, channels))
         act, lo, hi = _activation(step)
         if kernel == "sparse":

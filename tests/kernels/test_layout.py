@@ -92,6 +92,8 @@ def layout_conv_cases(draw):
         hw=(draw(st.integers(k, 7)), draw(st.integers(k, 7))),
         # A stride-1 conv reads its input in place when the border is wide enough; else it repacks.
         in_border=padding + draw(st.integers(0, 1)) if stride == 1 else draw(st.integers(0, 1)),
+        # A repack may be made with a wider padding (a pack shared with another conv of the input).
+        pack_border=padding + draw(st.integers(0, 1)),
         in_grouped=draw(st.booleans()), grouped=draw(st.booleans()),
         out_border=draw(st.integers(0, 2)), res_border=draw(st.sampled_from([None, 0, 1])),
         act=draw(st.sampled_from([("none", None), ("relu", None), ("clip", (-0.5, 0.5))])),
@@ -126,8 +128,9 @@ def test_conv_between_layouts_matches_reference(case):
     if stride == (1, 1) and in_layout.group == group:  # read in place, shifted taps
         packed, border = buf, (in_layout.pad_h, in_layout.pad_w)
     else:
-        packed, border = np.empty(packed_size(n, c, case["hw"], stride, padding), np.float32), padding
-        bind_pack(buf, in_layout, n, stride, padding, group, packed)()
+        border = (case["pack_border"],) * 2
+        packed = np.empty(packed_size(n, c, case["hw"], stride, border), np.float32)
+        bind_pack(buf, in_layout, n, stride, border, group, packed)()
     act, lo, hi = resolve_activation("test", *case["act"])
     out = np.zeros(out_layout.size(n), np.float32)
     if case["kernel"] == "sparse":

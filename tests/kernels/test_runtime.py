@@ -79,6 +79,10 @@ def test_plan_fuses_and_reuses_buffers(resnet):
     assert summary["slots"] < summary["values"] // 2 and summary["in_place_steps"] >= 1 and summary["views"] == 1
     fused = [r["nodes"] for r in runtime.plan_report() if len(r["nodes"]) == 3]
     assert len(fused) == 8 and all(n[1].endswith(".add") and n[2].endswith("relu_1") for n in fused)
+    # Each 1x1 stride-2 shortcut reads the pack of the 3x3 stride-2 conv of its block.
+    shared = runtime.prepare(runtime._last_batch).shared_packs
+    assert summary["shared_packs"] == 3 and sorted(n for n, s in shared.items() if n != s.maker) == [
+        f"net.layer{i}.0.shortcut.0" for i in (2, 3, 4)]
 
 
 def test_batch_size_changes(resnet):

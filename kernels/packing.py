@@ -196,6 +196,7 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
         starts = np.empty(g, np.int64)
         for k in range(g):
             starts[k] = image_row_offset(lay, blk * g + k, ch, 0) + w0 * gs
+        first = starts[0]  # all a block of one image needs
     for a in range(a_lo, a_hi):
         h_in = a * sh + pi - ph
         d0 = _U(base + (a * wq + b_lo) * g)
@@ -203,6 +204,11 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
             s0 = _U(first + h_in * row_step)
             for j in range(width * ug):
                 packed[d0 + j] = src[s0 + j]
+        elif g == 1:  # one image, strided columns (a loop over runs of one value would cost 5x)
+            s0 = _U(first + h_in * row_step)
+            step = _U(sw * gs)
+            for j in range(width):
+                packed[d0 + j] = src[s0 + j * step]
         elif gs == g:  # same image group, strided columns: each column's g images are one contiguous run
             s0 = first + h_in * row_step
             for b in range(width):
@@ -210,11 +216,6 @@ def _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_
                 src_col = _U(s0) + b * _U(sw * gs)
                 for k in range(ug):
                     packed[d + k] = src[src_col + k]
-        elif g == 1:  # one image, strided columns
-            s0 = _U(starts[0] + h_in * row_step)
-            step = _U(sw * gs)
-            for j in range(width):
-                packed[d0 + j] = src[s0 + j * step]
         else:
             step = _U(sw * gs)
             for k in range(g):

@@ -18,8 +18,9 @@ fetches its input from the layer before.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from numba import njit
@@ -59,11 +60,18 @@ def loop_gflops(runs: int, length: int, aligned: bool, budget_s: float, rng: np.
     return 2.0 * reps * runs * length / best / 1e9
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    from harp.cli_errors import ScriptArgumentParser
+    from harp.errors import HarpError
+
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.1, help="seconds per timing")
-    parser.add_argument("--md", help="also write the table to this Markdown file")
+    parser.add_argument("--md", type=Path, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
+    if not args.budget > 0:
+        raise HarpError(f"--budget must be > 0 seconds, got {args.budget}")
+    if args.md is not None and not args.md.parent.is_dir():
+        raise HarpError(f"--md {args.md}: folder {args.md.parent} does not exist")
 
     rng = np.random.default_rng(0)
     lines = ["| working set | runs x floats | line-aligned GFLOP/s | unaligned GFLOP/s |", "|---|---|---|---|"]
@@ -82,4 +90,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from harp.cli_errors import run_script
+
+    sys.exit(run_script(main, "_loop_ceiling"))

@@ -50,8 +50,7 @@ class SharedPack:
 
     maker: str  # the step that packs
     border: tuple[int, int]  # the padding it packs with (the maker's own)
-    phases: np.ndarray  # the stride phases the maker and its readers read
-    readers: list[str]
+    phases: np.ndarray  # the stride phases the maker and the convs reading its pack read
 
 
 class Context:
@@ -78,9 +77,8 @@ class Context:
                 continue
             if maker is not None and maker.pack_serves(ex, self):
                 name = maker.step.name
-                shared = self.shared_packs.setdefault(name, SharedPack(name, maker.padding, maker.phases(), []))
+                shared = self.shared_packs.setdefault(name, SharedPack(name, maker.padding, maker.phases()))
                 shared.phases |= ex.phases(shift=tuple(a - b for a, b in zip(maker.padding, ex.padding)))
-                shared.readers.append(ex.step.name)
                 self.shared_packs[ex.step.name] = shared
             else:
                 maker = ex
@@ -200,10 +198,10 @@ class ConvExecutor(Executor):
         return self._dense[border]
 
     def workspace(self, ctx: Context) -> int:
-        x_layout = ctx.layout(self.step.inputs[0])
-        if self._reads_in_place(x_layout, ctx.layout(self.step.output).group):
+        if not self.packs(ctx):
             return 0
-        return packed_size(ctx.n, x_layout.channels, self.in_hw, self.geometry[0], self.geometry[1])
+        return packed_size(ctx.n, ctx.layout(self.step.inputs[0]).channels, self.in_hw, self.geometry[0],
+                           self.padding)
 
     def bind(self, ctx: Context, kernel: str) -> list[Call]:
         step = self.step

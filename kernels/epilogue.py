@@ -8,7 +8,7 @@ a flag), so every kernel keeps a single compiled signature.
 
 Caveat for editors: numba's on-disk cache keys a compiled kernel on its own
 source file only. After editing a helper that other files inline (`apply_act`
-here, `conv.store_row`), delete kernels/__pycache__/*.nbi and *.nbc so the
+here, `conv.store_tile`), delete kernels/__pycache__/*.nbi and *.nbc so the
 kernels using it recompile.
 """
 

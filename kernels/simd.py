@@ -11,7 +11,9 @@ or four NEON registers elsewhere: still correct, only slower).
 Loads and stores are masked to the first `count` lanes (count <= 0: none, >=
 16: all), so a run that ends mid-vector, or at the end of a buffer, neither
 reads nor writes past its last element. `vfma` is LLVM's fmuladd: one fused
-instruction where the target has FMA.
+instruction where the target has FMA. `vtranspose` moves a block of up to
+16 x 16 values between layouts in registers (`pool` turns rows of 16 images,
+one image each, into one row of 16 interleaved images with it).
 """
 
 from __future__ import annotations
@@ -124,3 +126,71 @@ def vstore(typingctx, arr, idx, count, v):
         builder.call(fn, [args[3], ptr, ir.Constant(ir.IntType(32), 4), mask])
         return context.get_dummy_value()
     return types.none(arr, idx, count, v), codegen
+
+
+def _transpose_lanes(builder, rows):
+    """The 16 vectors `rows` transposed: each stage swaps the off-diagonal blocks of size b."""
+    rows = list(rows)
+    for b in (8, 4, 2, 1):
+        low = [lane if lane & b == 0 else LANES + lane - b for lane in range(LANES)]
+        high = [lane + b if lane & b == 0 else LANES + lane for lane in range(LANES)]
+        for i in range(LANES):
+            if i & b:
+                continue
+            a, c = rows[i], rows[i + b]
+            rows[i] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(ir.IntType(32), LANES), low))
+            rows[i + b] = builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(ir.IntType(32), LANES), high))
+    return rows
+
+
+@intrinsic
+def vtranspose(typingctx, src, s0, s_step, rows, cols, dst, d0, d_step):
+    """dst[d0 + j*d_step + i] = src[s0 + i*s_step + j] for i < rows and j < cols (both clipped to 16).
+
+    Reads only those rows x cols values and writes only their transposes:
+    16 masked loads, 64 lane shuffles and 16 masked stores.
+    """
+    ints = (s0, s_step, rows, cols, d0, d_step)
+    if not (_check_array(src, s0, rows) and _check_array(dst, d0, cols)
+            and all(isinstance(t, types.Integer) for t in ints)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        src_ty, dst_ty = sig.args[0], sig.args[5]
+        src_arr, dst_arr = args[0], args[5]
+        s0, s_step, rows, cols, d0, d_step = (
+            builder.sext(v, _I64) if v.type.width < 64 else v for v in (args[1], args[2], args[3], args[4],
+                                                                          args[6], args[7]))
+        src_data = context.make_array(src_ty)(context, builder, src_arr).data
+        dst_data = context.make_array(dst_ty)(context, builder, dst_arr).data
+        none = ir.Constant(_MASK, [0] * LANES)
+        load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VECTOR, [_VECTOR.as_pointer(), ir.IntType(32), _MASK, _VECTOR]),
+            f"llvm.masked.load.v{LANES}f32.p0")
+        store = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _VECTOR.as_pointer(), ir.IntType(32), _MASK]),
+            f"llvm.masked.store.v{LANES}f32.p0")
+
+        def lane_mask(count):
+            lanes = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
+            one = builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), count,
+                                         ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(one, ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined),
+                                           ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+            return builder.icmp_signed("<", lanes, splat)
+
+        col_mask, row_mask = lane_mask(cols), lane_mask(rows)
+        vectors = []
+        for i in range(LANES):
+            index = builder.add(s0, builder.mul(s_step, ir.Constant(_I64, i)))
+            ptr = builder.bitcast(builder.gep(src_data, [index]), _VECTOR.as_pointer())
+            mask = builder.select(builder.icmp_signed(">", rows, ir.Constant(_I64, i)), col_mask, none)
+            vectors.append(builder.call(load, [ptr, ir.Constant(ir.IntType(32), 4), mask,
+                                               ir.Constant(_VECTOR, [0.0] * LANES)]))
+        for j, vector in enumerate(_transpose_lanes(builder, vectors)):
+            index = builder.add(d0, builder.mul(d_step, ir.Constant(_I64, j)))
+            ptr = builder.bitcast(builder.gep(dst_data, [index]), _VECTOR.as_pointer())
+            mask = builder.select(builder.icmp_signed(">", cols, ir.Constant(_I64, j)), row_mask, none)
+            builder.call(store, [vector, ptr, ir.Constant(ir.IntType(32), 4), mask])
+        return context.get_dummy_value()
+    return types.none(src, s0, s_step, rows, cols, dst, d0, d_step), codegen

@@ -209,8 +209,8 @@ def test_pools_between_layouts_match_reference(n, c, h, w, kernel, stride, paddi
 
 
 @pytest.mark.parametrize("n, in_group, out_group", [(1, 1, 1), (3, 1, 1), (4, 4, 4), (4, 1, 4), (4, 4, 1),
-                                                   (4, 2, 4), (4, 4, 2)])
-@pytest.mark.parametrize("hw", [(2, 2), (7, 5), (8, 8)])
+                                                   (4, 2, 4), (4, 4, 2), (20, 1, 20)])
+@pytest.mark.parametrize("hw", [(2, 2), (7, 5), (8, 8), (6, 38)])
 def test_maxpool_halving_between_layouts_matches_reference_with_nan(n, in_group, out_group, hw):
     """The 2x2 stride-2 fast path for every pairing of image groups, NaN included (VGG's case)."""
     x = np.random.default_rng(sum(hw) + 10 * n + in_group).standard_normal((n, 5, *hw)).astype(np.float32)

@@ -15,9 +15,23 @@ from harp.kernels.packing import bind_pack, pack_input, packed_hw, packed_size, 
 def test_pack_input_layout(batch, c, h, w, sh, sw, ph, pw):
     n, g = batch
     x = np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)
+    _assert_packed_as_defined(x, (sh, sw), (ph, pw), g)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2), (1, 3)])
+def test_pack_into_an_image_group_wider_than_a_vector(stride):
+    # More images than a vector has lanes, and rows longer than one vector, into the
+    # image-innermost layout (the hypothesis test above stays at 3 images of 7 columns).
+    x = np.random.default_rng(1).standard_normal((20, 2, 5, 37)).astype(np.float32)
+    _assert_packed_as_defined(x, stride, (1, 1), 20)
+
+
+def _assert_packed_as_defined(x, stride, padding, g):
+    (n, c, h, w), (sh, sw), (ph, pw) = x.shape, stride, padding
     hq, wq = packed_hw((h, w), (sh, sw), (ph, pw))
     size = packed_size(n, c, (h, w), (sh, sw), (ph, pw))
     packed = pack_input(x, (sh, sw), (ph, pw), g, np.full(size + 3, np.nan, np.float32))
+    assert np.isnan(packed[size:]).all()
     layout = packed[:size].reshape(n // g, c, sh, sw, hq, wq, g)
     xpad = np.zeros((n, c, hq * sh, wq * sw), np.float32)
     xpad[:, :, ph : ph + h, pw : pw + w] = x

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from harp.kernels.simd import LANES, vfma, vload, vsplat, vstore, vzero
+from harp.kernels.simd import LANES, vfma, vload, vsplat, vstore, vtranspose, vzero
 
 
 @njit(cache=True)
@@ -44,3 +44,23 @@ def test_a_load_at_the_end_of_an_array_reads_nothing_past_it():
     padded = np.zeros(-(-37 // LANES) * LANES, np.float32)
     padded[:37] = x
     np.testing.assert_array_equal(out, padded.reshape(-1, LANES).sum(0))
+
+
+@njit(cache=True)
+def _transpose(src, s0, s_step, rows, cols, dst, d0, d_step):
+    vtranspose(src, s0, s_step, rows, cols, dst, d0, d_step)
+
+
+@pytest.mark.parametrize("rows, cols", [(16, 16), (16, 5), (3, 16), (7, 11), (1, 1), (0, 9), (20, 18)])
+def test_transpose_moves_exactly_the_block(rows, cols):
+    # dst[d0 + j*d_step + i] = src[s0 + i*s_step + j] for the block, clipped to 16 x 16; nothing else is written.
+    s0, s_step, d0, d_step = 3, 21, 5, 19
+    src = np.random.default_rng(rows * 31 + cols).standard_normal(s0 + 16 * s_step).astype(np.float32)
+    dst = np.full(d0 + 16 * d_step + LANES, np.nan, np.float32)
+    _transpose(src, s0, s_step, rows, cols, dst, d0, d_step)
+    expected = np.full_like(dst, np.nan)
+    r, c = min(rows, LANES), min(cols, LANES)
+    for i in range(r):
+        for j in range(c):
+            expected[d0 + j * d_step + i] = src[s0 + i * s_step + j]
+    np.testing.assert_array_equal(dst, expected)

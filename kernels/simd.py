@@ -83,18 +83,39 @@ def _check_array(arr, idx, count) -> bool:
             and isinstance(idx, types.Integer) and isinstance(count, types.Integer))
 
 
-def _lane_pointer_and_mask(context, builder, arrty, arr, idx, count):
+def _i64(builder, value):
+    return builder.sext(value, _I64) if value.type.width < 64 else value
+
+
+def _lane_pointer(context, builder, arrty, arr, idx):
+    """Pointer to arr[idx] as a pointer to a vector."""
     data = context.make_array(arrty)(context, builder, arr).data
-    ptr = builder.bitcast(builder.gep(data, [builder.sext(idx, _I64) if idx.type.width < 64 else idx]),
-                          _VECTOR.as_pointer())
-    count = builder.sext(count, _I64) if count.type.width < 64 else count
+    return builder.bitcast(builder.gep(data, [_i64(builder, idx)]), _VECTOR.as_pointer())
+
+
+def _first_lanes(builder, count):
+    """The mask of lanes < count."""
     lanes = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
     splat = builder.shuffle_vector(
-        builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), count,
+        builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), _i64(builder, count),
                                ir.Constant(ir.IntType(32), 0)),
         ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined),
         ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-    return ptr, builder.icmp_signed("<", lanes, splat)
+    return builder.icmp_signed("<", lanes, splat)
+
+
+def _masked_load(builder, ptr, mask):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_VECTOR, [_VECTOR.as_pointer(), ir.IntType(32), _MASK, _VECTOR]),
+        f"llvm.masked.load.v{LANES}f32.p0")
+    return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 4), mask, ir.Constant(_VECTOR, [0.0] * LANES)])
+
+
+def _masked_store(builder, vector, ptr, mask):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _VECTOR.as_pointer(), ir.IntType(32), _MASK]),
+        f"llvm.masked.store.v{LANES}f32.p0")
+    builder.call(fn, [vector, ptr, ir.Constant(ir.IntType(32), 4), mask])
 
 
 @intrinsic
@@ -104,11 +125,9 @@ def vload(typingctx, arr, idx, count):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr, mask = _lane_pointer_and_mask(context, builder, sig.args[0], *args)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VECTOR, [_VECTOR.as_pointer(), ir.IntType(32), _MASK, _VECTOR]),
-            f"llvm.masked.load.v{LANES}f32.p0")
-        return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 4), mask, ir.Constant(_VECTOR, [0.0] * LANES)])
+        arr, idx, count = args
+        return _masked_load(builder, _lane_pointer(context, builder, sig.args[0], arr, idx),
+                            _first_lanes(builder, count))
     return f32x16(arr, idx, count), codegen
 
 
@@ -119,13 +138,15 @@ def vstore(typingctx, arr, idx, count, v):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr, mask = _lane_pointer_and_mask(context, builder, sig.args[0], *args[:3])
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _VECTOR.as_pointer(), ir.IntType(32), _MASK]),
-            f"llvm.masked.store.v{LANES}f32.p0")
-        builder.call(fn, [args[3], ptr, ir.Constant(ir.IntType(32), 4), mask])
+        arr, idx, count, v = args
+        _masked_store(builder, v, _lane_pointer(context, builder, sig.args[0], arr, idx),
+                      _first_lanes(builder, count))
         return context.get_dummy_value()
     return types.none(arr, idx, count, v), codegen
+
+
+def _int(value: int) -> ir.Constant:
+    return ir.Constant(_I64, value)
 
 
 def _transpose_lanes(builder, rows):
@@ -156,41 +177,18 @@ def vtranspose(typingctx, src, s0, s_step, rows, cols, dst, d0, d_step):
         return None
 
     def codegen(context, builder, sig, args):
-        src_ty, dst_ty = sig.args[0], sig.args[5]
-        src_arr, dst_arr = args[0], args[5]
-        s0, s_step, rows, cols, d0, d_step = (
-            builder.sext(v, _I64) if v.type.width < 64 else v for v in (args[1], args[2], args[3], args[4],
-                                                                          args[6], args[7]))
-        src_data = context.make_array(src_ty)(context, builder, src_arr).data
-        dst_data = context.make_array(dst_ty)(context, builder, dst_arr).data
+        src, s0, s_step, rows, cols, dst, d0, d_step = args
+        s0, s_step, rows, cols, d0, d_step = (_i64(builder, v) for v in (s0, s_step, rows, cols, d0, d_step))
         none = ir.Constant(_MASK, [0] * LANES)
-        load = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VECTOR, [_VECTOR.as_pointer(), ir.IntType(32), _MASK, _VECTOR]),
-            f"llvm.masked.load.v{LANES}f32.p0")
-        store = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_VECTOR, _VECTOR.as_pointer(), ir.IntType(32), _MASK]),
-            f"llvm.masked.store.v{LANES}f32.p0")
-
-        def lane_mask(count):
-            lanes = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
-            one = builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), count,
-                                         ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(one, ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined),
-                                           ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-            return builder.icmp_signed("<", lanes, splat)
-
-        col_mask, row_mask = lane_mask(cols), lane_mask(rows)
+        col_mask, row_mask = _first_lanes(builder, cols), _first_lanes(builder, rows)
         vectors = []
-        for i in range(LANES):
-            index = builder.add(s0, builder.mul(s_step, ir.Constant(_I64, i)))
-            ptr = builder.bitcast(builder.gep(src_data, [index]), _VECTOR.as_pointer())
-            mask = builder.select(builder.icmp_signed(">", rows, ir.Constant(_I64, i)), col_mask, none)
-            vectors.append(builder.call(load, [ptr, ir.Constant(ir.IntType(32), 4), mask,
-                                               ir.Constant(_VECTOR, [0.0] * LANES)]))
+        for i in range(LANES):  # row i, or nothing past the last row
+            ptr = _lane_pointer(context, builder, sig.args[0], src, builder.add(s0, builder.mul(s_step, _int(i))))
+            mask = builder.select(builder.icmp_signed(">", rows, _int(i)), col_mask, none)
+            vectors.append(_masked_load(builder, ptr, mask))
         for j, vector in enumerate(_transpose_lanes(builder, vectors)):
-            index = builder.add(d0, builder.mul(d_step, ir.Constant(_I64, j)))
-            ptr = builder.bitcast(builder.gep(dst_data, [index]), _VECTOR.as_pointer())
-            mask = builder.select(builder.icmp_signed(">", cols, ir.Constant(_I64, j)), row_mask, none)
-            builder.call(store, [vector, ptr, ir.Constant(ir.IntType(32), 4), mask])
+            ptr = _lane_pointer(context, builder, sig.args[5], dst, builder.add(d0, builder.mul(d_step, _int(j))))
+            mask = builder.select(builder.icmp_signed(">", cols, _int(j)), row_mask, none)
+            _masked_store(builder, vector, ptr, mask)
         return context.get_dummy_value()
     return types.none(src, s0, s_step, rows, cols, dst, d0, d_step), codegen

@@ -201,13 +201,37 @@ def bind_dense_conv2d(plan: DenseConvPlan, packed, n: int, group: int, bias, act
     if l_pix * group < MIN_PIXEL_RUN:
         return partial(_dense_conv_channels, packed, block_elems, plan.src, plan.weight_slabs, n, group,
                        ho, wo, wq, *epilogue)
-    tile_pix = equal_tiles(l_pix, max(1, PIXEL_TILE_ELEMS // group))
-    base_items = (n // group) * -(-l_pix // tile_pix) * plan.groups
     threads = numba.get_num_threads() if n_threads is None else n_threads
     blocks = plan.weight_blocks
-    runs = min(blocks.shape[0] // plan.groups, max(1, -(-ITEMS_PER_THREAD * threads // base_items)))
+    tile_pix, runs = pixel_major_split(l_pix, group, n // group, plan.groups, blocks.shape[0] // plan.groups,
+                                       threads)
     return partial(_dense_conv_pixels, packed, block_elems, plan.src, blocks, n, group, ho, wo, wq, tile_pix, runs,
                    *epilogue)
+
+
+def pixel_major_split(l_pix: int, group: int, image_blocks: int, groups: int, channel_blocks: int,
+                      threads: int) -> tuple[int, int]:
+    """(tile_pix, runs) for `_dense_conv_pixels`: the split whose busiest thread has the least work.
+
+    Work items are (image block, pixel tile, group, run of channel blocks), and numba's
+    static schedule gives each thread an equal share of consecutive items. Channel
+    blocks often do not divide among the threads (64 channels are 11 blocks of 6: one
+    thread computes 6 while the other waits after 5); cutting the plane into up to
+    `threads` more tiles then evens them out. Work is counted in vectors of output.
+    """
+    fewest = -(-l_pix // max(1, PIXEL_TILE_ELEMS // group))
+    best = None
+    for n_tiles in range(fewest, fewest + threads):
+        tile_pix = equal_tiles(l_pix, -(-l_pix // n_tiles))
+        tiles = -(-l_pix // tile_pix)
+        runs = min(channel_blocks, max(1, -(-ITEMS_PER_THREAD * threads // (image_blocks * tiles * groups))))
+        vectors = [-(-min(tile_pix, l_pix - t * tile_pix) * group // LANES) for t in range(tiles)]
+        items = [vectors[t] * (channel_blocks * (r + 1) // runs - channel_blocks * r // runs)
+                 for _ in range(image_blocks) for t in range(tiles) for _ in range(groups) for r in range(runs)]
+        busiest = max(sum(items[len(items) * i // threads:len(items) * (i + 1) // threads]) for i in range(threads))
+        if best is None or busiest < best[0]:
+            best = (busiest, tile_pix, runs)
+    return best[1], best[2]
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)

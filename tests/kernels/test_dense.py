@@ -144,3 +144,27 @@ def test_dense_conv2d_with_all_threads():
     finally:
         set_num_threads(before)
     assert_close(actual, conv2d_ref(x, weight, None, (1, 1), (1, 1), (1, 1), 1))
+
+
+@pytest.mark.parametrize("channel_blocks, threads, tiles", [(11, 2, 2), (22, 2, 1), (12, 4, 1), (11, 1, 1)])
+def test_pixel_major_split_evens_out_channel_blocks(channel_blocks, threads, tiles):
+    # A 32x32 plane at batch 1 (1086 packed pixels) is one tile unless the channel blocks do
+    # not divide among the threads: 64 channels are 11 blocks of 6, so two threads get half
+    # the plane each instead of 6 and 5 blocks.
+    tile_pix, runs = dense.pixel_major_split(1086, 1, 1, 1, channel_blocks, threads)
+    assert -(-1086 // tile_pix) == tiles and 1 <= runs <= channel_blocks
+
+
+def test_dense_conv2d_split_into_tiles_matches_reference():
+    # 64 output channels at batch 1 on two threads: the plane in two tiles, as above.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 16, 32, 32)).astype(np.float32)
+    weight = rng.standard_normal((64, 16, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(64).astype(np.float32)
+    before = get_num_threads()
+    try:
+        set_num_threads(min(2, max_threads()))
+        actual = dense_conv2d(x, weight, bias, 1, 1, act="relu")
+    finally:
+        set_num_threads(before)
+    assert_close(actual, np.maximum(conv2d_ref(x, weight, bias, (1, 1), (1, 1), (1, 1), 1), 0))

@@ -218,13 +218,18 @@ def pixel_major_split(l_pix: int, group: int, image_blocks: int, groups: int, ch
     blocks often do not divide among the threads (64 channels are 11 blocks of 6: one
     thread computes 6 while the other waits after 5); cutting the plane into up to
     `threads` more tiles then evens them out. Work is counted in vectors of output.
+    Hundreds of (image block, group) items per thread are even already; they keep
+    the fewest tiles, and the search stays cheap at load.
     """
     fewest = -(-l_pix // max(1, PIXEL_TILE_ELEMS // group))
+    candidates = threads if image_blocks * groups <= 64 * threads else 1
     best = None
-    for n_tiles in range(fewest, fewest + threads):
+    for n_tiles in range(fewest, fewest + candidates):
         tile_pix = equal_tiles(l_pix, -(-l_pix // n_tiles))
         tiles = -(-l_pix // tile_pix)
         runs = min(channel_blocks, max(1, -(-ITEMS_PER_THREAD * threads // (image_blocks * tiles * groups))))
+        if candidates == 1:
+            return tile_pix, runs
         vectors = [-(-min(tile_pix, l_pix - t * tile_pix) * group // LANES) for t in range(tiles)]
         items = [vectors[t] * (channel_blocks * (r + 1) // runs - channel_blocks * r // runs)
                  for _ in range(image_blocks) for t in range(tiles) for _ in range(groups) for r in range(runs)]

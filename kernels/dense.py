@@ -217,7 +217,7 @@ def pixel_major_split(l_pix: int, group: int, image_blocks: int, groups: int, ch
     static schedule gives each thread an equal share of consecutive items. Channel
     blocks often do not divide among the threads (64 channels are 11 blocks of 6: one
     thread computes 6 while the other waits after 5); cutting the plane into up to
-    `threads` more tiles then evens them out. Work is counted in vectors of output.
+    `threads` - 1 more tiles then evens them out. Work is counted in vectors of output.
     Hundreds of (image block, group) items per thread are even already; they keep
     the fewest tiles, and the search stays cheap at load.
     """

@@ -44,7 +44,7 @@ import numpy as np
 
 from harp.cli_errors import ScriptArgumentParser, run_script
 from harp.errors import HarpError
-from harp.io import atomic_write_bytes
+from harp.io import atomic_write_bytes, atomic_write_json
 from harp.kernels.threads import WAIT_POLICIES, init_threads, max_threads
 
 from .latency import (
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
         report["dispatch"] = {"artifact": label, **dispatch_overhead(layer_target, args.threads)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out, render(report).encode())
-    atomic_write_bytes(args.out.with_suffix(".json"), (json.dumps(report, indent=1, default=str) + "\n").encode())
+    atomic_write_json(args.out.with_suffix(".json"), report, indent=1, default=str)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
 
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -63,8 +63,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2,
+                      default: Callable[[Any], Any] | None = None) -> None:
+    """`obj` as JSON; `default` turns values json cannot encode into ones it can (e.g. `str`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=False, default=default) + "\n").encode())
 
 
 def atomic_save_tensors(path: str | Path, tensors: dict) -> None:

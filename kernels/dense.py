@@ -6,12 +6,14 @@ run of packed input that starts at pixel `src[grp, k]`. Two register-blocked
 kernels compute the product without an im2col copy:
 
 - pixel-major: a GEMM micro-kernel on explicit 16-lane vectors (`simd`). A
-  block of 6 output channels x 64 output elements (24 vector accumulators)
+  block of 6 output channels x 4 vectors of output (24 vector accumulators)
   stays in registers for the whole sum over columns; each column costs 4
-  vector loads and 6 broadcasts for 24 FMAs. A tail of up to 3 vectors
-  runs as one-vector passes (an 8x8 plane at batch 1, 78 values, went from
-  824 to 440-550 µs for 256 channels). For runs of at least MIN_PIXEL_RUN
-  values.
+  vector loads and 6 broadcasts for 24 FMAs. The vectors are cut row by row
+  where that skips the garbage columns (`tile_vectors`; 4x4 planes at batch
+  16 went from 7957 to 5512 µs for 512 channels, 8x8 from 7950 to 6208 µs
+  for 256). A tail of up to 3 vectors runs as one-vector passes (an 8x8
+  plane at batch 1, 78 values, went from 824 to 440-550 µs for 256
+  channels). For runs of at least MIN_PIXEL_RUN values.
 - channel-major: 4 output pixels x 4 columns per pass, vectorised (by LLVM)
   along output channels of a transposed copy of the weight (`weight_slabs`).
   For small planes at small batch: a 4x4 plane at batch 1 has runs of 22
@@ -52,7 +54,7 @@ from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_out, 
 from .layout import Layout, row_offset
 from .packing import image_group, pack_input, packed_hw, tap_offsets
 from .reference import conv2d_output_hw
-from .simd import LANES, vfma, vload, vsplat, vstore, vzero
+from .simd import LANES, vfma, vload, vmask, vsplat, vstore, vzero
 from .threads import dense_split
 
 _U = np.uint64
@@ -62,9 +64,8 @@ _U = np.uint64
 MIN_PIXEL_RUN = 64
 # Pixel-major tile, in float32 elements per output channel (a whole 32x32 plane at batch 1 is one tile).
 PIXEL_TILE_ELEMS = 4096
-# Pixel-major register block: BLOCK_CHANNELS output channels x CHUNK output elements.
+# Pixel-major register block: BLOCK_CHANNELS output channels x 4 vectors of output elements.
 BLOCK_CHANNELS = 6
-CHUNK = 4 * LANES
 # Channel-major: output channels per slab of the transposed weight (four accumulators of 1 KiB).
 CHANNEL_SLAB = 256
 # Work items per thread the pixel-major kernel aims for (it splits output channels to get them).
@@ -205,8 +206,36 @@ def bind_dense_conv2d(plan: DenseConvPlan, packed, n: int, group: int, bias, act
     blocks = plan.weight_blocks
     tile_pix, runs = pixel_major_split(l_pix, group, n // group, plan.groups, blocks.shape[0] // plan.groups,
                                        threads)
+    vectors = tile_vectors(l_pix, tile_pix, group, wq, wo)
     return partial(_dense_conv_pixels, packed, block_elems, plan.src, blocks, n, group, ho, wo, wq, tile_pix, runs,
-                   *epilogue)
+                   vectors, *epilogue)
+
+
+def tile_vectors(l_pix: int, tile_pix: int, group: int, wq: int, wo: int) -> np.ndarray:
+    """(tiles, most vectors, 2) int64: each vector's (element offset in its tile, count) for `_dense_conv_pixels`.
+
+    A tile is packed pixels [q0, q1) of g images each; columns wo..wq-1 of a row are
+    garbage. Cut into vectors of 16 elements straight through, a tile computes
+    them too; cut row by row, it does not, but a row whose length is not a
+    multiple of 16 ends in a part vector. Each tile takes the cut with fewer
+    vectors (rows of 32 values at batch 1: 64 instead of 68 for a 32x32 plane;
+    at 16 images a vector is one pixel, so no garbage is computed at all).
+    A tile's unused slots have count 0.
+    """
+    lists = []
+    for q0 in range(0, l_pix, tile_pix):
+        q1 = min(q0 + tile_pix, l_pix)
+        straight = [(e, min(LANES, (q1 - q0) * group - e)) for e in range(0, (q1 - q0) * group, LANES)]
+        rows = []
+        for row in range(q0 // wq * wq, q1, wq):
+            c0, c1 = max(row, q0), min(row + wo, q1)
+            rows += [((c0 - q0) * group + e, min(LANES, (c1 - c0) * group - e))
+                     for e in range(0, max(c1 - c0, 0) * group, LANES)]
+        lists.append(rows if len(rows) < len(straight) else straight)
+    vectors = np.zeros((len(lists), max(map(len, lists)), 2), np.int64)
+    for t, cut in enumerate(lists):
+        vectors[t, :len(cut)] = cut
+    return vectors
 
 
 def pixel_major_split(l_pix: int, group: int, image_blocks: int, groups: int, channel_blocks: int,
@@ -240,11 +269,13 @@ def pixel_major_split(l_pix: int, group: int, image_blocks: int, groups: int, ch
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
-def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_pix, runs,
+def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_pix, runs, vectors,
                        bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
     # Work item = (image block, pixel tile, group, run of channel blocks), tiles outermost as
     # in the sparse kernel. Channels past the group's last (the zero padding of its last
-    # block) are computed and not stored.
+    # block) are computed and not stored. A tile is computed in the vectors of `tile_vectors`,
+    # four at a time; the accumulators' elements outside them (garbage columns) are never
+    # written, and the store drops or re-zeroes them.
     groups = src.shape[0]
     per_group = blocks.shape[0] // groups
     og = bias.shape[0] // groups
@@ -262,10 +293,13 @@ def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_
         q0 = tile * tile_pix
         q1 = min(q0 + tile_pix, l_pix)
         length = (q1 - q0) * g
+        vec = vectors[tile]
+        n_vec = 0
+        while n_vec < vec.shape[0] and vec[n_vec, 1] > 0:
+            n_vec += 1
         # A tail of up to 3 vectors runs as one-vector passes: 6 FMAs per column and vector
         # instead of a whole chunk's 24 (an 8x8 plane at batch 1 is 64 + 14 elements).
-        tail = length % CHUNK
-        body = length - tail if tail <= 3 * LANES else length
+        body = n_vec - n_vec % 4
         start = blk * block_elems + q0 * g
         s = src[grp]
         a0 = np.empty(length, np.float32)
@@ -276,10 +310,10 @@ def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_
         a5 = np.empty(length, np.float32)
         for b in range(per_group * run // runs, per_group * (run + 1) // runs):
             w = blocks[grp * per_group + b]
-            for c in range(0, body, CHUNK):
-                _block_chunk(packed, s, w, g, start + c, length - c, c, a0, a1, a2, a3, a4, a5)
-            for c in range(body, length, LANES):
-                _block_vector(packed, s, w, g, start + c, length - c, c, a0, a1, a2, a3, a4, a5)
+            for v in range(0, body, 4):
+                _block_chunk(packed, s, w, g, start, vec[v:v + 4], a0, a1, a2, a3, a4, a5)
+            for v in range(body, n_vec):
+                _block_vector(packed, s, w, g, start + vec[v, 0], vec[v, 1], vec[v, 0], a0, a1, a2, a3, a4, a5)
             o = grp * og + BLOCK_CHANNELS * b
             for i in range(min(BLOCK_CHANNELS, og - BLOCK_CHANNELS * b)):
                 acc = a0 if i == 0 else a1 if i == 1 else a2 if i == 2 else a3 if i == 3 else a4 if i == 4 else a5
@@ -288,11 +322,12 @@ def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _block_chunk(packed, s, w, g, start, count, c, a0, a1, a2, a3, a4, a5):
-    """a_i[c : c + count] = channel i of block w times the runs s[k] from `start`; count is clipped to CHUNK.
+def _block_chunk(packed, s, w, g, start, vec, a0, a1, a2, a3, a4, a5):
+    """a_i[vector j] = channel i of block w times the runs s[k] from `start`, for the 4 vectors j of `vec`.
 
-    6 channels x 4 vectors of accumulators stay in registers through the whole sum
-    over columns: each column costs 4 vector loads and 6 broadcasts for 24 FMAs.
+    vec[j] = (element offset from `start`, count). 6 channels x 4 vectors of
+    accumulators stay in registers through the whole sum over columns: each
+    column costs 4 vector loads and 6 broadcasts for 24 FMAs.
     """
     r00, r01, r02, r03 = vzero(), vzero(), vzero(), vzero()
     r10, r11, r12, r13 = vzero(), vzero(), vzero(), vzero()
@@ -300,13 +335,14 @@ def _block_chunk(packed, s, w, g, start, count, c, a0, a1, a2, a3, a4, a5):
     r30, r31, r32, r33 = vzero(), vzero(), vzero(), vzero()
     r40, r41, r42, r43 = vzero(), vzero(), vzero(), vzero()
     r50, r51, r52, r53 = vzero(), vzero(), vzero(), vzero()
-    n1, n2, n3 = count - LANES, count - 2 * LANES, count - 3 * LANES
+    d0, d1, d2, d3 = vec[0, 0], vec[1, 0], vec[2, 0], vec[3, 0]
+    m0, m1, m2, m3 = vmask(vec[0, 1]), vmask(vec[1, 1]), vmask(vec[2, 1]), vmask(vec[3, 1])
     for k in range(s.shape[0]):
         p = s[k] * g + start
-        x0 = vload(packed, p, count)
-        x1 = vload(packed, p + LANES, n1)
-        x2 = vload(packed, p + 2 * LANES, n2)
-        x3 = vload(packed, p + 3 * LANES, n3)
+        x0 = vload(packed, p + d0, m0)
+        x1 = vload(packed, p + d1, m1)
+        x2 = vload(packed, p + d2, m2)
+        x3 = vload(packed, p + d3, m3)
         wk = w[k]
         r00, r01, r02, r03 = _fma4(wk[0], x0, x1, x2, x3, r00, r01, r02, r03)
         r10, r11, r12, r13 = _fma4(wk[1], x0, x1, x2, x3, r10, r11, r12, r13)
@@ -314,20 +350,21 @@ def _block_chunk(packed, s, w, g, start, count, c, a0, a1, a2, a3, a4, a5):
         r30, r31, r32, r33 = _fma4(wk[3], x0, x1, x2, x3, r30, r31, r32, r33)
         r40, r41, r42, r43 = _fma4(wk[4], x0, x1, x2, x3, r40, r41, r42, r43)
         r50, r51, r52, r53 = _fma4(wk[5], x0, x1, x2, x3, r50, r51, r52, r53)
-    _store4(a0, c, count, r00, r01, r02, r03)
-    _store4(a1, c, count, r10, r11, r12, r13)
-    _store4(a2, c, count, r20, r21, r22, r23)
-    _store4(a3, c, count, r30, r31, r32, r33)
-    _store4(a4, c, count, r40, r41, r42, r43)
-    _store4(a5, c, count, r50, r51, r52, r53)
+    _store4(a0, d0, d1, d2, d3, m0, m1, m2, m3, r00, r01, r02, r03)
+    _store4(a1, d0, d1, d2, d3, m0, m1, m2, m3, r10, r11, r12, r13)
+    _store4(a2, d0, d1, d2, d3, m0, m1, m2, m3, r20, r21, r22, r23)
+    _store4(a3, d0, d1, d2, d3, m0, m1, m2, m3, r30, r31, r32, r33)
+    _store4(a4, d0, d1, d2, d3, m0, m1, m2, m3, r40, r41, r42, r43)
+    _store4(a5, d0, d1, d2, d3, m0, m1, m2, m3, r50, r51, r52, r53)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
 def _block_vector(packed, s, w, g, start, count, c, a0, a1, a2, a3, a4, a5):
     """As `_block_chunk` for one vector (count clipped to LANES): 6 accumulators, 1 load and 6 broadcasts a column."""
     r0, r1, r2, r3, r4, r5 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
+    mask = vmask(count)
     for k in range(s.shape[0]):
-        x = vload(packed, s[k] * g + start, count)
+        x = vload(packed, s[k] * g + start, mask)
         wk = w[k]
         r0 = vfma(vsplat(wk[0]), x, r0)
         r1 = vfma(vsplat(wk[1]), x, r1)
@@ -335,12 +372,12 @@ def _block_vector(packed, s, w, g, start, count, c, a0, a1, a2, a3, a4, a5):
         r3 = vfma(vsplat(wk[3]), x, r3)
         r4 = vfma(vsplat(wk[4]), x, r4)
         r5 = vfma(vsplat(wk[5]), x, r5)
-    vstore(a0, c, count, r0)
-    vstore(a1, c, count, r1)
-    vstore(a2, c, count, r2)
-    vstore(a3, c, count, r3)
-    vstore(a4, c, count, r4)
-    vstore(a5, c, count, r5)
+    vstore(a0, c, mask, r0)
+    vstore(a1, c, mask, r1)
+    vstore(a2, c, mask, r2)
+    vstore(a3, c, mask, r3)
+    vstore(a4, c, mask, r4)
+    vstore(a5, c, mask, r5)
 
 
 @njit(cache=True, inline="always")
@@ -351,11 +388,11 @@ def _fma4(w, x0, x1, x2, x3, r0, r1, r2, r3):
 
 
 @njit(cache=True, inline="always")
-def _store4(acc, c, count, r0, r1, r2, r3):
-    vstore(acc, c, count, r0)
-    vstore(acc, c + LANES, count - LANES, r1)
-    vstore(acc, c + 2 * LANES, count - 2 * LANES, r2)
-    vstore(acc, c + 3 * LANES, count - 3 * LANES, r3)
+def _store4(acc, d0, d1, d2, d3, m0, m1, m2, m3, r0, r1, r2, r3):
+    vstore(acc, d0, m0, r0)
+    vstore(acc, d1, m1, r1)
+    vstore(acc, d2, m2, r2)
+    vstore(acc, d3, m3, r3)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)

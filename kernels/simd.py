@@ -10,7 +10,9 @@ or four NEON registers elsewhere: still correct, only slower).
 
 Loads and stores are masked to the first `count` lanes (count <= 0: none, >=
 16: all), so a run that ends mid-vector, or at the end of a buffer, neither
-reads nor writes past its last element. `vfma` is LLVM's fmuladd: one fused
+reads nor writes past its last element. They also take a mask made once by
+`vmask(count)`: LLVM does not hoist the mask of a count out of a loop, and
+rebuilding four of them cost the dense kernel's inner loop 8 compares a column. `vfma` is LLVM's fmuladd: one fused
 instruction where the target has FMA. `vtranspose` moves a block of up to
 16 x 16 values between layouts in registers (`pool` turns rows of 16 images,
 one image each, into one row of 16 interleaved images with it).
@@ -27,6 +29,7 @@ LANES = 16
 
 _VECTOR = ir.VectorType(ir.FloatType(), LANES)
 _MASK = ir.VectorType(ir.IntType(1), LANES)
+_MASK_BITS = ir.IntType(LANES)
 _I64 = ir.IntType(64)
 
 
@@ -42,6 +45,21 @@ f32x16 = F32x16()
 class _F32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _VECTOR)
+
+
+class Mask16(types.Type):
+    def __init__(self):
+        super().__init__(name=f"mask{LANES}")
+
+
+mask16 = Mask16()
+
+
+@register_model(Mask16)
+class _Mask16Model(models.PrimitiveModel):
+    # A 16-bit integer, not <16 x i1>: LLVM sinks a vector compare into the loop that uses it.
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _MASK_BITS)
 
 
 @intrinsic
@@ -79,8 +97,9 @@ def vfma(typingctx, a, b, c):
 
 
 def _check_array(arr, idx, count) -> bool:
+    """arr is 1-D float32, idx an integer and count an integer or a `vmask`."""
     return (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1
-            and isinstance(idx, types.Integer) and isinstance(count, types.Integer))
+            and isinstance(idx, types.Integer) and (isinstance(count, types.Integer) or count == mask16))
 
 
 def _i64(builder, value):
@@ -91,6 +110,11 @@ def _lane_pointer(context, builder, arrty, arr, idx):
     """Pointer to arr[idx] as a pointer to a vector."""
     data = context.make_array(arrty)(context, builder, arr).data
     return builder.bitcast(builder.gep(data, [_i64(builder, idx)]), _VECTOR.as_pointer())
+
+
+def _lanes(builder, count_type, count):
+    """The mask a load or store takes: `count` itself if it is a `vmask`, else the lanes below it."""
+    return builder.bitcast(count, _MASK) if count_type == mask16 else _first_lanes(builder, count)
 
 
 def _first_lanes(builder, count):
@@ -119,28 +143,43 @@ def _masked_store(builder, vector, ptr, mask):
 
 
 @intrinsic
+def vmask(typingctx, count):
+    """The mask of the first `count` lanes (clipped to 0..16), for vload and vstore."""
+    if not isinstance(count, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = _i64(builder, args[0])
+        lanes = builder.select(builder.icmp_signed("<", lanes, _int(0)), _int(0), lanes)
+        lanes = builder.select(builder.icmp_signed(">", lanes, _int(LANES)), _int(LANES), lanes)
+        bits = builder.sub(builder.shl(_int(1), lanes), _int(1))
+        return builder.trunc(bits, _MASK_BITS)
+    return mask16(count), codegen
+
+
+@intrinsic
 def vload(typingctx, arr, idx, count):
-    """arr[idx : idx + count] in the first lanes (count clipped to 0..16), zeros in the rest."""
+    """arr[idx : idx + count] in the first lanes (count clipped to 0..16, or a vmask), zeros in the rest."""
     if not _check_array(arr, idx, count):
         return None
 
     def codegen(context, builder, sig, args):
         arr, idx, count = args
         return _masked_load(builder, _lane_pointer(context, builder, sig.args[0], arr, idx),
-                            _first_lanes(builder, count))
+                            _lanes(builder, sig.args[2], count))
     return f32x16(arr, idx, count), codegen
 
 
 @intrinsic
 def vstore(typingctx, arr, idx, count, v):
-    """arr[idx : idx + count] = the first count lanes of v (count clipped to 0..16)."""
+    """arr[idx : idx + count] = the first count lanes of v (count clipped to 0..16, or a vmask)."""
     if not _check_array(arr, idx, count) or v != f32x16:
         return None
 
     def codegen(context, builder, sig, args):
         arr, idx, count, v = args
         _masked_store(builder, v, _lane_pointer(context, builder, sig.args[0], arr, idx),
-                      _first_lanes(builder, count))
+                      _lanes(builder, sig.args[2], count))
         return context.get_dummy_value()
     return types.none(arr, idx, count, v), codegen
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from harp.kernels import dense, packing
 from harp.kernels.dense import dense_conv2d, dense_linear
 from harp.kernels.epilogue import resolve_activation
+from harp.kernels.layout import Layout, borders_are_zero, from_layout, to_layout
 from harp.kernels.reference import conv2d_ref, epilogue_ref, linear_ref
 from harp.kernels.threads import get_num_threads, max_threads, set_num_threads
 
@@ -168,3 +169,54 @@ def test_dense_conv2d_split_into_tiles_matches_reference():
     finally:
         set_num_threads(before)
     assert_close(actual, np.maximum(conv2d_ref(x, weight, bias, (1, 1), (1, 1), (1, 1), 1), 0))
+
+
+@pytest.mark.parametrize("l_pix, tile_pix, group, wq, wo, cut", [
+    (1086, 1086, 1, 34, 32, "rows"),  # 32x32 at batch 1: 2 vectors a row, 64 instead of 68
+    (1086, 543, 1, 34, 32, "rows"),  # the same in two tiles of 16 rows each
+    (286, 150, 1, 18, 16, "rows"),  # 16x16, tiles cutting a row in the middle
+    (22, 22, 16, 6, 4, "rows"),  # 4x4 at batch 16: a vector per pixel, none for the garbage
+    (78, 78, 1, 10, 8, "straight"),  # 8x8 at batch 1: half-vector rows would take 8 instead of 5
+    (45, 20, 3, 9, 7, "straight"),
+])
+def test_tile_vectors_cover_every_output_element_once(l_pix, tile_pix, group, wq, wo, cut):
+    vectors = dense.tile_vectors(l_pix, tile_pix, group, wq, wo)
+    for tile, vec in enumerate(vectors):
+        q0 = tile * tile_pix
+        length = (min(q0 + tile_pix, l_pix) - q0) * group
+        covered = np.zeros(length, np.int64)
+        for offset, count in vec[vec[:, 1] > 0]:
+            assert 1 <= count <= 16
+            covered[offset:offset + count] += 1
+        column = (q0 + np.arange(length) // group) % wq
+        assert (covered[column < wo] == 1).all()  # every output element exactly once
+        straight = -(-length // 16)
+        if cut == "rows":
+            assert (covered[column >= wo] == 0).all() and (vec[:, 1] > 0).sum() < straight
+        else:
+            assert (vec[:, 1] > 0).sum() == straight
+
+
+def test_dense_conv2d_row_cut_leaves_the_border_zero():
+    # A 4x4 plane at batch 16 is cut into one vector per pixel: the garbage columns are
+    # never computed, and the store writes the whole tile onto an output whose border
+    # takes them, so it must zero that border again.
+    rng = np.random.default_rng(6)
+    n, c, o = 16, 5, 8
+    x = rng.standard_normal((n, c, 4, 4)).astype(np.float32)
+    weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    residual = rng.standard_normal((n, o, 4, 4)).astype(np.float32)
+    layout = Layout(o, 4, 4, 1, 1, n)
+    plan = dense.plan_dense_conv2d(weight, (4, 4), 1, 1)
+    packed = packing.pack_input(x, (1, 1), (1, 1), n)
+    out = np.full(layout.size(n), np.nan, np.float32)
+    out[:] = to_layout(np.zeros((n, o, 4, 4), np.float32), layout)
+    act, lo, hi = resolve_activation("test", "relu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dense, "MIN_PIXEL_RUN", 0)
+        dense.bind_dense_conv2d(plan, packed, n, n, bias, act, lo, hi, to_layout(residual, layout), layout, out,
+                                layout)()
+    assert borders_are_zero(out, layout, n)
+    expected = np.maximum(conv2d_ref(x, weight, bias, (1, 1), (1, 1), (1, 1), 1) + residual, 0)
+    assert_close(from_layout(out, layout, n), expected)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from harp.kernels.simd import LANES, vfma, vload, vsplat, vstore, vtranspose, vzero
+from harp.kernels.simd import LANES, vfma, vload, vmask, vsplat, vstore, vtranspose, vzero
 
 
 @njit(cache=True)
@@ -12,6 +12,13 @@ def _axpy_chunk(a, x, y, start, count, out):
     """out[start:start+count] = a * x[...] + y[...], one vector, masked to count lanes."""
     r = vfma(vsplat(a), vload(x, start, count), vload(y, start, count))
     vstore(out, start, count, r)
+
+
+@njit(cache=True)
+def _axpy_chunk_with_mask(a, x, y, start, count, out):
+    """`_axpy_chunk` with the mask made once by vmask."""
+    mask = vmask(count)
+    vstore(out, start, mask, vfma(vsplat(a), vload(x, start, mask), vload(y, start, mask)))
 
 
 @njit(cache=True)
@@ -24,13 +31,14 @@ def _sum_of_vectors(x, out):
     vstore(out, 0, LANES, acc)
 
 
+@pytest.mark.parametrize("axpy", [_axpy_chunk, _axpy_chunk_with_mask], ids=["count", "vmask"])
 @pytest.mark.parametrize("count", [-3, 0, 1, 7, LANES, LANES + 5])
-def test_masked_load_and_store_touch_only_count_lanes(count):
+def test_masked_load_and_store_touch_only_count_lanes(count, axpy):
     rng = np.random.default_rng(count + 10)
     x = rng.standard_normal(LANES + 8).astype(np.float32)
     y = rng.standard_normal(LANES + 8).astype(np.float32)
     out = np.full(LANES + 8, np.nan, np.float32)
-    _axpy_chunk(np.float32(2.5), x, y, 4, count, out)
+    axpy(np.float32(2.5), x, y, 4, count, out)
     n = min(max(count, 0), LANES)
     np.testing.assert_allclose(out[4 : 4 + n], 2.5 * x[4 : 4 + n] + y[4 : 4 + n], rtol=1e-5, atol=1e-6)
     assert np.isnan(out[:4]).all() and np.isnan(out[4 + n :]).all()

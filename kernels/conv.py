@@ -29,6 +29,7 @@ from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_out, 
 from .layout import Layout, row_offset, row_stride
 from .packing import image_group, pack_input, packed_hw, packed_size, tap_offsets
 from .reference import conv2d_output_hw
+from .simd import LANES, vadd, vfma, vload, vmask, vmul, vsplat, vstore
 
 _U = np.uint64
 
@@ -269,66 +270,87 @@ def _sparse_conv(packed, block_elems, offsets, indptr, values, n, g, ho, wo, wq,
                        res, res_lay, has_res, out, out_lay)
 
 
-@njit(cache=True, inline="always", error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, inline="always", error_model="numpy")
 def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
     """acc[k] = sum over nonzeros p in [p0, p1) of values[p] * packed[offsets[p]*g + start + k].
 
-    Indices are uint64 so numba adds no wraparound test and LLVM vectorises the
-    k loop; eight (then four, then one) nonzeros per pass cut the loads and
-    stores of `acc`, and the first pass assigns instead of adding to zeros.
+    Eight (then four, then one) nonzeros per pass over acc cut its loads and
+    stores, and the first pass assigns instead of adding to zeros. Each pass
+    runs on explicit vectors (`simd`), the last one masked: LLVM's own
+    vectorisation of this loop left a tail of up to 15 values to 4-lane and
+    scalar loops (256 channels of an 8x8 plane at batch 1, runs of 78 values,
+    18% dense: 264-414 µs that way, 230-307 µs now).
     """
-    length = _U(acc.shape[0])
+    length = acc.shape[0]
+    full = length - length % LANES
+    tail = vmask(length - full)
     p = p0
     first = True
     while p + 8 <= p1:
-        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-        v4, v5, v6, v7 = values[p + 4], values[p + 5], values[p + 6], values[p + 7]
-        s0 = _U(offsets[p] * g + start)
-        s1 = _U(offsets[p + 1] * g + start)
-        s2 = _U(offsets[p + 2] * g + start)
-        s3 = _U(offsets[p + 3] * g + start)
-        s4 = _U(offsets[p + 4] * g + start)
-        s5 = _U(offsets[p + 5] * g + start)
-        s6 = _U(offsets[p + 6] * g + start)
-        s7 = _U(offsets[p + 7] * g + start)
-        if first:
-            for k in range(length):
-                acc[k] = (v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
-                          + v4 * packed[s4 + k] + v5 * packed[s5 + k] + v6 * packed[s6 + k] + v7 * packed[s7 + k])
-        else:
-            for k in range(length):
-                acc[k] += (v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
-                           + v4 * packed[s4 + k] + v5 * packed[s5 + k] + v6 * packed[s6 + k] + v7 * packed[s7 + k])
+        s0, s1, s2, s3 = offsets[p] * g + start, offsets[p + 1] * g + start, offsets[p + 2] * g + start, \
+            offsets[p + 3] * g + start
+        s4, s5, s6, s7 = offsets[p + 4] * g + start, offsets[p + 5] * g + start, offsets[p + 6] * g + start, \
+            offsets[p + 7] * g + start
+        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
+        w4, w5, w6, w7 = vsplat(values[p + 4]), vsplat(values[p + 5]), vsplat(values[p + 6]), vsplat(values[p + 7])
+        for k in range(0, full, LANES):
+            _add8(acc, k, LANES, first, packed, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
+        if full < length:
+            _add8(acc, full, tail, first, packed, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
         first = False
         p += 8
     if p + 4 <= p1:
-        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-        s0 = _U(offsets[p] * g + start)
-        s1 = _U(offsets[p + 1] * g + start)
-        s2 = _U(offsets[p + 2] * g + start)
-        s3 = _U(offsets[p + 3] * g + start)
-        if first:
-            for k in range(length):
-                acc[k] = v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
-        else:
-            for k in range(length):
-                acc[k] += v0 * packed[s0 + k] + v1 * packed[s1 + k] + v2 * packed[s2 + k] + v3 * packed[s3 + k]
+        s0, s1, s2, s3 = offsets[p] * g + start, offsets[p + 1] * g + start, offsets[p + 2] * g + start, \
+            offsets[p + 3] * g + start
+        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
+        for k in range(0, full, LANES):
+            _add4(acc, k, LANES, first, packed, s0, s1, s2, s3, w0, w1, w2, w3)
+        if full < length:
+            _add4(acc, full, tail, first, packed, s0, s1, s2, s3, w0, w1, w2, w3)
         first = False
         p += 4
     while p < p1:
-        v0 = values[p]
-        s0 = _U(offsets[p] * g + start)
-        if first:
-            for k in range(length):
-                acc[k] = v0 * packed[s0 + k]
-        else:
-            for k in range(length):
-                acc[k] += v0 * packed[s0 + k]
+        s0 = offsets[p] * g + start
+        w0 = vsplat(values[p])
+        for k in range(0, full, LANES):
+            _add1(acc, k, LANES, first, packed, s0, w0)
+        if full < length:
+            _add1(acc, full, tail, first, packed, s0, w0)
         first = False
         p += 1
     if first:  # an empty row
-        for k in range(length):
-            acc[k] = 0.0
+        acc[:] = 0.0
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _add8(acc, k, mask, first, packed, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7):
+    """acc[k : k + 16] (=, or += unless first) w0 x0 + ... + w7 x7, summed left to right; mask: lanes or count."""
+    t = vmul(w0, vload(packed, s0 + k, mask))
+    t = vfma(w1, vload(packed, s1 + k, mask), t)
+    t = vfma(w2, vload(packed, s2 + k, mask), t)
+    t = vfma(w3, vload(packed, s3 + k, mask), t)
+    t = vfma(w4, vload(packed, s4 + k, mask), t)
+    t = vfma(w5, vload(packed, s5 + k, mask), t)
+    t = vfma(w6, vload(packed, s6 + k, mask), t)
+    t = vfma(w7, vload(packed, s7 + k, mask), t)
+    vstore(acc, k, mask, t if first else vadd(vload(acc, k, mask), t))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _add4(acc, k, mask, first, packed, s0, s1, s2, s3, w0, w1, w2, w3):
+    """`_add8` for four nonzeros."""
+    t = vmul(w0, vload(packed, s0 + k, mask))
+    t = vfma(w1, vload(packed, s1 + k, mask), t)
+    t = vfma(w2, vload(packed, s2 + k, mask), t)
+    t = vfma(w3, vload(packed, s3 + k, mask), t)
+    vstore(acc, k, mask, t if first else vadd(vload(acc, k, mask), t))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _add1(acc, k, mask, first, packed, s0, w0):
+    """`_add8` for one nonzero."""
+    t = vmul(w0, vload(packed, s0 + k, mask))
+    vstore(acc, k, mask, t if first else vadd(vload(acc, k, mask), t))
 
 
 @njit(cache=True, inline="always", error_model="numpy")

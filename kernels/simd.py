@@ -84,6 +84,28 @@ def vsplat(typingctx, x):
 
 
 @intrinsic
+def vmul(typingctx, a, b):
+    """a * b, lane by lane."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(*args)
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b, lane by lane."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(*args)
+    return f32x16(a, b), codegen
+
+
+@intrinsic
 def vfma(typingctx, a, b, c):
     """a * b + c, lane by lane."""
     if not (a == b == c == f32x16):

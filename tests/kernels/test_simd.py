@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from harp.kernels.simd import LANES, vfma, vload, vmask, vsplat, vstore, vtranspose, vzero
+from harp.kernels.simd import LANES, vadd, vfma, vload, vmask, vmul, vsplat, vstore, vtranspose, vzero
 
 
 @njit(cache=True)
@@ -19,6 +19,12 @@ def _axpy_chunk_with_mask(a, x, y, start, count, out):
     """`_axpy_chunk` with the mask made once by vmask."""
     mask = vmask(count)
     vstore(out, start, mask, vfma(vsplat(a), vload(x, start, mask), vload(y, start, mask)))
+
+
+@njit(cache=True)
+def _mul_add(a, x, y, out):
+    """out[:16] = a * x + y with a separate multiply and add (two roundings)."""
+    vstore(out, 0, LANES, vadd(vmul(vsplat(a), vload(x, 0, LANES)), vload(y, 0, LANES)))
 
 
 @njit(cache=True)
@@ -72,3 +78,11 @@ def test_transpose_moves_exactly_the_block(rows, cols):
         for j in range(c):
             expected[d0 + j * d_step + i] = src[s0 + i * s_step + j]
     np.testing.assert_array_equal(dst, expected)
+
+
+def test_mul_then_add_rounds_twice():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal(LANES).astype(np.float32), rng.standard_normal(LANES).astype(np.float32)
+    out = np.empty(LANES, np.float32)
+    _mul_add(np.float32(1.5), x, y, out)
+    np.testing.assert_array_equal(out, np.float32(1.5) * x + y)  # NumPy rounds after each op too

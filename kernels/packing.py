@@ -37,6 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from .layout import Layout, image_row_offset, row_offset, row_stride
+from .simd import LANES, vevens, vload, vodds, vstore
 
 
 def packed_hw(in_hw, stride, padding) -> tuple[int, int]:
@@ -163,14 +164,55 @@ def _pack(src, lay, n, ph, pw, sh, sw, hq, wq, g, phases, channels, packed):
     for pj in range(sw):
         b_lo[pj] = min(max(-(-(pw - pj) // sw), 0), wq)
         b_hi[pj] = min(max(-(-(w + pw - pj) // sw), b_lo[pj]), wq)
+    # One image per plane on both sides at column stride 2: both column phases of a row at once.
+    pairs = sw == 2 and g == 1 and lay[5] == 1
     for item in prange((n // g) * n_used):  # unused channels and phases stay unwritten
         blk = item // n_used
         ch = channels[item - blk * n_used]
         for pi in range(sh):
+            base = ((blk * c + ch) * sh + pi) * sw * plane
+            if pairs:
+                if phases[pi * 2] or phases[pi * 2 + 1]:
+                    _pack_plane_pair(src, lay, blk, ch, pi, ph, pw, sh, wq, a_lo[pi], a_hi[pi], hq, base,
+                                     phases[pi * 2], phases[pi * 2 + 1], packed)
+                continue
             for pj in range(sw):
                 if phases[pi * sw + pj]:
                     _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo[pi], a_hi[pi], b_lo[pj],
-                                b_hi[pj], hq, (((blk * c + ch) * sh + pi) * sw + pj) * plane, packed)
+                                b_hi[pj], hq, base + pj * plane, packed)
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_plane_pair(src, lay, blk, ch, pi, ph, pw, sh, wq, a_lo, a_hi, hq, base, used0, used1, packed):
+    """Column phases pj = 0 and 1 (those used) of row phase pi of one channel, stride 2, one image per plane.
+
+    Each input row is read once, 32 values at a time, and split into its even and
+    odd columns in registers (`simd.vevens`, `vodds`): input column 2t lands in
+    phase pw % 2 at column t + pw // 2, column 2t + 1 in the other phase at
+    t + (pw + 1) // 2. Going through `_pack_plane` one phase at a time read
+    every row twice, one strided value after another: ResNet's stride-2 packs
+    at batch 1 (64ch 32x32, 128ch 16x16, 256ch 8x8) took 23-46 µs each that
+    way, 10-21 µs now (alternating in one process; the range is the host's).
+    """
+    plane = hq * wq
+    for pj in range(2):
+        if used1 if pj else used0:
+            for j in range(_U(plane)):
+                packed[_U(base + pj * plane) + j] = 0.0
+    w = lay[2]
+    even = base + (pw % 2) * plane + pw // 2
+    odd = base + ((pw + 1) % 2) * plane + (pw + 1) // 2
+    # A phase no tap reads stays unwritten: no values go to it.
+    even_lanes = 2 * LANES if (used1 if pw % 2 else used0) else 0
+    odd_lanes = 2 * LANES if (used0 if pw % 2 else used1) else 0
+    for a in range(a_lo, a_hi):
+        s0 = row_offset(lay, blk, ch, a * sh + pi - ph)
+        for t in range(0, w, 2 * LANES):
+            count = w - t
+            x0 = vload(src, s0 + t, count)
+            x1 = vload(src, s0 + t + LANES, count - LANES)
+            vstore(packed, even + a * wq + t // 2, (min(count, even_lanes) + 1) // 2, vevens(x0, x1))
+            vstore(packed, odd + a * wq + t // 2, min(count, odd_lanes) // 2, vodds(x0, x1))
 
 
 @njit(cache=True, error_model="numpy")

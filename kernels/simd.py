@@ -12,10 +12,13 @@ Loads and stores are masked to the first `count` lanes (count <= 0: none, >=
 16: all), so a run that ends mid-vector, or at the end of a buffer, neither
 reads nor writes past its last element. They also take a mask made once by
 `vmask(count)`: LLVM does not hoist the mask of a count out of a loop, and
-rebuilding four of them cost the dense kernel's inner loop 8 compares a column. `vfma` is LLVM's fmuladd: one fused
-instruction where the target has FMA. `vtranspose` moves a block of up to
+rebuilding four of them cost the dense kernel's inner loop 8 compares a
+column. `vfma` is LLVM's fmuladd: one fused instruction where the target has
+FMA; `vmul` and `vadd` round each on its own. `vtranspose` moves a block of up to
 16 x 16 values between layouts in registers (`pool` turns rows of 16 images,
-one image each, into one row of 16 interleaved images with it).
+one image each, into one row of 16 interleaved images with it); `vevens` and
+`vodds` split 32 values into their even and odd ones (`packing`'s stride-2
+phases).
 """
 
 from __future__ import annotations
@@ -102,6 +105,30 @@ def vadd(typingctx, a, b):
 
     def codegen(context, builder, sig, args):
         return builder.fadd(*args)
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vevens(typingctx, a, b):
+    """Lanes 0, 2, ..., 30 of the 32 lanes of a then b (one vpermt2ps with AVX-512)."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(*args, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                         list(range(0, 2 * LANES, 2))))
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vodds(typingctx, a, b):
+    """Lanes 1, 3, ..., 31 of the 32 lanes of a then b."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(*args, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                         list(range(1, 2 * LANES, 2))))
     return f32x16(a, b), codegen
 
 

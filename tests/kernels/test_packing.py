@@ -26,6 +26,16 @@ def test_pack_into_an_image_group_wider_than_a_vector(stride):
     _assert_packed_as_defined(x, stride, (1, 1), 20)
 
 
+@pytest.mark.parametrize("w", [32, 37, 70])
+@pytest.mark.parametrize("pw", [0, 1, 2])
+@pytest.mark.parametrize("stride", [(2, 2), (1, 2)])
+def test_pack_stride_2_rows_longer_than_two_vectors(stride, pw, w):
+    # One image per plane at column stride 2 splits each row 32 values at a time into its
+    # even and odd columns; rows of 32, a partial second chunk, and 70 = 2 x 32 + 6.
+    x = np.random.default_rng(w + pw).standard_normal((2, 3, 5, w)).astype(np.float32)
+    _assert_packed_as_defined(x, stride, (1, pw), 1)
+
+
 def _assert_packed_as_defined(x, stride, padding, g):
     (n, c, h, w), (sh, sw), (ph, pw) = x.shape, stride, padding
     hq, wq = packed_hw((h, w), (sh, sw), (ph, pw))
@@ -63,8 +73,9 @@ def test_pack_input_is_a_view_when_layout_is_nchw():
     np.testing.assert_array_equal(packed, x.ravel())
 
 
-def test_bind_pack_writes_only_the_used_channels_and_phases():
-    n, c, h, w = 2, 5, 6, 7
+@pytest.mark.parametrize("w", [7, 37])
+def test_bind_pack_writes_only_the_used_channels_and_phases(w):
+    n, c, h = 2, 5, 6
     x = np.random.default_rng(2).standard_normal((n, c, h, w)).astype(np.float32)
     full = pack_input(x, (2, 2), (1, 1), 1)
     channels = np.array([False, True, False, False, True])

@@ -120,7 +120,7 @@ def flat_graph(flatten_input_hw) -> Graph:
     return Graph("x", (1, h, w), "logits", nodes, tensors)
 
 
-@pytest.mark.parametrize("hw, view", [((4, 4), True), ((24, 24), False)])
+@pytest.mark.parametrize("hw, view", [((4, 4), True), ((48, 48), False)])
 def test_flatten_of_a_large_plane_is_a_copy(tmp_path, hw, view):
     graph = flat_graph(hw)
     plan = plan_graph(graph)

@@ -287,10 +287,10 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
     p = p0
     first = True
     while p + 8 <= p1:
-        s0, s1, s2, s3 = offsets[p] * g + start, offsets[p + 1] * g + start, offsets[p + 2] * g + start, \
-            offsets[p + 3] * g + start
-        s4, s5, s6, s7 = offsets[p + 4] * g + start, offsets[p + 5] * g + start, offsets[p + 6] * g + start, \
-            offsets[p + 7] * g + start
+        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
+        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
+        s4, s5 = offsets[p + 4] * g + start, offsets[p + 5] * g + start
+        s6, s7 = offsets[p + 6] * g + start, offsets[p + 7] * g + start
         w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
         w4, w5, w6, w7 = vsplat(values[p + 4]), vsplat(values[p + 5]), vsplat(values[p + 6]), vsplat(values[p + 7])
         for k in range(0, full, LANES):
@@ -300,8 +300,8 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
         first = False
         p += 8
     if p + 4 <= p1:
-        s0, s1, s2, s3 = offsets[p] * g + start, offsets[p + 1] * g + start, offsets[p + 2] * g + start, \
-            offsets[p + 3] * g + start
+        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
+        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
         w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
         for k in range(0, full, LANES):
             _add4(acc, k, LANES, first, packed, s0, s1, s2, s3, w0, w1, w2, w3)
@@ -324,7 +324,10 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
 
 @njit(cache=True, inline="always", error_model="numpy")
 def _add8(acc, k, mask, first, packed, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7):
-    """acc[k : k + 16] (=, or += unless first) w0 x0 + ... + w7 x7, summed left to right; mask: lanes or count."""
+    """acc[k : k + 16] (=, or += unless first) w0 x0 + ... + w7 x7, x_i = packed[s_i + k :], left to right.
+
+    mask: LANES, or a `vmask` for the last, partial vector.
+    """
     t = vmul(w0, vload(packed, s0 + k, mask))
     t = vfma(w1, vload(packed, s1 + k, mask), t)
     t = vfma(w2, vload(packed, s2 + k, mask), t)

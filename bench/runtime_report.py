@@ -402,6 +402,11 @@ def _given_notes(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _times(speedup: float) -> str:
+    """A speedup as '6.8x', or '0.95x' below 2x: '1.0x' would hide that a 'never slower' goal is missed."""
+    return f"{speedup:.2f}x" if speedup < 2 else f"{speedup:.1f}x"
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -456,7 +461,7 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['name']} | {target}{row['sparsity']:.2%} | {row['batch']} | {h['median_ms']:.3f} "
                 f"({h['p90_ms']:.3f}, {h['p99_ms']:.3f}) | {o['median_ms']:.3f} ({o['p90_ms']:.3f}, {o['p99_ms']:.3f}) "
-                f"| {row['speedup']:.1f}x | {goal_text} | {_mac_ratio(row)} | {_gflops(row)} "
+                f"| {_times(row['speedup'])} | {goal_text} | {_mac_ratio(row)} | {_gflops(row)} "
                 f"| {row['kernels']['sparse']}/{row['kernels']['dense']} | "
                 f"{min(row['load']):.1f}..{max(row['load']):.1f} |")
         if variant == "given":
@@ -469,7 +474,7 @@ def render(report: dict[str, Any]) -> str:
         for variant in variants:
             rows = [r for r in goal_rows if r.get("variant", "global") == variant]
             met = [r for r in rows if r["speedup"] >= GOALS[(r["target_sparsity"], r["batch"])]]
-            missed = [f"{r['name']} {r['target_sparsity']:.0%} b{r['batch']} ({r['speedup']:.1f}x{_needs(r)})"
+            missed = [f"{r['name']} {r['target_sparsity']:.0%} b{r['batch']} ({_times(r['speedup'])}{_needs(r)})"
                       for r in rows if r not in met]
             lines.append(f"- {variant}: {len(met)}/{len(rows)} met" + (f"; missed: {', '.join(missed)}" if missed
                                                                           else "") + ".")
@@ -628,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
                 passes.setdefault((str(path), batch), []).append(row)
                 print(f"pass {number}: {variant} {arch} {sparsity[path]:.2%} b{batch}: harp "
                       f"{row['harp']['median_ms']:.3f} ms, ORT {row['onnxruntime']['median_ms']:.3f} ms, "
-                      f"{row['speedup']:.1f}x (load {max(row['load']):.1f})", flush=True)
+                      f"{_times(row['speedup'])} (load {max(row['load']):.1f})", flush=True)
     report["passes"] = args.passes
     report["latency"] = [merge_passes(rows) for rows in passes.values()]
     layer_target = next((p for v, a, s, p in targets if (v, a, s) == LAYER_TABLE), None)

@@ -17,6 +17,11 @@ def test_missed_goal_states_the_speed_per_multiply_add_it_needs():
     assert runtime_report._needs({"target_sparsity": 0.99, "batch": 1}) == ""  # rows from before MAC counts
 
 
+def test_a_near_miss_of_never_slower_is_not_rounded_to_1x():
+    assert runtime_report._times(0.954) == "0.95x" and runtime_report._times(1.004) == "1.00x"
+    assert runtime_report._times(6.84) == "6.8x"
+
+
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     for argv, message in [(["--iters", "10"], "--iters must be >= 50"), (["--passes", "0"], "--passes must be >= 1"),
                           (["--threads", "0"], "--threads must be in 1.."),

@@ -86,50 +86,30 @@ def vsplat(typingctx, x):
     return f32x16(types.float32), codegen
 
 
-@intrinsic
-def vmul(typingctx, a, b):
-    """a * b, lane by lane."""
-    if not (a == b == f32x16):
-        return None
+def _lanewise(name: str, doc: str, emit):
+    """An intrinsic (a, b) -> vector of two vectors whose LLVM code is emit(builder, a, b)."""
+    def typer(typingctx, a, b):
+        if not (a == b == f32x16):
+            return None
 
-    def codegen(context, builder, sig, args):
-        return builder.fmul(*args)
-    return f32x16(a, b), codegen
-
-
-@intrinsic
-def vadd(typingctx, a, b):
-    """a + b, lane by lane."""
-    if not (a == b == f32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(*args)
-    return f32x16(a, b), codegen
+        def codegen(context, builder, sig, args):
+            return emit(builder, *args)
+        return f32x16(a, b), codegen
+    typer.__name__, typer.__qualname__, typer.__doc__ = name, name, doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def vevens(typingctx, a, b):
-    """Lanes 0, 2, ..., 30 of the 32 lanes of a then b (one vpermt2ps with AVX-512)."""
-    if not (a == b == f32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.shuffle_vector(*args, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                         list(range(0, 2 * LANES, 2))))
-    return f32x16(a, b), codegen
+def _lanes_of_two(start: int) -> ir.Constant:
+    """Shuffle indices start, start + 2, ... into the 32 lanes of two vectors."""
+    return ir.Constant(ir.VectorType(ir.IntType(32), LANES), list(range(start, 2 * LANES, 2)))
 
 
-@intrinsic
-def vodds(typingctx, a, b):
-    """Lanes 1, 3, ..., 31 of the 32 lanes of a then b."""
-    if not (a == b == f32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.shuffle_vector(*args, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                         list(range(1, 2 * LANES, 2))))
-    return f32x16(a, b), codegen
+vmul = _lanewise("vmul", "a * b, lane by lane.", lambda builder, a, b: builder.fmul(a, b))
+vadd = _lanewise("vadd", "a + b, lane by lane.", lambda builder, a, b: builder.fadd(a, b))
+vevens = _lanewise("vevens", "Lanes 0, 2, ..., 30 of the 32 lanes of a then b (one vpermt2ps with AVX-512).",
+                   lambda builder, a, b: builder.shuffle_vector(a, b, _lanes_of_two(0)))
+vodds = _lanewise("vodds", "Lanes 1, 3, ..., 31 of the 32 lanes of a then b.",
+                  lambda builder, a, b: builder.shuffle_vector(a, b, _lanes_of_two(1)))
 
 
 @intrinsic

@@ -87,7 +87,7 @@ def vsplat(typingctx, x):
 
 
 def _lanewise(name: str, doc: str, emit):
-    """An intrinsic (a, b) -> vector of two vectors whose LLVM code is emit(builder, a, b)."""
+    """An intrinsic of two vectors returning one, its LLVM code emit(builder, a, b)."""
     def typer(typingctx, a, b):
         if not (a == b == f32x16):
             return None

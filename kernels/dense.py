@@ -206,13 +206,16 @@ def bind_dense_conv2d(plan: DenseConvPlan, packed, n: int, group: int, bias, act
     blocks = plan.weight_blocks
     tile_pix, runs = pixel_major_split(l_pix, group, n // group, plan.groups, blocks.shape[0] // plan.groups,
                                        threads)
-    vectors = tile_vectors(l_pix, tile_pix, group, wq, wo)
+    vectors, n_vectors = tile_vectors(l_pix, tile_pix, group, wq, wo)
     return partial(_dense_conv_pixels, packed, block_elems, plan.src, blocks, n, group, ho, wo, wq, tile_pix, runs,
-                   vectors, *epilogue)
+                   vectors, n_vectors, *epilogue)
 
 
-def tile_vectors(l_pix: int, tile_pix: int, group: int, wq: int, wo: int) -> np.ndarray:
-    """(tiles, most vectors, 2) int64: each vector's (element offset in its tile, count) for `_dense_conv_pixels`.
+def tile_vectors(l_pix: int, tile_pix: int, group: int, wq: int, wo: int) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors `_dense_conv_pixels` computes each tile in, and how many each tile has.
+
+    vectors (tiles, most vectors, 2) int64: each vector's (element offset in its tile,
+    count); a tile's slots past its own vectors have count 0.
 
     A tile is packed pixels [q0, q1) of g images each; columns wo..wq-1 of a row are
     garbage. Cut into vectors of 16 elements straight through, a tile computes
@@ -220,7 +223,6 @@ def tile_vectors(l_pix: int, tile_pix: int, group: int, wq: int, wo: int) -> np.
     multiple of 16 ends in a part vector. Each tile takes the cut with fewer
     vectors (rows of 32 values at batch 1: 64 instead of 68 for a 32x32 plane;
     at 16 images a vector is one pixel, so no garbage is computed at all).
-    A tile's unused slots have count 0.
     """
     lists = []
     for q0 in range(0, l_pix, tile_pix):
@@ -235,7 +237,7 @@ def tile_vectors(l_pix: int, tile_pix: int, group: int, wq: int, wo: int) -> np.
     vectors = np.zeros((len(lists), max(map(len, lists)), 2), np.int64)
     for t, cut in enumerate(lists):
         vectors[t, :len(cut)] = cut
-    return vectors
+    return vectors, np.array([len(cut) for cut in lists], np.int64)
 
 
 def pixel_major_split(l_pix: int, group: int, image_blocks: int, groups: int, channel_blocks: int,
@@ -269,7 +271,7 @@ def pixel_major_split(l_pix: int, group: int, image_blocks: int, groups: int, ch
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
-def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_pix, runs, vectors,
+def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_pix, runs, vectors, n_vectors,
                        bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
     # Work item = (image block, pixel tile, group, run of channel blocks), tiles outermost as
     # in the sparse kernel. Channels past the group's last (the zero padding of its last
@@ -294,9 +296,7 @@ def _dense_conv_pixels(packed, block_elems, src, blocks, n, g, ho, wo, wq, tile_
         q1 = min(q0 + tile_pix, l_pix)
         length = (q1 - q0) * g
         vec = vectors[tile]
-        n_vec = 0
-        while n_vec < vec.shape[0] and vec[n_vec, 1] > 0:
-            n_vec += 1
+        n_vec = n_vectors[tile]
         # A tail of up to 3 vectors runs as one-vector passes: 6 FMAs per column and vector
         # instead of a whole chunk's 24 (an 8x8 plane at batch 1 is 64 + 14 elements).
         body = n_vec - n_vec % 4

@@ -198,24 +198,24 @@ def _pack_plane_pair(src, lay, blk, ch, pi, ph, pw, sh, wq, a_lo, a_hi, hq, base
     way, 10-21 µs now (alternating in one process; the range is the host's).
     """
     plane = hq * wq
-    for pj in range(2):
+    for pj in range(2):  # a phase no tap reads stays unwritten
         if used1 if pj else used0:
             for j in range(_U(plane)):
                 packed[_U(base + pj * plane) + j] = 0.0
     w = lay[2]
     even = base + (pw % 2) * plane + pw // 2
     odd = base + ((pw + 1) % 2) * plane + (pw + 1) // 2
-    # A phase no tap reads stays unwritten: no values go to it.
-    even_lanes = 2 * LANES if (used1 if pw % 2 else used0) else 0
-    odd_lanes = 2 * LANES if (used0 if pw % 2 else used1) else 0
+    even_used, odd_used = (used1, used0) if pw % 2 else (used0, used1)
     for a in range(a_lo, a_hi):
         s0 = row_offset(lay, blk, ch, a * sh + pi - ph)
         for t in range(0, w, 2 * LANES):
             count = w - t
             x0 = vload(src, s0 + t, count)
             x1 = vload(src, s0 + t + LANES, count - LANES)
-            vstore(packed, even + a * wq + t // 2, (min(count, even_lanes) + 1) // 2, vevens(x0, x1))
-            vstore(packed, odd + a * wq + t // 2, min(count, odd_lanes) // 2, vodds(x0, x1))
+            if even_used:
+                vstore(packed, even + a * wq + t // 2, (count + 1) // 2, vevens(x0, x1))
+            if odd_used:
+                vstore(packed, odd + a * wq + t // 2, count // 2, vodds(x0, x1))
 
 
 @njit(cache=True, error_model="numpy")

@@ -180,7 +180,7 @@ def test_dense_conv2d_split_into_tiles_matches_reference():
     (45, 20, 3, 9, 7, "straight"),
 ])
 def test_tile_vectors_cover_every_output_element_once(l_pix, tile_pix, group, wq, wo, cut):
-    vectors = dense.tile_vectors(l_pix, tile_pix, group, wq, wo)
+    vectors, _ = dense.tile_vectors(l_pix, tile_pix, group, wq, wo)
     for tile, vec in enumerate(vectors):
         q0 = tile * tile_pix
         length = (min(q0 + tile_pix, l_pix) - q0) * group

@@ -11,9 +11,10 @@ shape and value is validated before a kernel touches it. Then, once:
 slots; `steps.EXECUTORS` turn the weights into kernel arrays. For each batch
 size (kept for the last few sizes used) `prepare` allocates the buffers, lets
 convs of one input share its pack (`steps.Context.share_packs`), binds
-every step's kernels to them and, with `fallback="auto"`, times the sparse and
-the dense kernel of every conv/linear step on its own shape and keeps the faster
-(layers sparser than `SPARSE_ONLY_BELOW` skip the timing). A run is then one
+every step's kernels to them and, with `fallback="auto"`, times the candidate
+kernels of every conv/linear step on its own shape and keeps the fastest: sparse,
+dense, and for 3x3 stride-1 convs Winograd (`winograd`); layers sparser than
+`SPARSE_ONLY_BELOW` skip the timing. A run is then one
 input copy, one Python call per kernel, and one output copy.
 
 Imports only numpy, numba and harp's numpy-only modules: a device needs no
@@ -40,7 +41,7 @@ from .arrays import aligned_zeros
 from .plan import Plan, plan_graph
 from .steps import EXECUTORS, Buffers, Call, Context, Executor, SharedPack
 
-FALLBACKS = ("auto", "sparse", "dense")
+FALLBACKS = ("auto", "sparse", "dense", "winograd")
 BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
 SPARSE_ONLY_BELOW = 0.05  # "auto" takes the sparse kernel of layers sparser than this without timing
 CHOICE_REPEATS = 3  # timed runs per candidate kernel (after one untimed run), best kept
@@ -82,7 +83,9 @@ def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fa
     """A ready Runtime for the bundle at `path` (a bundle file, or an artifact dir holding model.harpz).
 
     threads: numba (and dense BLAS) threads, default all numba may use.
-    fallback: "auto" picks sparse or dense per layer by timing; "sparse"/"dense" force one.
+    fallback: "auto" picks each layer's kernel by timing (sparse, dense, and Winograd for the 3x3
+    stride-1 convs it covers); "sparse"/"dense" force one; "winograd" forces Winograd where a
+    conv allows it and the dense kernel elsewhere.
     warmup: prepare batch size 1 and run it once, so the first request pays no
     compilation, cache load or kernel choice. Raises BundleError for a missing or
     invalid bundle, ValueError for bad options.
@@ -195,7 +198,7 @@ class Runtime:
         try:
             slots = [aligned_zeros(slot.per_image * n) for slot in plan.slots]
             buffers = Buffers(n=n, slots=slots, input=aligned_zeros(n * int(np.prod(self.input_shape))),
-                              pack=aligned_zeros(0))
+                              pack=aligned_zeros(0), scratch=aligned_zeros(0))
         except MemoryError as e:
             raise RuntimeInputError(f"batch of {n} needs {self.buffer_bytes(n) / 2**30:.1f} GiB of activation "
                                     f"buffers, more than this machine can allocate") from e
@@ -203,6 +206,8 @@ class Runtime:
         ctx.share_packs(self.executors)
         candidates = [self._candidates(ex) for ex in self.executors]
         buffers.pack = aligned_zeros(max((ex.workspace(ctx) for ex in self.executors), default=0))
+        buffers.scratch = aligned_zeros(max((ex.scratch(ctx, kernel) for ex, (kernels, _) in
+                                             zip(self.executors, candidates) for kernel in kernels), default=0))
         variants = [{kernel: ex.bind(ctx, kernel) for kernel in kernels} for ex, (kernels, _) in
                     zip(self.executors, candidates)]
         steps = []
@@ -240,6 +245,8 @@ class Runtime:
         """The kernels to bind for one step, and why."""
         if len(ex.kernels) == 1:
             return ex.kernels, "only kernel"
+        if self.fallback == "winograd":
+            return ("winograd" if "winograd" in ex.kernels else "dense",), "fallback=winograd"
         if self.fallback != "auto":
             return (self.fallback,), f"fallback={self.fallback}"
         if ex.density < SPARSE_ONLY_BELOW:

@@ -106,10 +106,38 @@ def _lanes_of_two(start: int) -> ir.Constant:
 
 vmul = _lanewise("vmul", "a * b, lane by lane.", lambda builder, a, b: builder.fmul(a, b))
 vadd = _lanewise("vadd", "a + b, lane by lane.", lambda builder, a, b: builder.fadd(a, b))
+vsub = _lanewise("vsub", "a - b, lane by lane.", lambda builder, a, b: builder.fsub(a, b))
 vevens = _lanewise("vevens", "Lanes 0, 2, ..., 30 of the 32 lanes of a then b (one vpermt2ps with AVX-512).",
                    lambda builder, a, b: builder.shuffle_vector(a, b, _lanes_of_two(0)))
 vodds = _lanewise("vodds", "Lanes 1, 3, ..., 31 of the 32 lanes of a then b.",
                   lambda builder, a, b: builder.shuffle_vector(a, b, _lanes_of_two(1)))
+vzip_lo = _lanewise("vzip_lo", "a[0], b[0], a[1], b[1], ..., a[7], b[7]: `vevens` and `vodds` undone, first half.",
+                    lambda builder, a, b: builder.shuffle_vector(a, b, _zipped_lanes(0)))
+vzip_hi = _lanewise("vzip_hi", "a[8], b[8], ..., a[15], b[15]: the second half.",
+                    lambda builder, a, b: builder.shuffle_vector(a, b, _zipped_lanes(LANES // 2)))
+
+
+def _zipped_lanes(start: int) -> ir.Constant:
+    """Shuffle indices start, LANES + start, start + 1, LANES + start + 1, ... (16 of them)."""
+    lanes = [start + i // 2 + (LANES if i % 2 else 0) for i in range(LANES)]
+    return ir.Constant(ir.VectorType(ir.IntType(32), LANES), lanes)
+
+
+@intrinsic
+def vclamp(typingctx, v, lo, hi):
+    """v clamped to [lo, hi] lane by lane, as `epilogue.apply_act` clamps one value."""
+    if not (v == f32x16 and lo == hi == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v, lo, hi = args
+        for bound, op in ((lo, "<"), (hi, ">")):
+            splat = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), bound, ir.Constant(ir.IntType(32), 0)),
+                ir.Constant(_VECTOR, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+            v = builder.select(builder.fcmp_ordered(op, v, splat), splat, v)
+        return v
+    return f32x16(v, lo, hi), codegen
 
 
 @intrinsic

@@ -30,6 +30,7 @@ from .packing import bind_pack, packed_size, used_phases
 from .plan import Plan, Step
 from .pool import bind_avgpool2d, bind_global_avgpool, bind_maxpool2d
 from .spmm import bind_spmm
+from .winograd import WinogradPlan, bind_winograd, plan_winograd, supports_winograd
 
 Call = Callable[[], None]
 
@@ -42,6 +43,7 @@ class Buffers:
     slots: list[np.ndarray]
     input: np.ndarray
     pack: np.ndarray  # packed inputs of convs that cannot read their input in place
+    scratch: np.ndarray  # the Winograd kernel's transformed input and products, one step at a time
 
 
 @dataclass
@@ -130,12 +132,16 @@ class Executor:
         """float32 elements of the pack workspace this step needs for the context's batch size."""
         return 0
 
+    def scratch(self, ctx: Context, kernel: str) -> int:
+        """float32 elements of the scratch buffer `kernel` needs for the context's batch size."""
+        return 0
+
     def bind(self, ctx: Context, kernel: str) -> list[Call]:
         raise NotImplementedError
 
 
 class ConvExecutor(Executor):
-    kernels = ("sparse", "dense")
+    """conv2d: the sparse kernel, the dense one, and Winograd F(2x2, 3x3) where the geometry allows it."""
 
     def __init__(self, step: Step, tensors: dict[str, Any], plan: Plan):
         super().__init__(step, tensors, plan)
@@ -151,6 +157,10 @@ class ConvExecutor(Executor):
         self._sparse: dict[tuple[int, int], SparseConvPlan] = {}
         self._dense: dict[tuple[int, int], DenseConvPlan] = {}
         self._dense_weight: np.ndarray | None = None
+        self._winograd: WinogradPlan | None = None
+        out_hw = tuple(plan.values[step.output].shape[1:])
+        self.kernels = ("sparse", "dense") + (("winograd",) if supports_winograd(
+            weight.shape, *self.geometry, out_hw) else ())
 
     @property
     def density(self) -> float:
@@ -192,10 +202,21 @@ class ConvExecutor(Executor):
 
     def dense_plan(self, border) -> DenseConvPlan:
         if border not in self._dense:
-            if self._dense_weight is None:
-                self._dense_weight = self.weight.to_dense()
-            self._dense[border] = plan_dense_conv2d(self._dense_weight, self.in_hw, *self.geometry, border=border)
+            self._dense[border] = plan_dense_conv2d(self.dense_weight(), self.in_hw, *self.geometry, border=border)
         return self._dense[border]
+
+    def winograd_plan(self) -> WinogradPlan:
+        if self._winograd is None:
+            self._winograd = plan_winograd(self.dense_weight(), self.in_hw)
+        return self._winograd
+
+    def dense_weight(self) -> np.ndarray:
+        if self._dense_weight is None:
+            self._dense_weight = self.weight.to_dense()
+        return self._dense_weight
+
+    def scratch(self, ctx: Context, kernel: str) -> int:
+        return self.winograd_plan().scratch_size(ctx.n) if kernel == "winograd" else 0
 
     def workspace(self, ctx: Context) -> int:
         if not self.packs(ctx):
@@ -227,7 +248,11 @@ class ConvExecutor(Executor):
                 channels = self.sparse_plan(border).used_channels() if kernel == "sparse" else None
             calls.append(bind_pack(x, x_layout, ctx.n, stride, padding, group, packed, phases, channels))
         act, lo, hi = _activation(step)
-        if kernel == "sparse":
+        if kernel == "winograd":  # stride 1: the packed input is the input with a border of `border`
+            x_layout = Layout(x_layout.channels, x_layout.height, x_layout.width, *border, group)
+            calls += bind_winograd(self.winograd_plan(), packed, x_layout, ctx.n, ctx.buffers.scratch, self.bias,
+                                   act, lo, hi, res, res_layout, out, out_layout)
+        elif kernel == "sparse":
             calls.append(bind_sparse_conv2d(self.sparse_plan(border), self.indptr, self.values, packed, ctx.n,
                                             group, self.bias, act, lo, hi, res, res_layout, out, out_layout))
         else:

@@ -210,7 +210,10 @@ def test_kernels_table(artifact):
     assert ops == {"conv2d", "linear"}
     for r in result["rows"]:
         assert r["sparse_us"] > 0 and r["dense_us"] > 0 and r["torch_us"] > 0 and r["onnxruntime_us"] > 0
-        assert r["auto_kernel"] in ("sparse", "dense")
+        assert r["auto_kernel"] in ("sparse", "dense", "winograd")
+    winograd = [r["winograd_us"] for r in result["rows"] if r["winograd_us"] is not None]
+    assert winograd and all(t > 0 for t in winograd)  # the 3x3 stride-1 convs, and nothing else
+    assert all(r["winograd_us"] is None for r in result["rows"] if r["op"] == "linear")
 
 
 def test_report_writes_markdown_and_figures(artifact, tmp_path):

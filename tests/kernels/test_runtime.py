@@ -31,18 +31,25 @@ def test_auto_choice_is_timed_and_reported(resnet):
     _, _, runtime = resnet
     report = runtime.plan_report(1)
     assert [r["name"] for r in report] == [s.name for s in runtime.plan.steps]
+    winograd_steps = 0
     for row in report:
         if row["op"] in ("conv2d", "linear"):
-            assert row["kernel"] in ("sparse", "dense") and 0.0 <= row["density"] <= 1.0
+            assert row["kernel"] in ("sparse", "dense", "winograd") and 0.0 <= row["density"] <= 1.0
             assert row["macs_per_image"] > 0
             if row["density"] < runtime_module.SPARSE_ONLY_BELOW:
                 assert row["kernel"] == "sparse" and row["candidates_us"] == {}
-            else:  # ~10% dense layers: both kernels timed on the layer's own shape, the faster kept
-                assert row["reason"] == "timed" and set(row["candidates_us"]) == {"sparse", "dense"}
+            else:  # ~10% dense layers: every kernel timed on the layer's own shape, the fastest kept
+                node = runtime.graph.node_by_name(row["nodes"][0])
+                shape = runtime.graph.tensors[node.params["weight"]].shape
+                winograd = tuple(shape[2:]) == (3, 3) and tuple(node.attrs.get("stride", ())) == (1, 1)
+                kernels = {"sparse", "dense"} | ({"winograd"} if winograd else set())
+                winograd_steps += winograd
+                assert row["reason"] == "timed" and set(row["candidates_us"]) == kernels
                 assert row["kernel"] == min(row["candidates_us"], key=row["candidates_us"].get)
                 assert row["time_us"] == row["candidates_us"][row["kernel"]]
         else:
             assert row["kernel"] == "-" and row["density"] is None
+    assert winograd_steps >= 10  # ResNet18's 3x3 stride-1 convs
 
 
 def test_candidates_are_timed_inside_whole_runs_of_the_model():

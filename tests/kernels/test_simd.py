@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from harp.kernels.simd import LANES, vadd, vfma, vload, vmask, vmul, vsplat, vstore, vtranspose, vzero
+from harp.kernels.simd import (LANES, vadd, vclamp, vevens, vfma, vload, vmask, vmul, vodds, vsplat, vstore, vsub,
+                               vtranspose, vzero, vzip_hi, vzip_lo)
 
 
 @njit(cache=True)
@@ -86,3 +87,28 @@ def test_mul_then_add_rounds_twice():
     out = np.empty(LANES, np.float32)
     _mul_add(np.float32(1.5), x, y, out)
     np.testing.assert_array_equal(out, np.float32(1.5) * x + y)  # NumPy rounds after each op too
+
+
+@njit(cache=True)
+def _lane_ops(a, b, lo, hi, out):
+    x, y = vload(a, 0, LANES), vload(b, 0, LANES)
+    vstore(out, 0, LANES, vsub(x, y))
+    vstore(out, 16, LANES, vzip_lo(x, y))
+    vstore(out, 32, LANES, vzip_hi(x, y))
+    vstore(out, 48, LANES, vclamp(x, lo, hi))
+    vstore(out, 64, LANES, vevens(vzip_lo(x, y), vzip_hi(x, y)))  # zipping undoes the split
+    vstore(out, 80, LANES, vodds(vzip_lo(x, y), vzip_hi(x, y)))
+
+
+def test_sub_zip_and_clamp_lane_by_lane():
+    a = np.arange(LANES, dtype=np.float32) - 8
+    a[3] = np.nan
+    b = np.arange(LANES, dtype=np.float32) * 10
+    out = np.zeros(6 * LANES, np.float32)
+    _lane_ops(a, b, np.float32(-2.5), np.float32(4.0), out)
+    np.testing.assert_array_equal(out[:16], a - b)
+    zipped = np.stack([a, b], axis=1).reshape(-1)  # a0, b0, a1, b1, ...
+    np.testing.assert_array_equal(out[16:48], zipped)
+    np.testing.assert_array_equal(out[48:64], np.where(a < -2.5, -2.5, np.where(a > 4.0, 4.0, a)))  # NaN stays
+    np.testing.assert_array_equal(out[64:80], a)
+    np.testing.assert_array_equal(out[80:96], b)

@@ -8,7 +8,8 @@ from harp.kernels.warmup import warmup
 
 def test_warmup_covers_every_kernel_family():
     timings = warmup()
-    assert set(timings) == {"sparse_conv2d", "spmm", "dense_conv2d", "dense_linear", "pool", "elementwise"}
+    assert set(timings) == {"sparse_conv2d", "spmm", "dense_conv2d", "winograd_conv2d", "dense_linear", "pool",
+                            "elementwise"}
     assert all(t >= 0 for t in timings.values())
 
 

@@ -1,0 +1,329 @@
+"""Winograd F(2x2, 3x3): a dense 3x3 stride-1 conv in 16 products instead of 9 taps per output pixel.
+
+Each 2x2 block ("tile") of output pixels is computed from the 4x4 patch of
+input around it (Lavin & Gray, 2016):
+
+    Y = A^T [ (G w G^T) (.) (B^T d B) ] A
+
+for a 3x3 kernel w and a 4x4 input patch d, with the constant matrices below.
+Over all channels the elementwise product (.) becomes one matrix product per
+position xi of the 4x4 transformed patch:
+
+    M[xi] (O x tiles) = U[xi] (O x C) @ V[xi] (C x tiles)
+
+so the conv costs 16 * O * C multiply-adds per tile where the direct one costs
+9 * O * C * 4: 2.25x fewer. The 16 products run as one grouped 1x1 conv (16
+groups) on the existing dense kernel (`dense`), so V and M are activations in
+runtime layouts (`layout`): V is (16 * C, H/2, W/2) with the image group of the
+conv's output, M (16 * O, H/2, W/2). The input and output transforms are
+additions only, on explicit vectors (`simd`): at G = 1 a vector is 16 tiles of
+one row (split into even and odd columns, `vevens`/`vodds`, and zipped back on
+output); at G > 1 it is one tile of 16 interleaved images.
+
+The kernel is fp32 throughout; its rounding differs from the direct conv's by
+a few ulps of the largest partial sum. It covers 3x3 convs with stride 1,
+dilation 1, padding 1, one group and an even output height and width (every
+3x3 conv of VGG and of ResNet's stride-1 blocks), reading a packed input or an
+activation with a border of at least 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+from numba import njit, prange
+
+from .arrays import aligned_zeros
+from .conv import FASTMATH, _NO_RES, _check_flat, _check_input, _check_output_layouts
+from .dense import MIN_PIXEL_RUN, DenseConvPlan, bind_dense_conv2d, plan_dense_conv2d
+from .epilogue import ACT_CLAMP, ACT_NONE, resolve_activation, resolve_bias, resolve_out, resolve_residual
+from .layout import Layout, row_offset
+from .packing import pack_input
+from .simd import LANES, vadd, vclamp, vevens, vload, vodds, vsplat, vstore, vsub, vzip_hi, vzip_lo
+
+# G w G^T maps a 3x3 kernel to the 4x4 transformed one.
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+POSITIONS = 16  # of the 4x4 transformed tile
+# V and M of one band of tile rows: small enough to stay in the caches between the three calls.
+BAND_BYTES = 4 << 20
+
+
+def supports_winograd(weight_shape, stride, padding, dilation, groups, out_hw) -> bool:
+    """Whether a conv of this geometry can run as Winograd F(2x2, 3x3) here."""
+    return (tuple(weight_shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1 and out_hw[0] % 2 == 0 and out_hw[1] % 2 == 0)
+
+
+@dataclass(frozen=True)
+class WinogradPlan:
+    """A 3x3 weight transformed once, and the grouped 1x1 convs that multiply it in, per band height."""
+
+    weight_shape: tuple[int, int, int, int]
+    out_hw: tuple[int, int]
+    tiles_hw: tuple[int, int]
+    products: np.ndarray  # U as a (16 * O, C, 1, 1) weight of 16 groups
+    _gemms: dict[int, DenseConvPlan] = field(default_factory=dict, repr=False)
+
+    def band_rows(self, n: int) -> int:
+        """Tile rows per band for a batch of n: V and M of a band within BAND_BYTES, at least one row."""
+        o, c = self.weight_shape[:2]
+        row_bytes = 4 * POSITIONS * (c + o) * self.tiles_hw[1] * n
+        # The products' runs (rows x tw x n values) must stay long enough for the pixel-major kernel.
+        fewest = -(-MIN_PIXEL_RUN // (self.tiles_hw[1] * n))
+        return max(1, min(self.tiles_hw[0], max(BAND_BYTES // row_bytes, fewest)))
+
+    def scratch_size(self, n: int) -> int:
+        """float32 elements of the scratch `bind_winograd` needs for a batch of n (V and M of one band)."""
+        o, c = self.weight_shape[:2]
+        return POSITIONS * (c + o) * self.band_rows(n) * self.tiles_hw[1] * n
+
+    def gemm(self, rows: int) -> DenseConvPlan:
+        """The 16 products over a band of `rows` tile rows, planned once."""
+        if rows not in self._gemms:
+            self._gemms[rows] = plan_dense_conv2d(self.products, (rows, self.tiles_hw[1]), groups=POSITIONS)
+        return self._gemms[rows]
+
+
+def plan_winograd(weight: np.ndarray, in_hw) -> WinogradPlan:
+    """Plan the Winograd conv of a float32 (O, C, 3, 3) weight on inputs of `in_hw` (stride 1, padding 1)."""
+    o, c, kh, kw = weight.shape
+    out_hw = tuple(int(v) for v in in_hw)
+    if not supports_winograd(weight.shape, (1, 1), (1, 1), (1, 1), 1, out_hw):
+        raise ValueError(f"winograd: needs a (O, C, 3, 3) weight and an even output size, got {weight.shape} "
+                         f"on {out_hw}")
+    # U[xi, o, c] for xi = 4 * row + column of the 4x4 transformed kernel, computed in float64.
+    u = np.einsum("ai,ocij,bj->aboc", _G, weight.astype(np.float64), _G).reshape(POSITIONS * o, c, 1, 1)
+    return WinogradPlan(weight_shape=(o, c, kh, kw), out_hw=out_hw, tiles_hw=(out_hw[0] // 2, out_hw[1] // 2),
+                        products=np.ascontiguousarray(u.astype(np.float32)))
+
+
+def winograd_conv2d(x, weight, bias=None, act="none", clip_range=None, residual=None, out=None) -> np.ndarray:
+    """act(conv2d(x, weight, padding=1) + bias + residual) by Winograd F(2x2, 3x3); NCHW float32 in and out.
+
+    weight: dense float32 (O, C, 3, 3); the output plane must have an even height and width.
+    """
+    op = "winograd_conv2d"
+    if not isinstance(weight, np.ndarray) or weight.dtype != np.float32 or weight.ndim != 4:
+        raise ValueError(f"{op}: weight must be a float32 (O, C, 3, 3) array, got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
+    x = _check_input(op, x, weight.shape, 1)
+    n, _, h, w = x.shape
+    plan = plan_winograd(weight, (h, w))
+    o = weight.shape[0]
+    act_code, lo, hi = resolve_activation(op, act, clip_range)
+    bias = resolve_bias(op, bias, o)
+    out = resolve_out(op, out, (n, o, h, w))
+    out_layout = Layout(o, h, w)
+    res_layout = None
+    if residual is not None:
+        res_layout = out_layout
+        residual = resolve_residual(op, residual, (n, o, h, w))[0].reshape(-1)
+    x_layout = Layout(weight.shape[1], h, w, 1, 1)
+    packed = pack_input(x, (1, 1), (1, 1), 1)
+    scratch = aligned_zeros(plan.scratch_size(n))
+    for call in bind_winograd(plan, packed, x_layout, n, scratch, bias, act_code, lo, hi, residual, res_layout,
+                              out.reshape(-1), out_layout):
+        call()
+    return out
+
+
+def bind_winograd(plan: WinogradPlan, x, x_layout: Layout, n: int, scratch, bias, act: int, lo, hi, residual,
+                  res_layout: Layout | None, out, out_layout: Layout,
+                  n_threads: int | None = None) -> list[Callable[[], None]]:
+    """The calls computing the conv into `out`: per band of tile rows, input transform, products, output transform.
+
+    x: the conv's input, a flat buffer in `x_layout` with a border of at least 1
+    and the output's image group. scratch: at least `plan.scratch_size(n)`
+    float32 elements, overwritten. Epilogue arguments as for `dense.bind_dense_conv2d`.
+    """
+    op = "winograd"
+    o, c = plan.weight_shape[:2]
+    th, tw = plan.tiles_hw
+    g = out_layout.group
+    if (x_layout.channels, x_layout.height, x_layout.width) != (c, *plan.out_hw):
+        raise ValueError(f"{op}: input layout {x_layout} does not match weight {plan.weight_shape} on "
+                         f"{plan.out_hw}")
+    if x_layout.pad_h < 1 or x_layout.pad_w < 1 or x_layout.group != g:
+        raise ValueError(f"{op}: input layout {x_layout} needs a border of 1 and image group {g}")
+    x_layout.check_batch(n)
+    _check_flat(op, "input", x, x_layout.size(n))
+    res_params, has_res = _check_output_layouts(op, (o, *plan.out_hw), n, out, out_layout, residual, res_layout)
+    if has_res and res_layout.group != g:
+        raise ValueError(f"{op}: residual layout {res_layout} needs image group {g}")
+    if bias.dtype != np.float32 or bias.shape != (o,):
+        raise ValueError(f"{op}: bias must be float32 ({o},), got {bias.dtype} {bias.shape}")
+    _check_flat(op, "scratch", scratch, plan.scratch_size(n))
+    res = residual if has_res else _NO_RES
+    no_bias = np.zeros(POSITIONS * o, np.float32)
+    calls: list[Callable[[], None]] = []
+    band = plan.band_rows(n)
+    for i0 in range(0, th, band):
+        i1 = min(i0 + band, th)
+        v_layout = Layout(POSITIONS * c, i1 - i0, tw, 0, 0, g)
+        m_layout = Layout(POSITIONS * o, i1 - i0, tw, 0, 0, g)
+        v = scratch[: v_layout.size(n)]
+        m = scratch[v_layout.size(n): v_layout.size(n) + m_layout.size(n)]
+        calls += [partial(_input_transform, x, x_layout.params(), n, i0, i1, tw, v),
+                  bind_dense_conv2d(plan.gemm(i1 - i0), v, n, g, no_bias, ACT_NONE, np.float32(0), np.float32(0),
+                                    None, None, m, m_layout, n_threads=n_threads),
+                  partial(_output_transform, m, n, o, i0, i1, tw, bias, act, np.float32(lo), np.float32(hi), res,
+                          res_params, has_res, out, out_layout.params())]
+    return calls
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _input_transform(x, x_lay, n, i0, i1, tw, v):
+    """V = B^T d B for every 4x4 input patch d of tile rows i0..i1-1 (tile (i, j): padded rows 2i..2i+3,
+    columns 2j..2j+3); V holds those rows only."""
+    c_in, g = x_lay[0], x_lay[5]
+    plane = (i1 - i0) * tw * g
+    step = c_in * plane  # from position xi to xi + 1 in V
+    for item in prange((n // g) * c_in):
+        blk = item // c_in
+        c = item - blk * c_in
+        base = (blk * POSITIONS * c_in + c) * plane - i0 * tw * g
+        for i in range(i0, i1):
+            r0 = row_offset(x_lay, blk, c, 2 * i - 1) - g  # column -1 of the patch's first row
+            r1 = row_offset(x_lay, blk, c, 2 * i)
+            r2 = row_offset(x_lay, blk, c, 2 * i + 1)
+            r3 = row_offset(x_lay, blk, c, 2 * i + 2)
+            r1, r2, r3 = r1 - g, r2 - g, r3 - g
+            if g == 1:
+                for j in range(0, tw, LANES):  # 16 tiles of a row: columns 2j..2j+3 split by parity
+                    cnt = 2 * min(LANES, tw - j)
+                    d00, d01, d02, d03 = _split_row(x, r0 + 2 * j, cnt)
+                    d10, d11, d12, d13 = _split_row(x, r1 + 2 * j, cnt)
+                    d20, d21, d22, d23 = _split_row(x, r2 + 2 * j, cnt)
+                    d30, d31, d32, d33 = _split_row(x, r3 + 2 * j, cnt)
+                    _store_transformed(v, base + i * tw + j, step, cnt // 2,
+                                       d00, d01, d02, d03, d10, d11, d12, d13,
+                                       d20, d21, d22, d23, d30, d31, d32, d33)
+            else:
+                for j in range(tw):
+                    for k in range(0, g, LANES):  # one tile of 16 images
+                        cnt = g - k
+                        e = 2 * j * g + k
+                        d00, d01, d02, d03 = _image_row(x, r0 + e, g, cnt)
+                        d10, d11, d12, d13 = _image_row(x, r1 + e, g, cnt)
+                        d20, d21, d22, d23 = _image_row(x, r2 + e, g, cnt)
+                        d30, d31, d32, d33 = _image_row(x, r3 + e, g, cnt)
+                        _store_transformed(v, base + (i * tw + j) * g + k, step, cnt,
+                                           d00, d01, d02, d03, d10, d11, d12, d13,
+                                           d20, d21, d22, d23, d30, d31, d32, d33)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _split_row(x, s, cnt):
+    """Columns 2j, 2j+1, 2j+2, 2j+3 (j < cnt/2) of the row from x[s]: four vectors of tiles."""
+    a0 = vload(x, s, cnt)
+    a1 = vload(x, s + LANES, cnt - LANES)
+    b0 = vload(x, s + 2, cnt)
+    b1 = vload(x, s + 2 + LANES, cnt - LANES)
+    return vevens(a0, a1), vodds(a0, a1), vevens(b0, b1), vodds(b0, b1)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _image_row(x, s, g, cnt):
+    """Four consecutive pixels (of g interleaved images) from x[s], `cnt` images of each."""
+    return vload(x, s, cnt), vload(x, s + g, cnt), vload(x, s + 2 * g, cnt), vload(x, s + 3 * g, cnt)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _store_transformed(v, dst, step, cnt, d00, d01, d02, d03, d10, d11, d12, d13,
+                       d20, d21, d22, d23, d30, d31, d32, d33):
+    """v[dst + xi * step] = (B^T d B)[xi]: rows of B^T are (1 0 -1 0), (0 1 1 0), (0 -1 1 0), (0 1 0 -1)."""
+    t00, t01, t02, t03 = vsub(d00, d20), vsub(d01, d21), vsub(d02, d22), vsub(d03, d23)
+    t10, t11, t12, t13 = vadd(d10, d20), vadd(d11, d21), vadd(d12, d22), vadd(d13, d23)
+    t20, t21, t22, t23 = vsub(d20, d10), vsub(d21, d11), vsub(d22, d12), vsub(d23, d13)
+    t30, t31, t32, t33 = vsub(d10, d30), vsub(d11, d31), vsub(d12, d32), vsub(d13, d33)
+    _store_row(v, dst, step, cnt, t00, t01, t02, t03)
+    _store_row(v, dst + 4 * step, step, cnt, t10, t11, t12, t13)
+    _store_row(v, dst + 8 * step, step, cnt, t20, t21, t22, t23)
+    _store_row(v, dst + 12 * step, step, cnt, t30, t31, t32, t33)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _store_row(v, dst, step, cnt, t0, t1, t2, t3):
+    vstore(v, dst, cnt, vsub(t0, t2))
+    vstore(v, dst + step, cnt, vadd(t1, t2))
+    vstore(v, dst + 2 * step, cnt, vsub(t2, t1))
+    vstore(v, dst + 3 * step, cnt, vsub(t1, t3))
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _output_transform(m, n, o_out, i0, i1, tw, bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
+    """out = act(A^T M A + bias + res) for tile rows i0..i1-1 (M holds those rows only); rows of A^T
+    are (1 1 1 0) and (0 1 -1 -1)."""
+    g = out_lay[5]
+    plane = (i1 - i0) * tw * g
+    step = o_out * plane
+    for item in prange((n // g) * o_out):
+        blk = item // o_out
+        o = item - blk * o_out
+        src = (blk * POSITIONS * o_out + o) * plane - i0 * tw * g
+        b = vsplat(bias[o])
+        for i in range(i0, i1):
+            y0 = row_offset(out_lay, blk, o, 2 * i)
+            y1 = row_offset(out_lay, blk, o, 2 * i + 1)
+            q0 = row_offset(res_lay, blk, o, 2 * i) if has_res else 0
+            q1 = row_offset(res_lay, blk, o, 2 * i + 1) if has_res else 0
+            if g == 1:
+                for j in range(0, tw, LANES):
+                    cnt = min(LANES, tw - j)
+                    y00, y01, y10, y11 = _inverse(m, src + i * tw + j, step, cnt, b)
+                    _store_pair(out, y0 + 2 * j, res, q0 + 2 * j, has_res, 2 * cnt, y00, y01, act, lo, hi)
+                    _store_pair(out, y1 + 2 * j, res, q1 + 2 * j, has_res, 2 * cnt, y10, y11, act, lo, hi)
+            else:
+                for j in range(tw):
+                    for k in range(0, g, LANES):
+                        cnt = g - k
+                        e = 2 * j * g + k
+                        y00, y01, y10, y11 = _inverse(m, src + (i * tw + j) * g + k, step, cnt, b)
+                        _store_one(out, y0 + e, res, q0 + e, has_res, cnt, y00, act, lo, hi)
+                        _store_one(out, y0 + e + g, res, q0 + e + g, has_res, cnt, y01, act, lo, hi)
+                        _store_one(out, y1 + e, res, q1 + e, has_res, cnt, y10, act, lo, hi)
+                        _store_one(out, y1 + e + g, res, q1 + e + g, has_res, cnt, y11, act, lo, hi)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _inverse(m, s, step, cnt, b):
+    """The 2x2 outputs A^T M A (+ bias b) of the 16 vectors m[s + xi * step]."""
+    s0 = _combine(m, s, step, cnt)
+    s1 = _combine(m, s + 4 * step, step, cnt)
+    s2 = _combine(m, s + 8 * step, step, cnt)
+    s3 = _combine(m, s + 12 * step, step, cnt)
+    # Rows: (1 1 1 0) and (0 1 -1 -1) of the four column-combined rows.
+    y0a = vadd(vadd(s0[0], s1[0]), s2[0])
+    y0b = vadd(vadd(s0[1], s1[1]), s2[1])
+    y1a = vsub(vsub(s1[0], s2[0]), s3[0])
+    y1b = vsub(vsub(s1[1], s2[1]), s3[1])
+    return vadd(y0a, b), vadd(y0b, b), vadd(y1a, b), vadd(y1b, b)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _combine(m, s, step, cnt):
+    """One row of M times A: (m0 + m1 + m2, m1 - m2 - m3)."""
+    m0 = vload(m, s, cnt)
+    m1 = vload(m, s + step, cnt)
+    m2 = vload(m, s + 2 * step, cnt)
+    m3 = vload(m, s + 3 * step, cnt)
+    return vadd(vadd(m0, m1), m2), vsub(vsub(m1, m2), m3)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _store_one(out, d, res, r, has_res, cnt, y, act, lo, hi):
+    if has_res:
+        y = vadd(y, vload(res, r, cnt))
+    if act == ACT_CLAMP:
+        y = vclamp(y, lo, hi)
+    vstore(out, d, cnt, y)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _store_pair(out, d, res, r, has_res, cnt, even, odd, act, lo, hi):
+    """Columns 2j (even) and 2j + 1 (odd) of 16 tiles, zipped into one row of `cnt` values from out[d]."""
+    _store_one(out, d, res, r, has_res, cnt, vzip_lo(even, odd), act, lo, hi)
+    _store_one(out, d + LANES, res, r + LANES, has_res, cnt - LANES, vzip_hi(even, odd), act, lo, hi)

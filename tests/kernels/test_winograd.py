@@ -1,0 +1,116 @@
+"""Winograd F(2x2, 3x3) against the reference conv: plain NCHW, image groups, borders, bands, bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harp.kernels import winograd
+from harp.kernels.arrays import aligned_zeros
+from harp.kernels.epilogue import resolve_activation
+from harp.kernels.layout import Layout, borders_are_zero, from_layout, to_layout
+from harp.kernels.reference import conv2d_ref, epilogue_ref
+from harp.kernels.winograd import bind_winograd, plan_winograd, supports_winograd, winograd_conv2d
+
+ACTS = [("none", None), ("relu", None), ("relu6", None), ("clip", (-0.5, 0.75))]
+
+
+def assert_close(actual, expected):
+    atol = 1e-4 * max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=atol)
+
+
+def reference(x, weight, bias, act, clip_range, residual):
+    return epilogue_ref(conv2d_ref(x, weight, bias, (1, 1), (1, 1), (1, 1), 1), act, clip_range, residual)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 12), o=st.integers(1, 12), h=st.integers(1, 9),
+       w=st.integers(1, 19), act=st.sampled_from(ACTS), with_residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_winograd_conv2d_matches_reference(n, c, o, h, w, act, with_residual, seed):
+    # Widths up to 38: rows of more than 16 tiles take two vectors, the second one partial.
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, 2 * h, 2 * w)).astype(np.float32)
+    weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    residual = rng.standard_normal((n, o, 2 * h, 2 * w)).astype(np.float32) if with_residual else None
+    actual = winograd_conv2d(x, weight, bias, act=act[0], clip_range=act[1], residual=residual)
+    assert_close(actual, reference(x, weight, bias, *act, residual))
+
+
+@pytest.mark.parametrize("n", [2, 16, 21])  # image groups of under one, one, and over one vector
+@pytest.mark.parametrize("border", [1, 2])  # a wider border than the conv's padding is read in place
+@pytest.mark.parametrize("bands", [False, True])
+def test_winograd_on_interleaved_images(monkeypatch, n, border, bands):
+    if bands:  # one tile row per band: five bands, each its own three calls
+        monkeypatch.setattr(winograd, "BAND_BYTES", 1)
+        monkeypatch.setattr(winograd, "MIN_PIXEL_RUN", 1)
+    rng = np.random.default_rng(n)
+    c, o, h, w = 5, 7, 10, 6
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    residual = rng.standard_normal((n, o, h, w)).astype(np.float32)
+    x_layout, out_layout = Layout(c, h, w, border, border, n), Layout(o, h, w, 1, 1, n)
+    plan = plan_winograd(weight, (h, w))
+    assert len(range(0, h // 2, plan.band_rows(n))) == (5 if bands else 1)
+    out = aligned_zeros(out_layout.size(n))
+    act, lo, hi = resolve_activation("test", "relu")
+    calls = bind_winograd(plan, to_layout(x, x_layout), x_layout, n, aligned_zeros(plan.scratch_size(n)), bias,
+                          act, lo, hi, to_layout(residual, out_layout), out_layout, out, out_layout)
+    assert len(calls) == 3 * (5 if bands else 1)
+    for call in calls:
+        call()
+    assert_close(from_layout(out, out_layout, n), reference(x, weight, bias, "relu", None, residual))
+    assert borders_are_zero(out, out_layout, n)
+
+
+def test_winograd_writes_nothing_past_the_output():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 4, 34)).astype(np.float32)  # 17 tiles a row: a 1-tile second vector
+    weight = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    plan = plan_winograd(weight, (4, 34))
+    x_layout, out_layout = Layout(3, 4, 34, 1, 1), Layout(2, 4, 34)
+    out = np.full(out_layout.size(1) + 64, 7.0, np.float32)
+    act, lo, hi = resolve_activation("test", "none")
+    for call in bind_winograd(plan, to_layout(x, x_layout), x_layout, 1, aligned_zeros(plan.scratch_size(1)),
+                              np.zeros(2, np.float32), act, lo, hi, None, None, out, out_layout):
+        call()
+    assert (out[out_layout.size(1):] == 7.0).all()
+    assert_close(out[:out_layout.size(1)].reshape(1, 2, 4, 34), reference(x, weight, None, "none", None, None))
+
+
+@pytest.mark.parametrize("geometry, ok", [
+    (((8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, (6, 4)), True),
+    (((8, 4, 3, 3), (2, 2), (1, 1), (1, 1), 1, (6, 4)), False),  # stride 2
+    (((8, 4, 3, 3), (1, 1), (2, 2), (2, 2), 1, (6, 4)), False),  # dilated
+    (((8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 2, (6, 4)), False),  # grouped
+    (((8, 4, 5, 5), (1, 1), (2, 2), (1, 1), 1, (6, 4)), False),  # 5x5
+    (((8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, (5, 4)), False),  # odd output height
+    (((8, 4, 3, 3), (1, 1), (0, 0), (1, 1), 1, (6, 4)), False),  # no padding
+])
+def test_supports_winograd(geometry, ok):
+    assert supports_winograd(*geometry) is ok
+
+
+def test_winograd_rejects_what_it_cannot_compute():
+    weight = np.zeros((2, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="even output size"):
+        winograd_conv2d(np.zeros((1, 3, 5, 4), np.float32), weight)
+    with pytest.raises(ValueError, match="expects 3"):
+        winograd_conv2d(np.zeros((1, 4, 4, 4), np.float32), weight)
+    plan = plan_winograd(weight, (4, 4))
+    act, lo, hi = resolve_activation("test", "none")
+    bias = np.zeros(2, np.float32)
+    out_layout = Layout(2, 4, 4, 0, 0, 2)
+    out = aligned_zeros(out_layout.size(2))
+    x_layout = Layout(3, 4, 4, 1, 1, 2)
+    x = aligned_zeros(x_layout.size(2))
+    scratch = aligned_zeros(plan.scratch_size(2))
+    with pytest.raises(ValueError, match="border of 1"):
+        bind_winograd(plan, x, Layout(3, 4, 4, 0, 0, 2), 2, scratch, bias, act, lo, hi, None, None, out, out_layout)
+    with pytest.raises(ValueError, match="image group 2"):
+        bind_winograd(plan, x, x_layout, 2, scratch, bias, act, lo, hi, aligned_zeros(64), Layout(2, 4, 4), out,
+                      out_layout)
+    with pytest.raises(ValueError, match="scratch"):
+        bind_winograd(plan, x, x_layout, 2, scratch[:-1], bias, act, lo, hi, None, None, out, out_layout)

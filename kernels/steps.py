@@ -30,7 +30,7 @@ from .packing import bind_pack, packed_size, used_phases
 from .plan import Plan, Step
 from .pool import bind_avgpool2d, bind_global_avgpool, bind_maxpool2d
 from .spmm import bind_spmm
-from .winograd import WinogradPlan, bind_winograd, plan_winograd, supports_winograd
+from .winograd import WinogradPlan, bind_winograd, plan_winograd, supports_winograd, tile_edge
 
 Call = Callable[[], None]
 
@@ -157,7 +157,7 @@ class ConvExecutor(Executor):
         self._sparse: dict[tuple[int, int], SparseConvPlan] = {}
         self._dense: dict[tuple[int, int], DenseConvPlan] = {}
         self._dense_weight: np.ndarray | None = None
-        self._winograd: WinogradPlan | None = None
+        self._winograd: dict[int, WinogradPlan] = {}  # tile edge -> plan
         out_hw = tuple(plan.values[step.output].shape[1:])
         self.kernels = ("sparse", "dense") + (("winograd",) if supports_winograd(
             weight.shape, *self.geometry, out_hw) else ())
@@ -205,10 +205,12 @@ class ConvExecutor(Executor):
             self._dense[border] = plan_dense_conv2d(self.dense_weight(), self.in_hw, *self.geometry, border=border)
         return self._dense[border]
 
-    def winograd_plan(self) -> WinogradPlan:
-        if self._winograd is None:
-            self._winograd = plan_winograd(self.dense_weight(), self.in_hw)
-        return self._winograd
+    def winograd_plan(self, ctx: Context) -> WinogradPlan:
+        """The Winograd plan of the tile edge that suits the context's image group."""
+        m = tile_edge(self.in_hw, ctx.layout(self.step.output).group)
+        if m not in self._winograd:
+            self._winograd[m] = plan_winograd(self.dense_weight(), self.in_hw, m)
+        return self._winograd[m]
 
     def dense_weight(self) -> np.ndarray:
         if self._dense_weight is None:
@@ -216,7 +218,7 @@ class ConvExecutor(Executor):
         return self._dense_weight
 
     def scratch(self, ctx: Context, kernel: str) -> int:
-        return self.winograd_plan().scratch_size(ctx.n) if kernel == "winograd" else 0
+        return self.winograd_plan(ctx).scratch_size(ctx.n) if kernel == "winograd" else 0
 
     def workspace(self, ctx: Context) -> int:
         if not self.packs(ctx):
@@ -250,7 +252,7 @@ class ConvExecutor(Executor):
         act, lo, hi = _activation(step)
         if kernel == "winograd":  # stride 1: the packed input is the input with a border of `border`
             x_layout = Layout(x_layout.channels, x_layout.height, x_layout.width, *border, group)
-            calls += bind_winograd(self.winograd_plan(), packed, x_layout, ctx.n, ctx.buffers.scratch, self.bias,
+            calls += bind_winograd(self.winograd_plan(ctx), packed, x_layout, ctx.n, ctx.buffers.scratch, self.bias,
                                    act, lo, hi, res, res_layout, out, out_layout)
         elif kernel == "sparse":
             calls.append(bind_sparse_conv2d(self.sparse_plan(border), self.indptr, self.values, packed, ctx.n,

@@ -1,30 +1,35 @@
-"""Winograd F(2x2, 3x3): a dense 3x3 stride-1 conv in 16 products instead of 9 taps per output pixel.
+"""Winograd F(4x4, 3x3) and F(2x2, 3x3): a dense 3x3 stride-1 conv with 2.25-4x fewer multiply-adds.
 
-Each 2x2 block ("tile") of output pixels is computed from the 4x4 patch of
-input around it (Lavin & Gray, 2016):
+Each m x m block ("tile") of output pixels is computed from the (m + 2) x
+(m + 2) patch of input around it (Lavin & Gray, 2016):
 
     Y = A^T [ (G w G^T) (.) (B^T d B) ] A
 
-for a 3x3 kernel w and a 4x4 input patch d, with the constant matrices below.
-Over all channels the elementwise product (.) becomes one matrix product per
-position xi of the 4x4 transformed patch:
+for a 3x3 kernel w and an input patch d, with constant matrices per m. Over
+all channels the elementwise product (.) becomes one matrix product per
+position xi of the transformed patch ((m + 2)^2 of them):
 
     M[xi] (O x tiles) = U[xi] (O x C) @ V[xi] (C x tiles)
 
-so the conv costs 16 * O * C multiply-adds per tile where the direct one costs
-9 * O * C * 4: 2.25x fewer. The 16 products run as one grouped 1x1 conv (16
-groups) on the existing dense kernel (`dense`), so V and M are activations in
-runtime layouts (`layout`): V is (16 * C, H/2, W/2) with the image group of the
-conv's output, M (16 * O, H/2, W/2). The input and output transforms are
-additions only, on explicit vectors (`simd`): at G = 1 a vector is 16 tiles of
-one row (split into even and odd columns, `vevens`/`vodds`, and zipped back on
-output); at G > 1 it is one tile of 16 interleaved images.
+so the conv costs (m + 2)^2 * O * C multiply-adds per tile where the direct one
+costs 9 * O * C * m^2: 4x fewer at m = 4 (36 for 144), 2.25x at m = 2 (16 for
+36). m = 4 where the output height and width are multiples of 4, else 2. The
+products run as one grouped 1x1 conv ((m + 2)^2 groups) on the existing dense
+kernel (`dense`), so V and M are activations in runtime layouts (`layout`): V
+is ((m + 2)^2 * C, H/m, W/m) with the image group of the conv's output, M the
+same with O channels. They are made and used a band of tile rows at a time
+(`BAND_BYTES`), so that they stay in cache between the three calls of a band.
+The transforms are a few additions and multiplications by small constants per
+value, on explicit vectors (`simd`): at G = 1 a vector is 16 tiles of one row
+(split into the m column phases, `vevens`/`vodds`, and zipped back on output);
+at G > 1 it is one tile of 16 interleaved images.
 
-The kernel is fp32 throughout; its rounding differs from the direct conv's by
-a few ulps of the largest partial sum. It covers 3x3 convs with stride 1,
-dilation 1, padding 1, one group and an even output height and width (every
-3x3 conv of VGG and of ResNet's stride-1 blocks), reading a packed input or an
-activation with a border of at least 1.
+The kernel is fp32 throughout. Its rounding differs from the direct conv's:
+the transforms scale values by up to 10 (m = 4) before they are summed, so the
+error is about 10x that of a direct sum, ~1e-6 of the output's magnitude. It
+covers 3x3 convs with stride 1, dilation 1, padding 1, one group and an even
+output height and width (every 3x3 conv of VGG and of ResNet's stride-1
+blocks), reading a packed input or an activation with a border of at least 1.
 """
 
 from __future__ import annotations
@@ -42,17 +47,31 @@ from .dense import MIN_PIXEL_RUN, DenseConvPlan, bind_dense_conv2d, plan_dense_c
 from .epilogue import ACT_CLAMP, ACT_NONE, resolve_activation, resolve_bias, resolve_out, resolve_residual
 from .layout import Layout, row_offset
 from .packing import pack_input
-from .simd import LANES, vadd, vclamp, vevens, vload, vodds, vsplat, vstore, vsub, vzip_hi, vzip_lo
+from .simd import LANES, vadd, vclamp, vevens, vfma, vload, vmul, vodds, vsplat, vstore, vsub, vzip_hi, vzip_lo
 
-# G w G^T maps a 3x3 kernel to the 4x4 transformed one.
-_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-POSITIONS = 16  # of the 4x4 transformed tile
+# G of F(m x m, 3x3) per tile edge m: U = G w G^T maps a 3x3 kernel to the (m + 2) x (m + 2) transformed one.
+_G = {
+    2: np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+    4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                 [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+}
 # V and M of one band of tile rows: small enough to stay in the caches between the three calls.
 BAND_BYTES = 4 << 20
 
 
+def tile_edge(out_hw, group: int = 1) -> int:
+    """m of the F(m x m, 3x3) for an output plane of image group `group`: 4 where both sides are multiples
+    of 4 and the products' runs, (H/4) (W/4) G values, are long enough for the pixel-major dense kernel;
+    else 2. On 2 cores at batch 1 (G = 1), 64 channels on 32x32: m = 4 223 µs, m = 2 233, direct 349;
+    128 on 16x16 (runs of 16 at m = 4): 301, 232, 341. At batch 16 (G = 16), m = 4 is 1.5-1.6x faster than
+    m = 2 down to 8x8 planes (64 on 32x32: 2354, 4138 and 5583 µs direct); on 4x4 planes it is slower."""
+    if out_hw[0] % 4 or out_hw[1] % 4 or (out_hw[0] // 4) * (out_hw[1] // 4) * group < MIN_PIXEL_RUN:
+        return 2
+    return 4
+
+
 def supports_winograd(weight_shape, stride, padding, dilation, groups, out_hw) -> bool:
-    """Whether a conv of this geometry can run as Winograd F(2x2, 3x3) here."""
+    """Whether a conv of this geometry can run as Winograd here."""
     return (tuple(weight_shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
             and tuple(dilation) == (1, 1) and groups == 1 and out_hw[0] % 2 == 0 and out_hw[1] % 2 == 0)
 
@@ -63,14 +82,22 @@ class WinogradPlan:
 
     weight_shape: tuple[int, int, int, int]
     out_hw: tuple[int, int]
-    tiles_hw: tuple[int, int]
-    products: np.ndarray  # U as a (16 * O, C, 1, 1) weight of 16 groups
+    m: int  # output tile edge
+    products: np.ndarray  # U as a ((m + 2)^2 * O, C, 1, 1) weight of (m + 2)^2 groups
     _gemms: dict[int, DenseConvPlan] = field(default_factory=dict, repr=False)
+
+    @property
+    def positions(self) -> int:
+        return (self.m + 2) ** 2
+
+    @property
+    def tiles_hw(self) -> tuple[int, int]:
+        return self.out_hw[0] // self.m, self.out_hw[1] // self.m
 
     def band_rows(self, n: int) -> int:
         """Tile rows per band for a batch of n: V and M of a band within BAND_BYTES, at least one row."""
         o, c = self.weight_shape[:2]
-        row_bytes = 4 * POSITIONS * (c + o) * self.tiles_hw[1] * n
+        row_bytes = 4 * self.positions * (c + o) * self.tiles_hw[1] * n
         # The products' runs (rows x tw x n values) must stay long enough for the pixel-major kernel.
         fewest = -(-MIN_PIXEL_RUN // (self.tiles_hw[1] * n))
         return max(1, min(self.tiles_hw[0], max(BAND_BYTES // row_bytes, fewest)))
@@ -78,32 +105,40 @@ class WinogradPlan:
     def scratch_size(self, n: int) -> int:
         """float32 elements of the scratch `bind_winograd` needs for a batch of n (V and M of one band)."""
         o, c = self.weight_shape[:2]
-        return POSITIONS * (c + o) * self.band_rows(n) * self.tiles_hw[1] * n
+        return self.positions * (c + o) * self.band_rows(n) * self.tiles_hw[1] * n
 
     def gemm(self, rows: int) -> DenseConvPlan:
-        """The 16 products over a band of `rows` tile rows, planned once."""
+        """The products over a band of `rows` tile rows, planned once."""
         if rows not in self._gemms:
-            self._gemms[rows] = plan_dense_conv2d(self.products, (rows, self.tiles_hw[1]), groups=POSITIONS)
+            self._gemms[rows] = plan_dense_conv2d(self.products, (rows, self.tiles_hw[1]), groups=self.positions)
         return self._gemms[rows]
 
 
-def plan_winograd(weight: np.ndarray, in_hw) -> WinogradPlan:
-    """Plan the Winograd conv of a float32 (O, C, 3, 3) weight on inputs of `in_hw` (stride 1, padding 1)."""
+def plan_winograd(weight: np.ndarray, in_hw, m: int | None = None) -> WinogradPlan:
+    """Plan the Winograd conv of a float32 (O, C, 3, 3) weight on inputs of `in_hw` (stride 1, padding 1).
+
+    m: the output tile edge, 2 or 4; default `tile_edge(in_hw)`.
+    """
     o, c, kh, kw = weight.shape
     out_hw = tuple(int(v) for v in in_hw)
-    if not supports_winograd(weight.shape, (1, 1), (1, 1), (1, 1), 1, out_hw):
+    m = tile_edge(out_hw) if m is None else m
+    if not supports_winograd(weight.shape, (1, 1), (1, 1), (1, 1), 1, out_hw) or m not in _G or out_hw[0] % m \
+            or out_hw[1] % m:
         raise ValueError(f"winograd: needs a (O, C, 3, 3) weight and an even output size, got {weight.shape} "
-                         f"on {out_hw}")
-    # U[xi, o, c] for xi = 4 * row + column of the 4x4 transformed kernel, computed in float64.
-    u = np.einsum("ai,ocij,bj->aboc", _G, weight.astype(np.float64), _G).reshape(POSITIONS * o, c, 1, 1)
-    return WinogradPlan(weight_shape=(o, c, kh, kw), out_hw=out_hw, tiles_hw=(out_hw[0] // 2, out_hw[1] // 2),
+                         f"on {out_hw} (tile edge {m})")
+    # U[xi, o, c] for xi = (m + 2) * row + column of the transformed kernel, computed in float64.
+    g = _G[m]
+    u = np.einsum("ai,ocij,bj->aboc", g, weight.astype(np.float64), g).reshape((m + 2) ** 2 * o, c, 1, 1)
+    return WinogradPlan(weight_shape=(o, c, kh, kw), out_hw=out_hw, m=m,
                         products=np.ascontiguousarray(u.astype(np.float32)))
 
 
-def winograd_conv2d(x, weight, bias=None, act="none", clip_range=None, residual=None, out=None) -> np.ndarray:
-    """act(conv2d(x, weight, padding=1) + bias + residual) by Winograd F(2x2, 3x3); NCHW float32 in and out.
+def winograd_conv2d(x, weight, bias=None, act="none", clip_range=None, residual=None, out=None,
+                    m: int | None = None) -> np.ndarray:
+    """act(conv2d(x, weight, padding=1) + bias + residual) by Winograd; NCHW float32 in and out.
 
     weight: dense float32 (O, C, 3, 3); the output plane must have an even height and width.
+    m: the output tile edge (2 or 4), default `tile_edge`.
     """
     op = "winograd_conv2d"
     if not isinstance(weight, np.ndarray) or weight.dtype != np.float32 or weight.ndim != 4:
@@ -111,7 +146,7 @@ def winograd_conv2d(x, weight, bias=None, act="none", clip_range=None, residual=
                          f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
     x = _check_input(op, x, weight.shape, 1)
     n, _, h, w = x.shape
-    plan = plan_winograd(weight, (h, w))
+    plan = plan_winograd(weight, (h, w), m)
     o = weight.shape[0]
     act_code, lo, hi = resolve_activation(op, act, clip_range)
     bias = resolve_bias(op, bias, o)
@@ -157,26 +192,28 @@ def bind_winograd(plan: WinogradPlan, x, x_layout: Layout, n: int, scratch, bias
         raise ValueError(f"{op}: bias must be float32 ({o},), got {bias.dtype} {bias.shape}")
     _check_flat(op, "scratch", scratch, plan.scratch_size(n))
     res = residual if has_res else _NO_RES
-    no_bias = np.zeros(POSITIONS * o, np.float32)
+    positions = plan.positions
+    no_bias = np.zeros(positions * o, np.float32)
+    input_transform, output_transform = _TRANSFORMS[plan.m]
     calls: list[Callable[[], None]] = []
     band = plan.band_rows(n)
     for i0 in range(0, th, band):
         i1 = min(i0 + band, th)
-        v_layout = Layout(POSITIONS * c, i1 - i0, tw, 0, 0, g)
-        m_layout = Layout(POSITIONS * o, i1 - i0, tw, 0, 0, g)
+        v_layout = Layout(positions * c, i1 - i0, tw, 0, 0, g)
+        m_layout = Layout(positions * o, i1 - i0, tw, 0, 0, g)
         v = scratch[: v_layout.size(n)]
         m = scratch[v_layout.size(n): v_layout.size(n) + m_layout.size(n)]
-        calls += [partial(_input_transform, x, x_layout.params(), n, i0, i1, tw, v),
+        calls += [partial(input_transform, x, x_layout.params(), n, i0, i1, tw, v),
                   bind_dense_conv2d(plan.gemm(i1 - i0), v, n, g, no_bias, ACT_NONE, np.float32(0), np.float32(0),
                                     None, None, m, m_layout, n_threads=n_threads),
-                  partial(_output_transform, m, n, o, i0, i1, tw, bias, act, np.float32(lo), np.float32(hi), res,
+                  partial(output_transform, m, n, o, i0, i1, tw, bias, act, np.float32(lo), np.float32(hi), res,
                           res_params, has_res, out, out_layout.params())]
     return calls
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
-def _input_transform(x, x_lay, n, i0, i1, tw, v):
-    """V = B^T d B for every 4x4 input patch d of tile rows i0..i1-1 (tile (i, j): padded rows 2i..2i+3,
+def _input_transform2(x, x_lay, n, i0, i1, tw, v):
+    """F(2x2): V = B^T d B for every 4x4 input patch d of tile rows i0..i1-1 (tile (i, j): padded rows 2i..2i+3,
     columns 2j..2j+3); V holds those rows only."""
     c_in, g = x_lay[0], x_lay[5]
     plane = (i1 - i0) * tw * g
@@ -184,7 +221,7 @@ def _input_transform(x, x_lay, n, i0, i1, tw, v):
     for item in prange((n // g) * c_in):
         blk = item // c_in
         c = item - blk * c_in
-        base = (blk * POSITIONS * c_in + c) * plane - i0 * tw * g
+        base = (blk * 16 * c_in + c) * plane - i0 * tw * g
         for i in range(i0, i1):
             r0 = row_offset(x_lay, blk, c, 2 * i - 1) - g  # column -1 of the patch's first row
             r1 = row_offset(x_lay, blk, c, 2 * i)
@@ -254,8 +291,8 @@ def _store_row(v, dst, step, cnt, t0, t1, t2, t3):
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
-def _output_transform(m, n, o_out, i0, i1, tw, bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
-    """out = act(A^T M A + bias + res) for tile rows i0..i1-1 (M holds those rows only); rows of A^T
+def _output_transform2(m, n, o_out, i0, i1, tw, bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
+    """F(2x2): out = act(A^T M A + bias + res) for tile rows i0..i1-1 (M holds those rows only); rows of A^T
     are (1 1 1 0) and (0 1 -1 -1)."""
     g = out_lay[5]
     plane = (i1 - i0) * tw * g
@@ -263,7 +300,7 @@ def _output_transform(m, n, o_out, i0, i1, tw, bias, act, lo, hi, res, res_lay, 
     for item in prange((n // g) * o_out):
         blk = item // o_out
         o = item - blk * o_out
-        src = (blk * POSITIONS * o_out + o) * plane - i0 * tw * g
+        src = (blk * 16 * o_out + o) * plane - i0 * tw * g
         b = vsplat(bias[o])
         for i in range(i0, i1):
             y0 = row_offset(out_lay, blk, o, 2 * i)
@@ -327,3 +364,164 @@ def _store_pair(out, d, res, r, has_res, cnt, even, odd, act, lo, hi):
     """Columns 2j (even) and 2j + 1 (odd) of 16 tiles, zipped into one row of `cnt` values from out[d]."""
     _store_one(out, d, res, r, has_res, cnt, vzip_lo(even, odd), act, lo, hi)
     _store_one(out, d + LANES, res, r + LANES, has_res, cnt - LANES, vzip_hi(even, odd), act, lo, hi)
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _input_transform4(x, x_lay, n, i0, i1, tw, v):
+    """F(4x4): V = B^T d B for every 6x6 input patch d of tile rows i0..i1-1 (tile (i, j): padded rows
+    4i..4i+5, columns 4j..4j+5); V holds those rows only. B^T is applied along each row of the patch into
+    `u`, then along each column of `u` into V."""
+    c_in, g = x_lay[0], x_lay[5]
+    plane = (i1 - i0) * tw * g
+    step = c_in * plane  # from position xi to xi + 1 in V
+    for item in prange((n // g) * c_in):
+        blk = item // c_in
+        c = item - blk * c_in
+        base = (blk * 36 * c_in + c) * plane - i0 * tw * g
+        u = np.empty(36 * LANES, np.float32)  # u[(6 r + q) * 16 + lane]: row r of the patch, transformed
+        for i in range(i0, i1):
+            if g == 1:
+                for j in range(0, tw, LANES):  # 16 tiles of a row: columns 4j..4j+5 split by phase
+                    cnt = min(LANES, tw - j)
+                    for r in range(6):
+                        s = row_offset(x_lay, blk, c, 4 * i - 1 + r) - 1 + 4 * j
+                        d0, d1, d2, d3, d4, d5 = _split_row4(x, s, 4 * cnt)
+                        _bt6_store(u, 6 * r * LANES, LANES, LANES, d0, d1, d2, d3, d4, d5)
+                    _bt6_columns(u, v, base + i * tw + j, step, cnt)
+            else:
+                for j in range(tw):
+                    for k in range(0, g, LANES):  # one tile of 16 images
+                        cnt = g - k
+                        for r in range(6):
+                            s = row_offset(x_lay, blk, c, 4 * i - 1 + r) + (4 * j - 1) * g + k
+                            _bt6_store(u, 6 * r * LANES, LANES, LANES, vload(x, s, cnt), vload(x, s + g, cnt),
+                                       vload(x, s + 2 * g, cnt), vload(x, s + 3 * g, cnt),
+                                       vload(x, s + 4 * g, cnt), vload(x, s + 5 * g, cnt))
+                        _bt6_columns(u, v, base + (i * tw + j) * g + k, step, cnt)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _split_row4(x, s, cnt):
+    """Columns 4j .. 4j+5 (j < cnt/4) of the row from x[s]: six vectors of tiles (phases 0-3, then 0-1 of the
+    values four columns on)."""
+    a0, a1 = vload(x, s, cnt), vload(x, s + LANES, cnt - LANES)
+    a2, a3 = vload(x, s + 2 * LANES, cnt - 2 * LANES), vload(x, s + 3 * LANES, cnt - 3 * LANES)
+    e0, e1, o0, o1 = vevens(a0, a1), vevens(a2, a3), vodds(a0, a1), vodds(a2, a3)
+    # Only the first two phases of the shifted values are used: the last two values are not read.
+    b0, b1 = vload(x, s + 4, cnt - 2), vload(x, s + 4 + LANES, cnt - 2 - LANES)
+    b2, b3 = vload(x, s + 4 + 2 * LANES, cnt - 2 - 2 * LANES), vload(x, s + 4 + 3 * LANES, cnt - 2 - 3 * LANES)
+    return (vevens(e0, e1), vevens(o0, o1), vodds(e0, e1), vodds(o0, o1),
+            vevens(vevens(b0, b1), vevens(b2, b3)), vevens(vodds(b0, b1), vodds(b2, b3)))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _bt6_store(dst, d, stride, cnt, x0, x1, x2, x3, x4, x5):
+    """dst[d + q * stride] = (B^T x)[q] for the six rows of F(4x4)'s B^T:
+    (4 0 -5 0 1 0), (0 -4 -4 1 1 0), (0 4 -4 -1 1 0), (0 -2 -1 2 1 0), (0 2 -1 -2 1 0), (0 4 0 -5 0 1)."""
+    four, five, two = vsplat(np.float32(4.0)), vsplat(np.float32(-5.0)), vsplat(np.float32(2.0))
+    a = vsub(x4, vmul(four, x2))
+    b = vsub(x3, vmul(four, x1))
+    c = vsub(x4, x2)
+    e = vmul(two, vsub(x3, x1))
+    vstore(dst, d, cnt, vfma(four, x0, vfma(five, x2, x4)))
+    vstore(dst, d + stride, cnt, vadd(a, b))
+    vstore(dst, d + 2 * stride, cnt, vsub(a, b))
+    vstore(dst, d + 3 * stride, cnt, vadd(c, e))
+    vstore(dst, d + 4 * stride, cnt, vsub(c, e))
+    vstore(dst, d + 5 * stride, cnt, vfma(four, x1, vfma(five, x3, x5)))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _bt6_columns(u, v, dst, step, cnt):
+    """V[6 r + q] (at v[dst + (6 r + q) * step]) = (B^T applied down column q of u)[r]."""
+    for q in range(6):
+        _bt6_store(v, dst + q * step, 6 * step, cnt,
+                   vload(u, q * LANES, LANES), vload(u, (6 + q) * LANES, LANES),
+                   vload(u, (12 + q) * LANES, LANES), vload(u, (18 + q) * LANES, LANES),
+                   vload(u, (24 + q) * LANES, LANES), vload(u, (30 + q) * LANES, LANES))
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _output_transform4(m, n, o_out, i0, i1, tw, bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
+    """F(4x4): out = act(A^T M A + bias + res) for tile rows i0..i1-1 (M holds those rows only); A^T is
+    applied along each row of M into `w`, then down each column of `w`."""
+    g = out_lay[5]
+    plane = (i1 - i0) * tw * g
+    step = o_out * plane
+    for item in prange((n // g) * o_out):
+        blk = item // o_out
+        o = item - blk * o_out
+        src = (blk * 36 * o_out + o) * plane - i0 * tw * g
+        b = vsplat(bias[o])
+        w = np.empty(24 * LANES, np.float32)  # w[(4 r + q) * 16 + lane]: row r of M times A
+        for i in range(i0, i1):
+            if g == 1:
+                for j in range(0, tw, LANES):
+                    cnt = min(LANES, tw - j)
+                    _at6_rows(m, src + i * tw + j, step, cnt, w)
+                    y00, y10, y20, y30 = _at6_column(w, 0, b)
+                    y01, y11, y21, y31 = _at6_column(w, 1, b)
+                    y02, y12, y22, y32 = _at6_column(w, 2, b)
+                    y03, y13, y23, y33 = _at6_column(w, 3, b)
+                    for a, (z0, z1, z2, z3) in enumerate(((y00, y01, y02, y03), (y10, y11, y12, y13),
+                                                          (y20, y21, y22, y23), (y30, y31, y32, y33))):
+                        d = row_offset(out_lay, blk, o, 4 * i + a) + 4 * j
+                        r = row_offset(res_lay, blk, o, 4 * i + a) + 4 * j if has_res else 0
+                        _store_quad(out, d, res, r, has_res, 4 * cnt, z0, z1, z2, z3, act, lo, hi)
+            else:
+                for j in range(tw):
+                    for k in range(0, g, LANES):
+                        cnt = g - k
+                        _at6_rows(m, src + (i * tw + j) * g + k, step, cnt, w)
+                        for q in range(4):
+                            z0, z1, z2, z3 = _at6_column(w, q, b)
+                            e = (4 * j + q) * g + k
+                            for a, z in enumerate((z0, z1, z2, z3)):
+                                d = row_offset(out_lay, blk, o, 4 * i + a) + e
+                                r = row_offset(res_lay, blk, o, 4 * i + a) + e if has_res else 0
+                                _store_one(out, d, res, r, has_res, cnt, z, act, lo, hi)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _at6(x0, x1, x2, x3, x4, x5):
+    """A^T x for the four rows of F(4x4)'s A^T: (1 1 1 1 1 0), (0 1 -1 2 -2 0), (0 1 1 4 4 0), (0 1 -1 8 -8 1)."""
+    p, q = vadd(x1, x2), vsub(x1, x2)
+    r, s = vadd(x3, x4), vsub(x3, x4)
+    return (vadd(vadd(x0, p), r), vfma(vsplat(np.float32(2.0)), s, q), vfma(vsplat(np.float32(4.0)), r, p),
+            vadd(vfma(vsplat(np.float32(8.0)), s, q), x5))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _at6_rows(m, s, step, cnt, w):
+    """w[(4 r + q) * 16] = (row r of M, at m[s + (6 r + xi) * step], times A)[q]."""
+    for r in range(6):
+        t = s + 6 * r * step
+        w0, w1, w2, w3 = _at6(vload(m, t, cnt), vload(m, t + step, cnt), vload(m, t + 2 * step, cnt),
+                              vload(m, t + 3 * step, cnt), vload(m, t + 4 * step, cnt), vload(m, t + 5 * step, cnt))
+        vstore(w, 4 * r * LANES, LANES, w0)
+        vstore(w, (4 * r + 1) * LANES, LANES, w1)
+        vstore(w, (4 * r + 2) * LANES, LANES, w2)
+        vstore(w, (4 * r + 3) * LANES, LANES, w3)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _at6_column(w, q, b):
+    """Output column q of the tile (rows 0-3), plus bias b: A^T down column q of w."""
+    y0, y1, y2, y3 = _at6(vload(w, q * LANES, LANES), vload(w, (4 + q) * LANES, LANES),
+                          vload(w, (8 + q) * LANES, LANES), vload(w, (12 + q) * LANES, LANES),
+                          vload(w, (16 + q) * LANES, LANES), vload(w, (20 + q) * LANES, LANES))
+    return vadd(y0, b), vadd(y1, b), vadd(y2, b), vadd(y3, b)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _store_quad(out, d, res, r, has_res, cnt, z0, z1, z2, z3, act, lo, hi):
+    """Columns 4j..4j+3 (z0..z3) of 16 tiles, zipped into one row of `cnt` values from out[d]."""
+    p, q = vzip_lo(z0, z2), vzip_lo(z1, z3)
+    _store_one(out, d, res, r, has_res, cnt, vzip_lo(p, q), act, lo, hi)
+    _store_one(out, d + LANES, res, r + LANES, has_res, cnt - LANES, vzip_hi(p, q), act, lo, hi)
+    p, q = vzip_hi(z0, z2), vzip_hi(z1, z3)
+    _store_one(out, d + 2 * LANES, res, r + 2 * LANES, has_res, cnt - 2 * LANES, vzip_lo(p, q), act, lo, hi)
+    _store_one(out, d + 3 * LANES, res, r + 3 * LANES, has_res, cnt - 3 * LANES, vzip_hi(p, q), act, lo, hi)
+
+
+_TRANSFORMS = {2: (_input_transform2, _output_transform2), 4: (_input_transform4, _output_transform4)}

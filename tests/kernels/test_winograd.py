@@ -1,4 +1,5 @@
-"""Winograd F(2x2, 3x3) against the reference conv: plain NCHW, image groups, borders, bands, bad input."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) against the reference conv: plain NCHW, image groups, borders, bands,
+bad input."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from harp.kernels.arrays import aligned_zeros
 from harp.kernels.epilogue import resolve_activation
 from harp.kernels.layout import Layout, borders_are_zero, from_layout, to_layout
 from harp.kernels.reference import conv2d_ref, epilogue_ref
-from harp.kernels.winograd import bind_winograd, plan_winograd, supports_winograd, winograd_conv2d
+from harp.kernels.winograd import bind_winograd, plan_winograd, supports_winograd, tile_edge, winograd_conv2d
 
 ACTS = [("none", None), ("relu", None), ("relu6", None), ("clip", (-0.5, 0.75))]
 
@@ -24,36 +25,38 @@ def reference(x, weight, bias, act, clip_range, residual):
     return epilogue_ref(conv2d_ref(x, weight, bias, (1, 1), (1, 1), (1, 1), 1), act, clip_range, residual)
 
 
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 3), c=st.integers(1, 12), o=st.integers(1, 12), h=st.integers(1, 9),
+@pytest.mark.parametrize("m", [2, 4])
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 12), o=st.integers(1, 12), h=st.integers(1, 5),
        w=st.integers(1, 19), act=st.sampled_from(ACTS), with_residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_winograd_conv2d_matches_reference(n, c, o, h, w, act, with_residual, seed):
-    # Widths up to 38: rows of more than 16 tiles take two vectors, the second one partial.
+def test_winograd_conv2d_matches_reference(m, n, c, o, h, w, act, with_residual, seed):
+    # Up to 19 tiles a row: rows of more than 16 tiles take two vectors, the second one partial.
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c, 2 * h, 2 * w)).astype(np.float32)
+    x = rng.standard_normal((n, c, m * h, m * w)).astype(np.float32)
     weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(o).astype(np.float32)
-    residual = rng.standard_normal((n, o, 2 * h, 2 * w)).astype(np.float32) if with_residual else None
-    actual = winograd_conv2d(x, weight, bias, act=act[0], clip_range=act[1], residual=residual)
+    residual = rng.standard_normal((n, o, m * h, m * w)).astype(np.float32) if with_residual else None
+    actual = winograd_conv2d(x, weight, bias, act=act[0], clip_range=act[1], residual=residual, m=m)
     assert_close(actual, reference(x, weight, bias, *act, residual))
 
 
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("n", [2, 16, 21])  # image groups of under one, one, and over one vector
 @pytest.mark.parametrize("border", [1, 2])  # a wider border than the conv's padding is read in place
 @pytest.mark.parametrize("bands", [False, True])
-def test_winograd_on_interleaved_images(monkeypatch, n, border, bands):
+def test_winograd_on_interleaved_images(monkeypatch, m, n, border, bands):
     if bands:  # one tile row per band: five bands, each its own three calls
         monkeypatch.setattr(winograd, "BAND_BYTES", 1)
         monkeypatch.setattr(winograd, "MIN_PIXEL_RUN", 1)
     rng = np.random.default_rng(n)
-    c, o, h, w = 5, 7, 10, 6
+    c, o, h, w = 5, 7, 5 * m, 3 * m
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(o).astype(np.float32)
     residual = rng.standard_normal((n, o, h, w)).astype(np.float32)
     x_layout, out_layout = Layout(c, h, w, border, border, n), Layout(o, h, w, 1, 1, n)
-    plan = plan_winograd(weight, (h, w))
-    assert len(range(0, h // 2, plan.band_rows(n))) == (5 if bands else 1)
+    plan = plan_winograd(weight, (h, w), m)
+    assert len(range(0, h // m, plan.band_rows(n))) == (5 if bands else 1)
     out = aligned_zeros(out_layout.size(n))
     act, lo, hi = resolve_activation("test", "relu")
     calls = bind_winograd(plan, to_layout(x, x_layout), x_layout, n, aligned_zeros(plan.scratch_size(n)), bias,
@@ -65,19 +68,21 @@ def test_winograd_on_interleaved_images(monkeypatch, n, border, bands):
     assert borders_are_zero(out, out_layout, n)
 
 
-def test_winograd_writes_nothing_past_the_output():
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_writes_nothing_past_the_output(m):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 3, 4, 34)).astype(np.float32)  # 17 tiles a row: a 1-tile second vector
+    w = 17 * m  # 17 tiles a row: a 1-tile second vector
+    x = rng.standard_normal((1, 3, 4, w)).astype(np.float32)
     weight = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
-    plan = plan_winograd(weight, (4, 34))
-    x_layout, out_layout = Layout(3, 4, 34, 1, 1), Layout(2, 4, 34)
+    plan = plan_winograd(weight, (4, w), m)
+    x_layout, out_layout = Layout(3, 4, w, 1, 1), Layout(2, 4, w)
     out = np.full(out_layout.size(1) + 64, 7.0, np.float32)
     act, lo, hi = resolve_activation("test", "none")
     for call in bind_winograd(plan, to_layout(x, x_layout), x_layout, 1, aligned_zeros(plan.scratch_size(1)),
                               np.zeros(2, np.float32), act, lo, hi, None, None, out, out_layout):
         call()
     assert (out[out_layout.size(1):] == 7.0).all()
-    assert_close(out[:out_layout.size(1)].reshape(1, 2, 4, 34), reference(x, weight, None, "none", None, None))
+    assert_close(out[:out_layout.size(1)].reshape(1, 2, 4, w), reference(x, weight, None, "none", None, None))
 
 
 @pytest.mark.parametrize("geometry, ok", [
@@ -93,10 +98,18 @@ def test_supports_winograd(geometry, ok):
     assert supports_winograd(*geometry) is ok
 
 
+@pytest.mark.parametrize("out_hw, group, m", [
+    ((32, 32), 1, 4), ((16, 16), 1, 2), ((16, 16), 16, 4), ((4, 4), 16, 2), ((8, 12), 16, 4), ((6, 8), 16, 2)])
+def test_tile_edge_is_4_where_the_products_stay_long(out_hw, group, m):
+    assert tile_edge(out_hw, group) == m
+
+
 def test_winograd_rejects_what_it_cannot_compute():
     weight = np.zeros((2, 3, 3, 3), np.float32)
     with pytest.raises(ValueError, match="even output size"):
         winograd_conv2d(np.zeros((1, 3, 5, 4), np.float32), weight)
+    with pytest.raises(ValueError, match="tile edge 4"):
+        winograd_conv2d(np.zeros((1, 3, 6, 4), np.float32), weight, m=4)
     with pytest.raises(ValueError, match="expects 3"):
         winograd_conv2d(np.zeros((1, 4, 4, 4), np.float32), weight)
     plan = plan_winograd(weight, (4, 4))

@@ -1,5 +1,7 @@
 """Dense fallbacks for layers too dense for the sparse kernels, in numba (and BLAS for big linear batches).
 
+3x3 stride-1 convs have a third kernel, `winograd`, whose products run on the pixel-major one here.
+
 The conv reads the packed input of the sparse kernel (see `packing`): column k =
 (input channel, tap) of a group's (O, K) weight matrix multiplies the contiguous
 run of packed input that starts at pixel `src[grp, k]`. Two register-blocked

@@ -205,9 +205,14 @@ class Runtime:
         ctx = Context(plan, buffers)
         ctx.share_packs(self.executors)
         candidates = [self._candidates(ex) for ex in self.executors]
-        buffers.pack = aligned_zeros(max((ex.workspace(ctx) for ex in self.executors), default=0))
-        buffers.scratch = aligned_zeros(max((ex.scratch(ctx, kernel) for ex, (kernels, _) in
-                                             zip(self.executors, candidates) for kernel in kernels), default=0))
+        pack = max((ex.workspace(ctx) for ex in self.executors), default=0)
+        scratch = max((ex.scratch(ctx, kernel) for ex, (kernels, _) in zip(self.executors, candidates)
+                       for kernel in kernels), default=0)
+        try:
+            buffers.pack, buffers.scratch = aligned_zeros(pack), aligned_zeros(scratch)
+        except MemoryError as e:
+            raise RuntimeInputError(f"batch of {n} needs {4 * (pack + scratch) / 2**30:.1f} GiB of kernel "
+                                    f"workspace besides its activations, more than this machine can allocate") from e
         variants = [{kernel: ex.bind(ctx, kernel) for kernel in kernels} for ex, (kernels, _) in
                     zip(self.executors, candidates)]
         steps = []

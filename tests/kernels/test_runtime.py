@@ -190,3 +190,21 @@ def test_load_errors(tmp_path, resnet):
         load_runtime(path, threads=0)
     runtime = load_runtime(path, warmup=False)
     assert runtime._prepared == {} and "warmup" not in runtime.load_seconds
+
+
+@pytest.mark.parametrize("what", ["workspace", "activations"])
+def test_buffers_too_big_to_allocate_are_a_clear_error(resnet, monkeypatch, what):
+    import dataclasses
+
+    from harp.kernels.steps import ConvExecutor
+
+    _, path, _ = resnet
+    runtime = load_runtime(path, threads=1, fallback="winograd", warmup=False)
+    if what == "workspace":  # the Winograd scratch of one conv: 4 PiB
+        monkeypatch.setattr(ConvExecutor, "scratch", lambda self, ctx, kernel: 2**50 if kernel == "winograd" else 0)
+        message = "GiB of kernel workspace"
+    else:
+        runtime.plan.slots[0] = dataclasses.replace(runtime.plan.slots[0], per_image=2**50)  # this runtime's own
+        message = "GiB of activation buffers"
+    with pytest.raises(RuntimeInputError, match=message):
+        runtime.prepare(2)

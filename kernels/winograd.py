@@ -26,12 +26,15 @@ value, on explicit vectors (`simd`): at G = 1 a vector is 16 tiles of one row
 at G > 1 it is one tile of 16 interleaved images.
 
 The kernel is fp32 throughout. Its rounding differs from the direct conv's:
-the transforms scale values by up to 100 (m = 4) before the products and
-combine them again after, so its error is larger than a direct sum's: 3-9e-6
-of the output's largest value at m = 4 and 2-7e-7 at m = 2, against 0.5-2e-6
-for the direct dense kernel (64-512 channels, batch 1 and 16). It covers 3x3 convs with stride 1, dilation 1, padding 1, one group and an even
-output height and width (every 3x3 conv of VGG and of ResNet's stride-1
-blocks), reading a packed input or an activation with a border of at least 1.
+at m = 4 the transforms scale values by up to 100 before the products and
+combine them again after, so its error is 3-9e-6 of the output's largest
+value, against 0.5-2e-6 for the direct dense kernel and 2-7e-7 at m = 2
+(64-512 channels, batch 1 and 16). It covers 3x3 convs with stride 1,
+dilation 1, padding 1, one group and an even output height and width (every
+3x3 conv of VGG and of ResNet's stride-1 blocks), reading a packed input or an
+activation with a border of at least 1. The two tile edges have their own
+transform kernels: one kernel for both, branching on m inside its loops and
+going through a scratch array, made the transforms 1.3-2.6x slower.
 """
 
 from __future__ import annotations

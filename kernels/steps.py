@@ -142,7 +142,7 @@ class Executor:
 
 
 class ConvExecutor(Executor):
-    """conv2d: the sparse kernel, the dense one, and Winograd F(2x2, 3x3) where the geometry allows it."""
+    """conv2d: the sparse kernel, the dense one, and Winograd (`winograd`) where the geometry allows it."""
 
     def __init__(self, step: Step, tensors: dict[str, Any], plan: Plan):
         super().__init__(step, tensors, plan)
@@ -214,6 +214,7 @@ class ConvExecutor(Executor):
         return self._winograd[m]
 
     def dense_weight(self) -> np.ndarray:
+        """The weight as a dense (O, C/groups, kh, kw) array, made on first use."""
         if self._dense_weight is None:
             self._dense_weight = self.weight.to_dense()
         return self._dense_weight

@@ -288,7 +288,7 @@ class Runtime:
         return self.plan_report(state.n)
 
     def plan_report(self, batch: int | None = None) -> list[dict[str, Any]]:
-        """Per step: name, op, fused nodes, kernel (sparse/dense/-), density, why, and times in µs.
+        """Per step: name, op, fused nodes, kernel (sparse/dense/winograd/-), density, why, and times in µs.
 
         `time_us` is the median of the last `profile`, else the kernel's time from
         the choice at prepare, else None. For the batch size used last by default.

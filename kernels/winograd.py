@@ -228,11 +228,11 @@ def _input_transform2(x, x_lay, n, i0, i1, tw, v):
         c = item - blk * c_in
         base = (blk * 16 * c_in + c) * plane - i0 * tw * g
         for i in range(i0, i1):
-            r0 = row_offset(x_lay, blk, c, 2 * i - 1) - g  # column -1 of the patch's first row
-            r1 = row_offset(x_lay, blk, c, 2 * i)
-            r2 = row_offset(x_lay, blk, c, 2 * i + 1)
-            r3 = row_offset(x_lay, blk, c, 2 * i + 2)
-            r1, r2, r3 = r1 - g, r2 - g, r3 - g
+            # Column -1 of the patch's four rows.
+            r0 = row_offset(x_lay, blk, c, 2 * i - 1) - g
+            r1 = row_offset(x_lay, blk, c, 2 * i) - g
+            r2 = row_offset(x_lay, blk, c, 2 * i + 1) - g
+            r3 = row_offset(x_lay, blk, c, 2 * i + 2) - g
             if g == 1:
                 for j in range(0, tw, LANES):  # 16 tiles of a row: columns 2j..2j+3 split by parity
                     cnt = 2 * min(LANES, tw - j)

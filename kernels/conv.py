@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from .arrays import as_kernel_array
 from .csr import INDEX_DTYPES, balanced_blocks
-from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_out, resolve_residual
+from .epilogue import apply_act, resolve_conv_epilogue
 from .layout import Layout, row_offset, row_stride
 from .packing import image_group, pack_input, packed_hw, packed_size, tap_offsets
 from .reference import conv2d_output_hw
@@ -147,14 +147,8 @@ def sparse_conv2d(x, indptr, indices, values, weight_shape, bias=None, stride=(1
     n = x.shape[0]
     o = plan.weight_shape[0]
     ho, wo = plan.out_hw
-    act_code, lo, hi = resolve_activation(op, act, clip_range)
-    bias = resolve_bias(op, bias, o)
-    out = resolve_out(op, out, (n, o, ho, wo))
-    out_layout = Layout(o, ho, wo)
-    res_layout = None
-    if residual is not None:
-        res_layout = out_layout
-        residual = resolve_residual(op, residual, (n, o, ho, wo))[0].reshape(-1)
+    act_code, lo, hi, bias, out, out_layout, residual, res_layout = resolve_conv_epilogue(
+        op, (n, o, ho, wo), act, clip_range, bias, residual, out)
     group = image_group(n, (ho - 1) * plan.packed_hw[1] + wo)
     packed = pack_input(x, plan.stride, plan.padding, group, workspace,
                         allow_view=not np.may_share_memory(out, x))

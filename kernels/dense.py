@@ -52,7 +52,7 @@ from numba import njit, prange
 
 from .conv import (FASTMATH, _NO_RES, _check_flat, _check_geometry, _check_input, _check_output_layouts, _pair,
                    equal_tiles, store_tile)
-from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_out, resolve_residual
+from .epilogue import apply_act, resolve_activation, resolve_bias, resolve_conv_epilogue, resolve_out, resolve_residual
 from .layout import Layout, row_offset
 from .packing import image_group, pack_input, packed_hw, tap_offsets
 from .reference import conv2d_output_hw
@@ -162,14 +162,8 @@ def dense_conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(
     n = x.shape[0]
     o = plan.weight_shape[0]
     ho, wo = plan.out_hw
-    act_code, lo, hi = resolve_activation(op, act, clip_range)
-    bias = resolve_bias(op, bias, o)
-    out = resolve_out(op, out, (n, o, ho, wo))
-    out_layout = Layout(o, ho, wo)
-    res_layout = None
-    if residual is not None:
-        res_layout = out_layout
-        residual = resolve_residual(op, residual, (n, o, ho, wo))[0].reshape(-1)
+    act_code, lo, hi, bias, out, out_layout, residual, res_layout = resolve_conv_epilogue(
+        op, (n, o, ho, wo), act, clip_range, bias, residual, out)
     group = image_group(n, (ho - 1) * plan.packed_hw[1] + wo)
     packed = pack_input(x, plan.stride, plan.padding, group, allow_view=not np.may_share_memory(out, x))
     bind_dense_conv2d(plan, packed, n, group, bias, act_code, lo, hi, residual, res_layout,

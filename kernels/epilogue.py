@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from .arrays import as_kernel_array
+from .layout import Layout
 
 ACT_NONE = 0
 ACT_CLAMP = 1
@@ -77,6 +78,23 @@ def resolve_out(op: str, out, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"{op}: out must be a C-contiguous float32 array of shape {tuple(shape)}, "
                          f"got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
     return out
+
+
+def resolve_conv_epilogue(op: str, out_shape: tuple[int, int, int, int], act: str, clip_range, bias, residual,
+                          out) -> tuple[int, np.float32, np.float32, np.ndarray, np.ndarray, Layout,
+                                        np.ndarray | None, Layout | None]:
+    """The epilogue arguments of a conv's NCHW entry point, resolved for its `bind_*` function:
+    (act code, lo, hi, bias, out, out's plain NCHW layout, flat residual or None, its layout or None)."""
+    _, o, h, w = out_shape
+    act_code, lo, hi = resolve_activation(op, act, clip_range)
+    bias = resolve_bias(op, bias, o)
+    out = resolve_out(op, out, out_shape)
+    out_layout = Layout(o, h, w)
+    res_layout = None
+    if residual is not None:
+        res_layout = out_layout
+        residual = resolve_residual(op, residual, out_shape)[0].reshape(-1)
+    return act_code, lo, hi, bias, out, out_layout, residual, res_layout
 
 
 @njit(cache=True, inline="always")

@@ -80,10 +80,15 @@ def vsplat(typingctx, x):
         return None
 
     def codegen(context, builder, sig, args):
-        one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(_VECTOR, ir.Undefined),
-                                      ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+        return _splat(builder, args[0], _VECTOR)
     return f32x16(types.float32), codegen
+
+
+def _splat(builder, value, vector_type):
+    """`value` in every lane of a `vector_type`."""
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
 
 
 def _lanewise(name: str, doc: str, emit):
@@ -132,9 +137,7 @@ def vclamp(typingctx, v, lo, hi):
     def codegen(context, builder, sig, args):
         v, lo, hi = args
         for bound, op in ((lo, "<"), (hi, ">")):
-            splat = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), bound, ir.Constant(ir.IntType(32), 0)),
-                ir.Constant(_VECTOR, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+            splat = _splat(builder, bound, _VECTOR)
             v = builder.select(builder.fcmp_ordered(op, v, splat), splat, v)
         return v
     return f32x16(v, lo, hi), codegen
@@ -177,12 +180,7 @@ def _lanes(builder, count_type, count):
 def _first_lanes(builder, count):
     """The mask of lanes < count."""
     lanes = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
-    splat = builder.shuffle_vector(
-        builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), _i64(builder, count),
-                               ir.Constant(ir.IntType(32), 0)),
-        ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined),
-        ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-    return builder.icmp_signed("<", lanes, splat)
+    return builder.icmp_signed("<", lanes, _splat(builder, _i64(builder, count), ir.VectorType(_I64, LANES)))
 
 
 def _masked_load(builder, ptr, mask):

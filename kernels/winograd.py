@@ -48,8 +48,8 @@ from numba import njit, prange
 
 from .arrays import aligned_zeros
 from .conv import FASTMATH, _NO_RES, _check_flat, _check_input, _check_output_layouts
-from .dense import MIN_PIXEL_RUN, DenseConvPlan, bind_dense_conv2d, plan_dense_conv2d
-from .epilogue import ACT_CLAMP, ACT_NONE, resolve_activation, resolve_bias, resolve_out, resolve_residual
+from .dense import MIN_PIXEL_RUN, DenseConvPlan, _check_input_hw, bind_dense_conv2d, plan_dense_conv2d
+from .epilogue import ACT_CLAMP, ACT_NONE, resolve_conv_epilogue
 from .layout import Layout, row_offset
 from .packing import pack_input
 from .simd import LANES, vadd, vclamp, vevens, vfma, vload, vmul, vodds, vsplat, vstore, vsub, vzip_hi, vzip_lo
@@ -124,6 +124,9 @@ def plan_winograd(weight: np.ndarray, in_hw, m: int | None = None) -> WinogradPl
 
     m: the output tile edge, 2 or 4; default `tile_edge(in_hw)`.
     """
+    if not isinstance(weight, np.ndarray) or weight.dtype != np.float32 or weight.ndim != 4:
+        raise ValueError(f"winograd: weight must be a float32 (O, C, 3, 3) array, got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
     o, c, kh, kw = weight.shape
     out_hw = tuple(int(v) for v in in_hw)
     m = tile_edge(out_hw) if m is None else m
@@ -146,21 +149,11 @@ def winograd_conv2d(x, weight, bias=None, act="none", clip_range=None, residual=
     m: the output tile edge (2 or 4), default `tile_edge`.
     """
     op = "winograd_conv2d"
-    if not isinstance(weight, np.ndarray) or weight.dtype != np.float32 or weight.ndim != 4:
-        raise ValueError(f"{op}: weight must be a float32 (O, C, 3, 3) array, got "
-                         f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
+    plan = plan_winograd(weight, _check_input_hw(op, x), m)
     x = _check_input(op, x, weight.shape, 1)
     n, _, h, w = x.shape
-    plan = plan_winograd(weight, (h, w), m)
-    o = weight.shape[0]
-    act_code, lo, hi = resolve_activation(op, act, clip_range)
-    bias = resolve_bias(op, bias, o)
-    out = resolve_out(op, out, (n, o, h, w))
-    out_layout = Layout(o, h, w)
-    res_layout = None
-    if residual is not None:
-        res_layout = out_layout
-        residual = resolve_residual(op, residual, (n, o, h, w))[0].reshape(-1)
+    act_code, lo, hi, bias, out, out_layout, residual, res_layout = resolve_conv_epilogue(
+        op, (n, weight.shape[0], h, w), act, clip_range, bias, residual, out)
     x_layout = Layout(weight.shape[1], h, w, 1, 1)
     packed = pack_input(x, (1, 1), (1, 1), 1)
     scratch = aligned_zeros(plan.scratch_size(n))

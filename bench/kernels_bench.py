@@ -6,8 +6,8 @@ For every conv2d/linear step of the model, at each batch size:
   fallback="sparse", "dense" and "winograd" (the last only for the 3x3 stride-1
   convs Winograd covers, '-' elsewhere; `Runtime.profile`: median
   of `repeats` runs of the whole model, timed step by step). A step includes what
-  the runtime fused into it (bias, activation, residual add) and writing the
-  packed input layout of the next conv;
+  the runtime fused into it (bias, activation, residual add, a 2x2 max pooling)
+  and writing the packed input layout of the next conv;
 - torch: `F.conv2d` / `F.linear` with the densified weight and bias, alone;
 - onnxruntime: a one-node ONNX model (Conv / Gemm) with the dense weight, alone;
 - auto: the kernel `fallback="auto"` picks for the step at this batch size.

@@ -203,15 +203,8 @@ def layer_table(artifact: Path, threads: int, batches=BATCHES, repeats: int = 30
 def _dense_macs(runtime, step_name: str) -> int | None:
     for ex in runtime.executors:
         if ex.step.name == step_name and ex.density is not None:
-            return _executor_dense_macs(runtime, ex)
+            return ex.dense_macs_per_image
     return None
-
-
-def _executor_dense_macs(runtime, ex) -> int:
-    """Multiply-adds per image of a conv/linear step with its weight dense (what onnxruntime computes)."""
-    out_shape = runtime.plan.values[ex.step.output].shape
-    pixels = out_shape[1] * out_shape[2] if len(out_shape) == 3 else 1
-    return ex.weight.n_rows * ex.weight.n_cols * pixels
 
 
 def model_macs(runtime) -> dict[str, int]:
@@ -221,7 +214,7 @@ def model_macs(runtime) -> dict[str, int]:
     efficiency per multiply-add: the yardstick for the goals.
     """
     layers = [ex for ex in runtime.executors if ex.density is not None]
-    return {"dense": sum(_executor_dense_macs(runtime, ex) for ex in layers),
+    return {"dense": sum(ex.dense_macs_per_image for ex in layers),
             "nonzero": sum(ex.macs_per_image for ex in layers)}
 
 

@@ -5,7 +5,10 @@
 1. Fusion. A conv2d or linear node absorbs what follows it when that costs no
    extra pass and changes no result: a residual `add` whose other input is
    already computed (it becomes the epilogue's residual), then a relu/clip (the
-   epilogue's clamp), provided each absorbed value has no other reader. A
+   epilogue's clamp), provided each absorbed value has no other reader; then a
+   2x2 stride-2 max pooling, where the conv is one the Winograd kernel covers
+   (it pools in its output transform; the other kernels write the conv's output
+   to scratch and pool from there, as the separate step did). A
    normalize or affine node absorbs a following relu/clip the same way, and so
    does an add. A standalone relu/clip is an `act` step; flatten is a `flatten`
    step, a view of its input where the layout allows (see below).
@@ -32,6 +35,7 @@ from harp.export.graph import Graph, Node
 
 from . import packing
 from .layout import Layout
+from .winograd import supports_winograd
 
 CONV_LIKE = ("conv2d", "linear")
 ACTIVATIONS = ("relu", "clip")
@@ -43,7 +47,8 @@ class Step:
 
     op: conv2d, linear, affine (normalize and affine nodes), act (standalone
     relu/clip), add, maxpool2d, avgpool2d, global_avgpool or flatten.
-    `clamp` is the fused activation as (lo, hi), None for none.
+    `clamp` is the fused activation as (lo, hi), None for none. A conv2d with a
+    fused max pooling has attrs["unpooled_shape"], its own output's (C, H, W).
     """
 
     name: str
@@ -170,14 +175,34 @@ def _fuse(graph: Graph, shapes: dict[str, tuple[int, ...]]) -> list[Step]:
                 claimed.add(graph.nodes.index(nxt))
                 fused.append(nxt.name)
                 output, clamp = nxt.output, _clamp_of(nxt)
+        attrs = dict(node.attrs)
+        if node.op == "conv2d" and residual is None and _winograd_shaped(node, graph, shapes[output]):
+            nxt = sole_reader(output)
+            if nxt is not None and nxt.op == "maxpool2d" and _halving(nxt):
+                claimed.add(graph.nodes.index(nxt))
+                fused.append(nxt.name)
+                output, attrs["unpooled_shape"] = nxt.output, tuple(shapes[output])
         op = node.op
         if op == "normalize":
             op = "affine"
         elif op in ACTIVATIONS:
             op, clamp = "act", _clamp_of(node)
         steps.append(Step(name=node.name, op=op, nodes=tuple(fused), inputs=node.inputs, output=output,
-                          residual=residual, clamp=clamp, attrs=dict(node.attrs), params=dict(node.params)))
+                          residual=residual, clamp=clamp, attrs=attrs, params=dict(node.params)))
     return steps
+
+
+def _winograd_shaped(node: Node, graph: Graph, out_shape) -> bool:
+    a = node.attrs
+    return supports_winograd(graph.tensors[node.params["weight"]].shape, a["stride"], a["padding"], a["dilation"],
+                             a["groups"], out_shape[1:])
+
+
+def _halving(node: Node) -> bool:
+    """A 2x2 max pooling at stride 2 without padding or dilation (on an even plane: ceil_mode changes nothing)."""
+    a = node.attrs
+    return all(tuple(a[key]) == value for key, value in
+               (("kernel", (2, 2)), ("stride", (2, 2)), ("padding", (0, 0)), ("dilation", (1, 1))))
 
 
 # ---------------------------------------------------------------- borders

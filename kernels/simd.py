@@ -112,6 +112,9 @@ def _lanes_of_two(start: int) -> ir.Constant:
 vmul = _lanewise("vmul", "a * b, lane by lane.", lambda builder, a, b: builder.fmul(a, b))
 vadd = _lanewise("vadd", "a + b, lane by lane.", lambda builder, a, b: builder.fadd(a, b))
 vsub = _lanewise("vsub", "a - b, lane by lane.", lambda builder, a, b: builder.fsub(a, b))
+vmax = _lanewise("vmax", "max(a, b), lane by lane; NaN where either is NaN (torch's max pooling).",
+                 lambda builder, a, b: builder.select(
+                     builder.or_(builder.fcmp_ordered(">", a, b), builder.fcmp_unordered("uno", a, a)), a, b))
 vevens = _lanewise("vevens", "Lanes 0, 2, ..., 30 of the 32 lanes of a then b (one vpermt2ps with AVX-512).",
                    lambda builder, a, b: builder.shuffle_vector(a, b, _lanes_of_two(0)))
 vodds = _lanewise("vodds", "Lanes 1, 3, ..., 31 of the 32 lanes of a then b.",

@@ -27,7 +27,7 @@ from .dense import (DenseConvPlan, DenseLinearPlan, bind_dense_conv2d, bind_dens
 from .elementwise import bind_add_act, bind_affine_act
 from .epilogue import resolve_activation
 from .layout import Layout
-from .packing import bind_pack, packed_size, used_phases
+from .packing import bind_pack, image_group, packed_size, used_phases
 from .plan import Plan, Step
 from .pool import bind_avgpool2d, bind_global_avgpool, bind_maxpool2d
 from .spmm import bind_spmm
@@ -129,6 +129,11 @@ class Executor:
         """Multiply-adds per image the sparse kernel performs (nonzeros x output pixels)."""
         return None
 
+    @property
+    def dense_macs_per_image(self) -> int | None:
+        """Multiply-adds per image with the weight dense (what onnxruntime computes)."""
+        return None
+
     def workspace(self, ctx: Context) -> int:
         """float32 elements of the pack workspace this step needs for the context's batch size."""
         return 0
@@ -142,7 +147,13 @@ class Executor:
 
 
 class ConvExecutor(Executor):
-    """conv2d: the sparse kernel, the dense one, and Winograd (`winograd`) where the geometry allows it."""
+    """conv2d: the sparse kernel, the dense one, and Winograd (`winograd`) where the geometry allows it.
+
+    A fused max pooling (attrs["unpooled_shape"], see `plan`) is taken in Winograd's
+    output transform where the conv's output and the pooled one have the same
+    image group; otherwise the kernel writes the conv's output to the scratch
+    buffer, after its own scratch, and the pooling kernel reads it from there.
+    """
 
     def __init__(self, step: Step, tensors: dict[str, Any], plan: Plan):
         super().__init__(step, tensors, plan)
@@ -159,9 +170,10 @@ class ConvExecutor(Executor):
         self._dense: dict[tuple[int, int], DenseConvPlan] = {}
         self._dense_weight: np.ndarray | None = None
         self._winograd: dict[int, WinogradPlan] = {}  # tile edge -> plan
-        out_hw = tuple(plan.values[step.output].shape[1:])
+        self.unpooled = step.attrs.get("unpooled_shape")
+        self.out_hw = tuple((self.unpooled or plan.values[step.output].shape)[1:])  # the conv's, before any pooling
         self.kernels = ("sparse", "dense") + (("winograd",) if supports_winograd(
-            weight.shape, *self.geometry, out_hw) else ())
+            weight.shape, *self.geometry, self.out_hw) else ())
 
     @property
     def density(self) -> float:
@@ -169,8 +181,11 @@ class ConvExecutor(Executor):
 
     @property
     def macs_per_image(self) -> int:
-        out_hw = self.plan.values[self.step.output].shape[1:]
-        return self.weight.nnz * out_hw[0] * out_hw[1]
+        return self.weight.nnz * self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def dense_macs_per_image(self) -> int:
+        return self.weight.n_rows * self.weight.n_cols * self.out_hw[0] * self.out_hw[1]
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -183,7 +198,7 @@ class ConvExecutor(Executor):
 
     def packs(self, ctx: Context) -> bool:
         """Whether this conv needs a packed copy of its input at the context's batch size."""
-        return not self._reads_in_place(ctx.layout(self.step.inputs[0]), ctx.layout(self.step.output).group)
+        return not self._reads_in_place(ctx.layout(self.step.inputs[0]), self.conv_layout(ctx).group)
 
     def phases(self, shift=(0, 0)) -> np.ndarray:
         """The stride phases of a pack made with `shift` more padding than this conv's that it reads."""
@@ -192,7 +207,7 @@ class ConvExecutor(Executor):
     def pack_serves(self, other: ConvExecutor, ctx: Context) -> bool:
         """Whether this conv's pack of its input can also be `other`'s (see `Context.share_packs`)."""
         return (other.step.inputs[0] == self.step.inputs[0] and other.geometry[0] == self.geometry[0]
-                and ctx.layout(other.step.output).group == ctx.layout(self.step.output).group
+                and other.conv_layout(ctx).group == self.conv_layout(ctx).group
                 and all(mine >= theirs for mine, theirs in zip(self.padding, other.padding)))
 
     def sparse_plan(self, border) -> SparseConvPlan:
@@ -208,7 +223,7 @@ class ConvExecutor(Executor):
 
     def winograd_plan(self, ctx: Context) -> WinogradPlan:
         """The Winograd plan of the tile edge that suits the context's image group."""
-        m = tile_edge(self.in_hw, ctx.layout(self.step.output).group)
+        m = tile_edge(self.in_hw, self.conv_layout(ctx).group)
         if m not in self._winograd:
             self._winograd[m] = plan_winograd(self.dense_weight(), self.in_hw, m)
         return self._winograd[m]
@@ -219,8 +234,25 @@ class ConvExecutor(Executor):
             self._dense_weight = self.weight.to_dense()
         return self._dense_weight
 
-    def scratch(self, ctx: Context, kernel: str) -> int:
+    def conv_layout(self, ctx: Context) -> Layout:
+        """The layout of the conv's own output: its step's output, or the scratch one a fused pooling reads."""
+        if self.unpooled is None:
+            return ctx.layout(self.step.output)
+        c, h, w = self.unpooled
+        return Layout(c, h, w, 0, 0, image_group(ctx.n, h * w))
+
+    def pools_in_kernel(self, ctx: Context, kernel: str) -> bool:
+        """Whether `kernel` takes the fused max pooling itself (Winograd's output transform)."""
+        return (self.unpooled is not None and kernel == "winograd"
+                and self.conv_layout(ctx).group == ctx.layout(self.step.output).group)
+
+    def _own_scratch(self, ctx: Context, kernel: str) -> int:
         return self.winograd_plan(ctx).scratch_size(ctx.n) if kernel == "winograd" else 0
+
+    def scratch(self, ctx: Context, kernel: str) -> int:
+        if self.unpooled is None or self.pools_in_kernel(ctx, kernel):
+            return self._own_scratch(ctx, kernel)
+        return self._own_scratch(ctx, kernel) + self.conv_layout(ctx).size(ctx.n)
 
     def workspace(self, ctx: Context) -> int:
         if not self.packs(ctx):
@@ -233,7 +265,13 @@ class ConvExecutor(Executor):
         x, x_layout = ctx.value(step.inputs[0])
         out, out_layout = ctx.value(step.output)
         res, res_layout = ctx.value(step.residual) if step.residual else (None, None)
-        group = out_layout.group
+        pooled, pooled_layout, pool = None, None, self.pools_in_kernel(ctx, kernel)
+        if self.unpooled is not None and not pool:  # the conv's output goes to scratch, the pooling reads it
+            pooled, pooled_layout = out, out_layout
+            out_layout = self.conv_layout(ctx)
+            start = self._own_scratch(ctx, kernel)
+            out = ctx.buffers.scratch[start: start + out_layout.size(ctx.n)]
+        group = self.conv_layout(ctx).group
         stride, padding = self.geometry[0], self.geometry[1]
         calls: list[Call] = []
         shared = ctx.shared_packs.get(step.name)
@@ -255,13 +293,16 @@ class ConvExecutor(Executor):
         if kernel == "winograd":  # stride 1: the packed input is the input with a border of `border`
             x_layout = Layout(x_layout.channels, x_layout.height, x_layout.width, *border, group)
             calls += bind_winograd(self.winograd_plan(ctx), packed, x_layout, ctx.n, ctx.buffers.scratch, self.bias,
-                                   act, lo, hi, res, res_layout, out, out_layout)
+                                   act, lo, hi, res, res_layout, out, out_layout, pool=pool)
         elif kernel == "sparse":
             calls.append(bind_sparse_conv2d(self.sparse_plan(border), self.indptr, self.values, packed, ctx.n,
                                             group, self.bias, act, lo, hi, res, res_layout, out, out_layout))
         else:
             calls.append(bind_dense_conv2d(self.dense_plan(border), packed, ctx.n, group, self.bias, act, lo, hi,
                                            res, res_layout, out, out_layout))
+        if pooled is not None:
+            calls.append(bind_maxpool2d(out, out_layout, ctx.n, (2, 2), (2, 2), (0, 0), (1, 1), False, pooled,
+                                        pooled_layout))
         return calls
 
 
@@ -285,6 +326,10 @@ class LinearExecutor(Executor):
     @property
     def macs_per_image(self) -> int:
         return self.weight.nnz
+
+    @property
+    def dense_macs_per_image(self) -> int:
+        return self.weight.n_rows * self.weight.n_cols
 
     def bind(self, ctx: Context, kernel: str) -> list[Call]:
         step = self.step

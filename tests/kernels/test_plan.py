@@ -8,6 +8,7 @@ from harp.export.graph import Graph, Node
 from harp.export.reference import run_reference
 from harp.kernels.plan import plan_graph
 from harp.kernels.runtime import Runtime
+from harp.kernels.steps import Context
 
 CONV = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
 
@@ -152,3 +153,51 @@ def test_standalone_add_and_affine_fuse_their_activation(tmp_path):
     x = rng.random((2, 3, 5, 5), dtype=np.float32)
     np.testing.assert_allclose(Runtime(load_bundle(tmp_path / "m.harpz"), threads=1).run(x),
                                run_reference(graph, x), rtol=1e-5, atol=1e-5)
+
+
+def pool(name, x, out, kernel=2, stride=2, padding=0):
+    return Node("maxpool2d", name, (x,), out, {"kernel": [kernel, kernel], "stride": [stride, stride],
+                                               "padding": [padding, padding], "dilation": [1, 1], "ceil_mode": False})
+
+
+def pooled_graph(hw) -> Graph:
+    """conv a 3x3 -> relu -> maxpool 2x2 (fused) -> conv b 1x1 -> maxpool 2x2 (not: no Winograd for 1x1)
+    -> conv c 3x3 -> maxpool 3x3 s2 (not: another window) -> global avgpool -> flatten -> linear."""
+    rng = np.random.default_rng(4)
+    nodes = [conv("a", "x", "a"), Node("relu", "a_relu", ("a",), "ar"), pool("a_pool", "ar", "p1"),
+             conv("b", "p1", "b", padding=0, kernel=1), pool("b_pool", "b", "p2"),
+             conv("c", "p2", "c"), pool("c_pool", "c", "p3", kernel=3, padding=1),
+             Node("global_avgpool", "gap", ("p3",), "g"), Node("flatten", "flat", ("g",), "f"),
+             Node("linear", "fc", ("f",), "logits", {}, {"weight": "fc.w", "bias": "fc.b"})]
+    tensors = {}
+    for name, shape in (("a", (6, 3, 3, 3)), ("b", (5, 6, 1, 1)), ("c", (4, 5, 3, 3))):
+        tensors[f"{name}.w"] = rng.standard_normal(shape).astype(np.float32) * (rng.random(shape) < 0.6)
+        tensors[f"{name}.b"] = rng.standard_normal(shape[0]).astype(np.float32)
+    tensors["fc.w"] = rng.standard_normal((3, 4)).astype(np.float32)
+    tensors["fc.b"] = rng.standard_normal(3).astype(np.float32)
+    return Graph("x", (3, hw, hw), "logits", nodes, tensors)
+
+
+# 64x64: the conv's own output has image group 1 at every batch, its pooled 32x32 output group N, so at
+# batch 2 Winograd writes the conv to scratch and the pooling kernel reads it, as the other kernels do.
+@pytest.mark.parametrize("hw", [16, 64])
+def test_a_winograd_shaped_conv_takes_the_2x2_max_pooling_after_it(tmp_path, hw):
+    graph = pooled_graph(hw)
+    plan = plan_graph(graph)
+    assert [(s.op, s.nodes) for s in plan.steps] == [
+        ("conv2d", ("a", "a_relu", "a_pool")), ("conv2d", ("b",)), ("maxpool2d", ("b_pool",)), ("conv2d", ("c",)),
+        ("maxpool2d", ("c_pool",)), ("global_avgpool", ("gap",)), ("flatten", ("flat",)), ("linear", ("fc",))]
+    assert plan.steps[0].output == "p1" and plan.steps[0].attrs["unpooled_shape"] == (6, hw, hw)
+    assert "ar" not in plan.values and plan.values["p1"].border == (0, 0)
+    write_bundle(graph, tmp_path / "m.harpz")
+    for fallback in ("sparse", "dense", "winograd", "auto"):
+        runtime = Runtime(load_bundle(tmp_path / "m.harpz"), threads=2, fallback=fallback)
+        for n in (1, 2):
+            x = np.random.default_rng(n).random((n, 3, hw, hw), dtype=np.float32)
+            expected = run_reference(graph, x)
+            np.testing.assert_allclose(runtime.run(x), expected, rtol=1e-4,
+                                       atol=1e-4 * max(1, np.abs(expected).max()))
+            conv_a = runtime.executors[0]
+            ctx = Context(plan, runtime.prepare(n).buffers)
+            assert conv_a.pools_in_kernel(ctx, "winograd") is (hw == 16 or n == 1)
+            assert not conv_a.pools_in_kernel(ctx, "sparse")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from harp.kernels.simd import (LANES, vadd, vclamp, vevens, vfma, vload, vmask, vmul, vodds, vsplat, vstore, vsub,
-                               vtranspose, vzero, vzip_hi, vzip_lo)
+from harp.kernels.simd import (LANES, vadd, vclamp, vevens, vfma, vload, vmask, vmax, vmul, vodds, vsplat, vstore,
+                               vsub, vtranspose, vzero, vzip_hi, vzip_lo)
 
 
 @njit(cache=True)
@@ -98,13 +98,16 @@ def _lane_ops(a, b, lo, hi, out):
     vstore(out, 48, LANES, vclamp(x, lo, hi))
     vstore(out, 64, LANES, vevens(vzip_lo(x, y), vzip_hi(x, y)))  # zipping undoes the split
     vstore(out, 80, LANES, vodds(vzip_lo(x, y), vzip_hi(x, y)))
+    vstore(out, 96, LANES, vmax(x, y))
+    vstore(out, 112, LANES, vmax(y, x))
 
 
-def test_sub_zip_and_clamp_lane_by_lane():
+def test_sub_zip_clamp_and_max_lane_by_lane():
     a = np.arange(LANES, dtype=np.float32) - 8
     a[3] = np.nan
     b = np.arange(LANES, dtype=np.float32) * 10
-    out = np.zeros(6 * LANES, np.float32)
+    b[:3] = -100.0  # a wins in lanes 0-2
+    out = np.zeros(8 * LANES, np.float32)
     _lane_ops(a, b, np.float32(-2.5), np.float32(4.0), out)
     np.testing.assert_array_equal(out[:16], a - b)
     zipped = np.stack([a, b], axis=1).reshape(-1)  # a0, b0, a1, b1, ...
@@ -112,3 +115,5 @@ def test_sub_zip_and_clamp_lane_by_lane():
     np.testing.assert_array_equal(out[48:64], np.where(a < -2.5, -2.5, np.where(a > 4.0, 4.0, a)))  # NaN stays
     np.testing.assert_array_equal(out[64:80], a)
     np.testing.assert_array_equal(out[80:96], b)
+    np.testing.assert_array_equal(out[96:112], np.maximum(a, b))  # NaN in lane 3 from either side
+    np.testing.assert_array_equal(out[112:128], np.maximum(a, b))

@@ -10,7 +10,7 @@ from harp.kernels import winograd
 from harp.kernels.arrays import aligned_zeros
 from harp.kernels.epilogue import resolve_activation
 from harp.kernels.layout import Layout, borders_are_zero, from_layout, to_layout
-from harp.kernels.reference import conv2d_ref, epilogue_ref
+from harp.kernels.reference import conv2d_ref, epilogue_ref, maxpool2d_ref
 from harp.kernels.winograd import bind_winograd, plan_winograd, supports_winograd, tile_edge, winograd_conv2d
 
 ACTS = [("none", None), ("relu", None), ("relu6", None), ("clip", (-0.5, 0.75))]
@@ -66,6 +66,46 @@ def test_winograd_on_interleaved_images(monkeypatch, m, n, border, bands):
         call()
     assert_close(from_layout(out, out_layout, n), reference(x, weight, bias, "relu", None, residual))
     assert borders_are_zero(out, out_layout, n)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("n", [1, 2, 16, 21])  # image group 1 (tiles across lanes), and under/one/over a vector
+@pytest.mark.parametrize("act", ACTS[1:])
+def test_winograd_pooled_output_is_conv_then_maxpool(m, n, act):
+    # 17 tiles a row at n = 1: the pooled row takes two vectors, the second a single lane.
+    rng = np.random.default_rng(n + m)
+    c, o, h, w = 5, 7, 2 * m, (17 if n == 1 else 3) * m
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    x[0, 0, 1, 1] = np.nan  # the max pooling propagates it, as torch's does
+    x_layout, out_layout = Layout(c, h, w, 1, 1, n), Layout(o, h // 2, w // 2, 1, 1, n)
+    plan = plan_winograd(weight, (h, w), m)
+    out = aligned_zeros(out_layout.size(n) + 64)
+    out[out_layout.size(n):] = 7.0
+    code, lo, hi = resolve_activation("test", act[0], act[1])
+    for call in bind_winograd(plan, to_layout(x, x_layout), x_layout, n, aligned_zeros(plan.scratch_size(n)), bias,
+                              code, lo, hi, None, None, out, out_layout, pool=True):
+        call()
+    expected = maxpool2d_ref(reference(x, weight, bias, *act, None), (2, 2), (2, 2), (0, 0), (1, 1), False)
+    actual = from_layout(out, out_layout, n)
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)) and np.isnan(expected).any()
+    assert_close(np.nan_to_num(actual), np.nan_to_num(expected))
+    assert borders_are_zero(out, out_layout, n) and (out[out_layout.size(n):] == 7.0).all()
+
+
+def test_winograd_pooled_output_rejects_a_residual_and_a_full_size_output():
+    weight = np.zeros((2, 3, 3, 3), np.float32)
+    plan = plan_winograd(weight, (4, 4))
+    act, lo, hi = resolve_activation("test", "none")
+    x_layout, full = Layout(3, 4, 4, 1, 1), Layout(2, 4, 4)
+    x, scratch = aligned_zeros(x_layout.size(1)), aligned_zeros(plan.scratch_size(1))
+    with pytest.raises(ValueError, match="no residual"):
+        bind_winograd(plan, x, x_layout, 1, scratch, np.zeros(2, np.float32), act, lo, hi, aligned_zeros(32), full,
+                      aligned_zeros(8), Layout(2, 2, 2), pool=True)
+    with pytest.raises(ValueError, match="does not hold"):
+        bind_winograd(plan, x, x_layout, 1, scratch, np.zeros(2, np.float32), act, lo, hi, None, None,
+                      aligned_zeros(32), full, pool=True)
 
 
 @pytest.mark.parametrize("m", [2, 4])

@@ -8,8 +8,10 @@ For every conv2d/linear step of the model, at each batch size:
   of `repeats` runs of the whole model, timed step by step). A step includes what
   the runtime fused into it (bias, activation, residual add, a 2x2 max pooling)
   and writing the packed input layout of the next conv;
-- torch: `F.conv2d` / `F.linear` with the densified weight and bias, alone;
-- onnxruntime: a one-node ONNX model (Conv / Gemm) with the dense weight, alone;
+- torch: `F.conv2d` / `F.linear` with the densified weight and bias, alone
+  (followed by `F.max_pool2d` where the runtime fused a 2x2 max pooling);
+- onnxruntime: a one-node ONNX model (Conv / Gemm) with the dense weight, alone
+  (Conv then MaxPool where the runtime fused one);
 - auto: the kernel `fallback="auto"` picks for the step at this batch size.
 
 torch and onnxruntime time their layer alone on seeded standard-normal inputs
@@ -59,6 +61,7 @@ def run_kernels(artifact: str | os.PathLike[str], *, batches: tuple[int, ...] = 
         profiles = {kind: {r["name"]: r for r in rt.profile(x, repeats=repeats)} for kind, rt in runtimes.items()
                     if kind != "auto"}
         auto = {r["name"]: r["kernel"] for r in runtimes["auto"].plan_report(batch)}
+        pooled = {s.name for s in runtimes["sparse"].plan.steps if "unpooled_shape" in s.attrs}
         for name, step in profiles["sparse"].items():
             if step["op"] not in CONV_LIKE:
                 continue
@@ -67,7 +70,8 @@ def run_kernels(artifact: str | os.PathLike[str], *, batches: tuple[int, ...] = 
             bias = graph.tensors[node.params["bias"]] if "bias" in node.params else None
             layer_x = np.random.default_rng(1).standard_normal((batch, *shapes[node.inputs[0]])).astype(np.float32)
             timed = {label: median_us(fn, budget_s) if fn is not None else None
-                     for label, fn in ((label, make(node, weight, bias, layer_x)) for label, make in baselines.items())}
+                     for label, fn in ((label, make(node, weight, bias, layer_x, name in pooled))
+                                       for label, make in baselines.items())}
             sparse_us, dense_us = step["time_us"], profiles["dense"][name]["time_us"]
             winograd = profiles["winograd"][name]
             winograd_us = winograd["time_us"] if winograd["kernel"] == "winograd" else None
@@ -86,18 +90,19 @@ def run_kernels(artifact: str | os.PathLike[str], *, batches: tuple[int, ...] = 
 
 
 def _baselines(threads: int) -> dict[str, Any]:
-    """label -> make(node, dense weight, bias, x) -> a no-argument callable, for each library installed here."""
+    """label -> make(node, dense weight, bias, x, pooled) -> a no-argument callable, for each library installed
+    here; `pooled`: a 2x2 stride-2 max pooling follows the conv (the runtime fused one)."""
     import importlib.util
 
     out: dict[str, Any] = {}
     if importlib.util.find_spec("torch") is not None:
-        out["torch"] = lambda node, w, b, x: _torch_layer(node, w, b, x, threads)
+        out["torch"] = lambda node, w, b, x, pooled: _torch_layer(node, w, b, x, threads, pooled)
     if importlib.util.find_spec("onnxruntime") is not None:
-        out["onnxruntime"] = lambda node, w, b, x: _ort_layer(node, w, b, x, threads)
+        out["onnxruntime"] = lambda node, w, b, x, pooled: _ort_layer(node, w, b, x, threads, pooled)
     return out
 
 
-def _torch_layer(node, weight: np.ndarray, bias: np.ndarray | None, x: np.ndarray, threads: int):
+def _torch_layer(node, weight: np.ndarray, bias: np.ndarray | None, x: np.ndarray, threads: int, pooled: bool):
     import torch
     import torch.nn.functional as F
 
@@ -107,8 +112,10 @@ def _torch_layer(node, weight: np.ndarray, bias: np.ndarray | None, x: np.ndarra
     a = node.attrs
     if node.op == "linear":
         return lambda: _no_grad(F.linear, xt, wt, bt)
-    return lambda: _no_grad(F.conv2d, xt, wt, bt, tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]),
-                            int(a["groups"]))
+    conv = (F.conv2d, xt, wt, bt, tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]), int(a["groups"]))
+    if pooled:
+        return lambda: _no_grad(F.max_pool2d, _no_grad(*conv), 2)
+    return lambda: _no_grad(*conv)
 
 
 def _no_grad(fn, *args):
@@ -118,7 +125,7 @@ def _no_grad(fn, *args):
         return fn(*args)
 
 
-def _ort_layer(node, weight: np.ndarray, bias: np.ndarray | None, x: np.ndarray, threads: int):
+def _ort_layer(node, weight: np.ndarray, bias: np.ndarray | None, x: np.ndarray, threads: int, pooled: bool):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -131,11 +138,12 @@ def _ort_layer(node, weight: np.ndarray, bias: np.ndarray | None, x: np.ndarray,
     else:
         a = node.attrs
         ph, pw = a["padding"]
-        op = helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=list(a["stride"]), pads=[ph, pw, ph, pw],
-                              dilations=list(a["dilation"]), group=int(a["groups"]),
+        op = helper.make_node("Conv", ["x", "W", "B"], ["c" if pooled else "y"], strides=list(a["stride"]),
+                              pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]),
                               kernel_shape=list(weight.shape[2:]))
         out_shape = None
-    graph = helper.make_graph([op], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+    ops = [op] + ([helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])] if pooled else [])
+    graph = helper.make_graph(ops, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     opsets = [helper.make_opsetid("", 17)]
     model = helper.make_model(graph, opset_imports=opsets)

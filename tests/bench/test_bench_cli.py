@@ -216,6 +216,24 @@ def test_kernels_table(artifact):
     assert all(r["winograd_us"] is None for r in result["rows"] if r["op"] == "linear")
 
 
+def test_kernels_baselines_pool_where_the_runtime_fused_a_pooling():
+    from harp.bench.kernels_bench import _ort_layer, _torch_layer
+    from harp.export.graph import Node
+
+    rng = np.random.default_rng(0)
+    node = Node("conv2d", "c", ("x",), "y", {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1})
+    weight, bias = rng.standard_normal((4, 3, 3, 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    x = rng.standard_normal((2, 3, 8, 6)).astype(np.float32)
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias), 1, 1)
+    expected = torch.nn.functional.max_pool2d(conv, 2).numpy()
+    pooled_torch = _torch_layer(node, weight, bias, x, 1, True)().numpy()
+    pooled_ort = _ort_layer(node, weight, bias, x, 1, True)()[0]
+    assert pooled_torch.shape == pooled_ort.shape == (2, 4, 4, 3)
+    np.testing.assert_allclose(pooled_torch, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pooled_ort, expected, rtol=1e-4, atol=1e-4)
+    assert _ort_layer(node, weight, bias, x, 1, False)()[0].shape == (2, 4, 8, 6)
+
+
 def test_report_writes_markdown_and_figures(artifact, tmp_path):
     from harp.bench.report import ReportOptions, write_report
 

@@ -26,8 +26,8 @@ value, on explicit vectors (`simd`): at G = 1 a vector is 16 tiles of one row
 at G > 1 it is one tile of 16 interleaved images. A 2x2 stride-2 max pooling
 after the conv (VGG's) is taken in the output transform (`pool`): the max of
 four output vectors, one store instead of four, and no pass over the conv's
-full-size output (global-magnitude VGG16 at 99%, batch 16: 6.59 → 5.97 ms in
-one process).
+full-size output (global-magnitude VGG16 at 99% exported untrimmed, batch 16:
+6.59 → 5.97 ms in one process).
 
 The kernel is fp32 throughout. Its rounding differs from the direct conv's:
 at m = 4 the transforms scale values by up to 100 before the products and

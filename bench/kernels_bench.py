@@ -55,13 +55,13 @@ def run_kernels(artifact: str | os.PathLike[str], *, batches: tuple[int, ...] = 
     graph = runtimes["sparse"].graph
     shapes = graph.validate()
     baselines = _baselines(threads)
+    pooled = {s.name for s in runtimes["sparse"].plan.steps if "unpooled_shape" in s.attrs}  # conv + max pooling
     rows = []
     for batch in batches:
         x = np.random.default_rng(0).random((batch, *art.input_shape), dtype=np.float32)
         profiles = {kind: {r["name"]: r for r in rt.profile(x, repeats=repeats)} for kind, rt in runtimes.items()
                     if kind != "auto"}
         auto = {r["name"]: r["kernel"] for r in runtimes["auto"].plan_report(batch)}
-        pooled = {s.name for s in runtimes["sparse"].plan.steps if "unpooled_shape" in s.attrs}
         for name, step in profiles["sparse"].items():
             if step["op"] not in CONV_LIKE:
                 continue

@@ -219,17 +219,30 @@ def bind_winograd(plan: WinogradPlan, x, x_layout: Layout, n: int, scratch, bias
     return calls
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _position_step(channels, i0, i1, tw, g):
+    """Elements from one position xi of V (or M) to the next: `channels` planes of the band's tiles."""
+    return channels * (i1 - i0) * tw * g
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _band_item(item, channels, positions, i0, i1, tw, g):
+    """Work item `item` of a transform, one (image block, channel) per item: (block, channel, where that
+    channel's position 0 of tile row 0 would start in V or M, which hold tile rows i0..i1-1 only)."""
+    blk = item // channels
+    c = item - blk * channels
+    plane = (i1 - i0) * tw * g
+    return blk, c, (blk * positions * channels + c) * plane - i0 * tw * g
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 def _input_transform2(x, x_lay, n, i0, i1, tw, v):
     """F(2x2): V = B^T d B for every 4x4 input patch d of tile rows i0..i1-1 (tile (i, j): padded rows 2i..2i+3,
     columns 2j..2j+3); V holds those rows only."""
     c_in, g = x_lay[0], x_lay[5]
-    plane = (i1 - i0) * tw * g
-    step = c_in * plane  # from position xi to xi + 1 in V
+    step = _position_step(c_in, i0, i1, tw, g)  # from position xi to xi + 1 in V
     for item in prange((n // g) * c_in):
-        blk = item // c_in
-        c = item - blk * c_in
-        base = (blk * 16 * c_in + c) * plane - i0 * tw * g
+        blk, c, base = _band_item(item, c_in, 16, i0, i1, tw, g)
         for i in range(i0, i1):
             # Column -1 of the patch's four rows.
             r0 = row_offset(x_lay, blk, c, 2 * i - 1) - g
@@ -303,12 +316,9 @@ def _output_transform2(m, n, o_out, i0, i1, tw, bias, act, lo, hi, res, res_lay,
     """F(2x2): out = act(A^T M A + bias + res) for tile rows i0..i1-1 (M holds those rows only); rows of A^T
     are (1 1 1 0) and (0 1 -1 -1). With `pool`, out = act(the max of each tile + bias): pixel (i, j)."""
     g = out_lay[5]
-    plane = (i1 - i0) * tw * g
-    step = o_out * plane
+    step = _position_step(o_out, i0, i1, tw, g)
     for item in prange((n // g) * o_out):
-        blk = item // o_out
-        o = item - blk * o_out
-        src = (blk * 16 * o_out + o) * plane - i0 * tw * g
+        blk, o, src = _band_item(item, o_out, 16, i0, i1, tw, g)
         b = vsplat(bias[o])
         for i in range(i0, i1):
             if pool:  # pooled row i: one value per tile
@@ -400,12 +410,9 @@ def _input_transform4(x, x_lay, n, i0, i1, tw, v):
     4i..4i+5, columns 4j..4j+5); V holds those rows only. B^T is applied along each row of the patch into
     `u`, then along each column of `u` into V."""
     c_in, g = x_lay[0], x_lay[5]
-    plane = (i1 - i0) * tw * g
-    step = c_in * plane  # from position xi to xi + 1 in V
+    step = _position_step(c_in, i0, i1, tw, g)  # from position xi to xi + 1 in V
     for item in prange((n // g) * c_in):
-        blk = item // c_in
-        c = item - blk * c_in
-        base = (blk * 36 * c_in + c) * plane - i0 * tw * g
+        blk, c, base = _band_item(item, c_in, 36, i0, i1, tw, g)
         u = np.empty(36 * LANES, np.float32)  # u[(6 r + q) * 16 + lane]: row r of the patch, transformed
         for i in range(i0, i1):
             if g == 1:
@@ -475,12 +482,9 @@ def _output_transform4(m, n, o_out, i0, i1, tw, bias, act, lo, hi, res, res_lay,
     applied along each row of M into `w`, then down each column of `w`. With `pool`, out = act(the max of
     each 2x2 quarter of a tile + bias): pixels 2i..2i+1 x 2j..2j+1."""
     g = out_lay[5]
-    plane = (i1 - i0) * tw * g
-    step = o_out * plane
+    step = _position_step(o_out, i0, i1, tw, g)
     for item in prange((n // g) * o_out):
-        blk = item // o_out
-        o = item - blk * o_out
-        src = (blk * 36 * o_out + o) * plane - i0 * tw * g
+        blk, o, src = _band_item(item, o_out, 36, i0, i1, tw, g)
         b = vsplat(bias[o])
         w = np.empty(24 * LANES, np.float32)  # w[(4 r + q) * 16 + lane]: row r of M times A
         for i in range(i0, i1):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -208,14 +209,18 @@ def _dense_macs(runtime, step_name: str) -> int | None:
 
 
 def model_macs(runtime) -> dict[str, int]:
-    """Per-image multiply-adds of all conv/linear steps: dense (model.onnx's) and on nonzero weights only.
+    """Per-image multiply-adds of all conv/linear layers: dense (model.onnx's) and on nonzero weights only.
 
     Their ratio is the speedup a sparse engine would get at the dense engine's
-    efficiency per multiply-add: the yardstick for the goals.
+    efficiency per multiply-add: the yardstick for the goals. The dense count is
+    the bundle's as exported (the architecture of model.onnx), the nonzero one
+    what the runtime computes, after trimming dead channels.
     """
-    layers = [ex for ex in runtime.executors if ex.density is not None]
-    return {"dense": sum(ex.dense_macs_per_image for ex in layers),
-            "nonzero": sum(ex.macs_per_image for ex in layers)}
+    graph = runtime.bundle_graph
+    shapes = graph.validate()
+    dense = sum(math.prod(graph.tensors[node.params["weight"]].shape) * math.prod(shapes[node.output][1:])
+                for node in graph.nodes if node.op in ("conv2d", "linear"))
+    return {"dense": dense, "nonzero": sum(ex.macs_per_image for ex in runtime.executors if ex.density is not None)}
 
 
 def dispatch_overhead(artifact: Path, threads: int, iters: int = 300) -> dict[str, Any]:

@@ -33,7 +33,9 @@ How it works
 So a channel that feeds an `add` whose partner channel is live and read stays:
 the sum is read at an exit and is not zero there.
 
-Weights come out as dense float32 arrays (CSR weights are densified first).
+Weights keep their storage: a dense float32 array comes out dense, a CSR weight
+(a loaded bundle's; the runtime trims what it loads) comes out CSR, never
+densified, and a tensor of a node that loses nothing comes out as it went in.
 NumPy only.
 """
 
@@ -46,13 +48,15 @@ from typing import Any
 
 import numpy as np
 
-from .csr import CSRTensor
+from .csr import INDICES_DTYPES, INDPTR_DTYPES, CSRTensor, narrowest_unsigned
 from .errors import ExportError
 from .graph import Graph, GraphError, Node
 
 # ops whose output channel c is a function of input channel c alone (and, for add, of both inputs' c)
 _CHANNELWISE = ("normalize", "affine", "relu", "clip", "maxpool2d", "avgpool2d", "global_avgpool", "flatten", "add")
 _MAX_ROUNDS = 10_000  # the fixed point is reached long before; a guard against a logic error
+
+Weight = np.ndarray | CSRTensor  # a CSR weight is trimmed as CSR
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def zero_channels(graph: Graph) -> dict[str, np.ndarray]:
     Raises ExportError if the graph is invalid.
     """
     shapes = _validate(graph)
-    return _zero_masks(graph, shapes, _dense_params(graph))
+    return _zero_masks(graph, shapes, _params(graph))
 
 
 def trim_channels(graph: Graph) -> tuple[Graph, TrimSummary]:
@@ -106,7 +110,7 @@ def trim_channels(graph: Graph) -> tuple[Graph, TrimSummary]:
     The input graph is not modified. Raises ExportError if the graph is invalid.
     """
     shapes = _validate(graph)
-    params = _dense_params(graph)
+    params = _params(graph)
     zero = _zero_masks(graph, shapes, params)
     spaces = _Spaces.build(graph, shapes)
     keep, rounds = _fixed_point(spaces, zero, params)
@@ -126,7 +130,7 @@ ZeroRule = Callable[[Node, list[np.ndarray], dict[str, np.ndarray], dict[str, tu
 
 
 def _zero_masks(graph: Graph, shapes: dict[str, tuple[int, ...]],
-                params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                params: dict[str, Weight]) -> dict[str, np.ndarray]:
     zero = {graph.input_name: np.zeros(shapes[graph.input_name][0], dtype=bool)}
     for node in graph.nodes:
         node_params = {role: params[name] for role, name in node.params.items()}
@@ -142,7 +146,7 @@ def _zero_conv2d(node: Node, z: list[np.ndarray], p: dict[str, np.ndarray], shap
     w = p["weight"]
     out, per_group = w.shape[0], w.shape[1]
     groups = int(node.attrs["groups"])
-    reads = (w.reshape(out, per_group, -1) != 0).any(axis=2)  # (O, I/groups): row o touches input j of its group
+    reads = _reads(w, per_group)  # (O, I/groups): row o touches input j of its group
     group_of_row = np.arange(out) // (out // groups)
     live_in = ~z[0].reshape(groups, per_group)[group_of_row]  # (O, I/groups)
     return ~(reads & live_in).any(axis=1) & _bias_zero(p, out)
@@ -150,7 +154,7 @@ def _zero_conv2d(node: Node, z: list[np.ndarray], p: dict[str, np.ndarray], shap
 
 def _zero_linear(node: Node, z: list[np.ndarray], p: dict[str, np.ndarray], shapes: dict) -> np.ndarray:
     w = p["weight"]
-    return ~((w != 0) & ~z[0]).any(axis=1) & _bias_zero(p, w.shape[0])
+    return ~(_reads(w, w.shape[1]) & ~z[0]).any(axis=1) & _bias_zero(p, w.shape[0])
 
 
 def _zero_same(node: Node, z: list[np.ndarray], p: dict[str, np.ndarray], shapes: dict) -> np.ndarray:
@@ -303,7 +307,7 @@ def _unit_zero(zero: np.ndarray, block: int) -> np.ndarray:
 
 
 def _fixed_point(spaces: _Spaces, zero: dict[str, np.ndarray],
-                 params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+                 params: dict[str, Weight]) -> tuple[dict[str, np.ndarray], int]:
     """Keep mask of every free space root, iterated until no exit loses a reader."""
     keep = {root: np.ones(units, dtype=bool) for root, units in spaces.free_roots().items()}
     checks = []  # (space read, space written, (rows, units) reads-through-a-nonzero-weight, units zero there)
@@ -312,7 +316,7 @@ def _fixed_point(spaces: _Spaces, zero: dict[str, np.ndarray],
         if source not in keep:
             continue
         w = params[e.node.params["weight"]]
-        reads = (w.reshape(w.shape[0], spaces.units[e.value], -1) != 0).any(axis=2)
+        reads = _reads(w, spaces.units[e.value])
         checks.append((source, spaces.find(e.node.output), reads, _unit_zero(zero[e.value], spaces.block[e.value])))
     for rounds in range(1, _MAX_ROUNDS + 1):
         removable = {root: np.ones_like(mask) for root, mask in keep.items()}
@@ -336,30 +340,30 @@ def _fixed_point(spaces: _Spaces, zero: dict[str, np.ndarray],
 
 
 def _rebuild(graph: Graph, shapes: dict[str, tuple[int, ...]], spaces: _Spaces, keep: dict[str, np.ndarray],
-             params: dict[str, np.ndarray]) -> Graph:
+             params: dict[str, Weight]) -> Graph:
     def mask(value: str) -> np.ndarray:  # over axis 0 of the value
         root = spaces.find(value)
         if root not in keep:
             return np.ones(shapes[value][0], dtype=bool)
         return np.repeat(keep[root], spaces.block[value])
 
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, Weight] = {}
     nodes: list[Node] = []
     for node in graph.nodes:
         p = {role: params[name] for role, name in node.params.items()}
         attrs = node.attrs
-        new: dict[str, np.ndarray] = {}
+        new: dict[str, Weight] = dict(p)
         if node.op in ("conv2d", "linear"):
             rows, cols = mask(node.output), mask(node.inputs[0])
             w = p["weight"]
             if node.name in spaces.depthwise:
-                new["weight"] = w[rows]
+                new["weight"] = _select(w, rows, None)
                 attrs = {**attrs, "groups": int(rows.sum())}
             elif node.op == "conv2d" and int(attrs["groups"]) > 1:
-                new["weight"] = w  # both sides pinned
+                pass  # both sides pinned
             else:
-                new["weight"] = w[rows][:, cols]
-            if "bias" in p:
+                new["weight"] = _select(w, rows, cols)
+            if "bias" in p and not rows.all():
                 new["bias"] = p["bias"][rows]
         elif node.op == "affine":
             channels = mask(node.output)
@@ -369,7 +373,8 @@ def _rebuild(graph: Graph, shapes: dict[str, tuple[int, ...]], spaces: _Spaces, 
             attrs = {**attrs, "mean": [m for m, k in zip(attrs["mean"], channels) if k],
                      "std": [s for s, k in zip(attrs["std"], channels) if k]}
         for role, array in new.items():
-            tensors[node.params[role]] = np.ascontiguousarray(array, dtype=np.float32)
+            tensors[node.params[role]] = (array if isinstance(array, CSRTensor)
+                                          else np.ascontiguousarray(array, dtype=np.float32))
         nodes.append(node if attrs is node.attrs else replace(node, attrs=attrs))
     return Graph(graph.input_name, tuple(graph.input_shape), graph.output_name, nodes, tensors)  # type: ignore[arg-type]
 
@@ -410,9 +415,41 @@ def _validate(graph: Graph) -> dict[str, tuple[int, ...]]:
         raise ExportError(f"channel trimming needs a valid graph: {e}") from e
 
 
-def _dense_params(graph: Graph) -> dict[str, np.ndarray]:
-    return {name: t.to_dense() if isinstance(t, CSRTensor) else np.asarray(t, dtype=np.float32)
+def _params(graph: Graph) -> dict[str, Weight]:
+    return {name: t if isinstance(t, CSRTensor) else np.asarray(t, dtype=np.float32)
             for name, t in graph.tensors.items()}
+
+
+def _reads(w: Weight, units: int) -> np.ndarray:
+    """(rows, units) bools: row r has a nonzero weight in unit u, the columns cut into `units` equal blocks."""
+    if not isinstance(w, CSRTensor):
+        return (w.reshape(w.shape[0], units, -1) != 0).any(axis=2)
+    reads = np.zeros((w.n_rows, units), dtype=bool)
+    rows = np.repeat(np.arange(w.n_rows), np.diff(w.indptr.astype(np.int64)))
+    stored = w.values != 0  # a reader tolerates stored zeros (an fp16 value rounded to 0)
+    reads[rows[stored], w.indices[stored].astype(np.int64) // (w.n_cols // units)] = True
+    return reads
+
+
+def _select(w: Weight, rows: np.ndarray, cols: np.ndarray | None) -> Weight:
+    """w[rows][:, cols] over axes 0 and 1 (cols None: all); `w` itself when both keep everything."""
+    if rows.all() and (cols is None or cols.all()):
+        return w
+    if not isinstance(w, CSRTensor):
+        return w[rows] if cols is None else w[rows][:, cols]
+    block = w.n_cols // w.shape[1]  # columns per input channel (its kh*kw taps)
+    kept_cols = np.ones(w.n_cols, dtype=bool) if cols is None else np.repeat(cols, block)
+    new_col = np.cumsum(kept_cols) - 1
+    row_of = np.repeat(np.arange(w.n_rows), np.diff(w.indptr.astype(np.int64)))
+    col_of = w.indices.astype(np.int64)
+    keep = rows[row_of] & kept_cols[col_of]
+    new_row = np.cumsum(rows) - 1
+    shape = (int(rows.sum()), int(kept_cols.sum()) // block, *w.shape[2:])
+    counts = np.bincount(new_row[row_of[keep]], minlength=shape[0])
+    indptr = np.zeros(shape[0] + 1, dtype=narrowest_unsigned(int(counts.sum()), INDPTR_DTYPES))
+    np.cumsum(counts, out=indptr[1:])
+    indices = new_col[col_of[keep]].astype(narrowest_unsigned(max(math.prod(shape[1:]) - 1, 0), INDICES_DTYPES))
+    return CSRTensor(shape, indptr, indices, np.ascontiguousarray(w.values[keep]))
 
 
 def _count(graph: Graph, *, nonzero: bool) -> int:

@@ -6,7 +6,11 @@
     rt.plan_report()                              # per step: fused nodes, kernel, density, time
 
 Loading goes through `harp.export.bundle.load_bundle` only, so every index,
-shape and value is validated before a kernel touches it. Then, once:
+shape and value is validated before a kernel touches it. Then, once: dead
+channels are trimmed (`harp.export.channels.trim_channels`, on the CSR weights:
+output channels no later layer reads, e.g. a conv feeding one whose weights
+are all pruned, are not computed; a bundle exported with trim=False runs as
+fast as a trimmed one, and a trimmed one is left as it is);
 `plan.plan_graph` fuses the graph into steps, picks value borders and buffer
 slots; `steps.EXECUTORS` turn the weights into kernel arrays. For each batch
 size (kept for the last few sizes used) `prepare` allocates the buffers, lets
@@ -35,6 +39,7 @@ import numba
 import numpy as np
 
 from harp.export.bundle import Bundle, BundleError, load_bundle
+from harp.export.channels import TrimSummary, trim_channels
 
 from . import threads as thread_settings
 from .arrays import aligned_zeros
@@ -79,7 +84,7 @@ class Prepared:
 
 
 def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fallback: str = "auto",
-                 warmup: bool = True) -> Runtime:
+                 warmup: bool = True, trim: bool = True) -> Runtime:
     """A ready Runtime for the bundle at `path` (a bundle file, or an artifact dir holding model.harpz).
 
     threads: numba (and dense BLAS) threads, default all numba may use.
@@ -87,15 +92,15 @@ def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fa
     stride-1 convs it covers); "sparse"/"dense" force one; "winograd" forces Winograd where a
     conv allows it and the dense kernel elsewhere.
     warmup: prepare batch size 1 and run it once, so the first request pays no
-    compilation, cache load or kernel choice. Raises BundleError for a missing or
-    invalid bundle, ValueError for bad options.
+    compilation, cache load or kernel choice. trim: skip the dead channels (same
+    logits). Raises BundleError for a missing or invalid bundle, ValueError for bad options.
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"load_runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
     start = time.perf_counter()
     bundle = load_bundle(bundle_path(path))
     loaded = time.perf_counter()
-    runtime = Runtime(bundle, threads=threads, fallback=fallback)
+    runtime = Runtime(bundle, threads=threads, fallback=fallback, trim=trim)
     runtime.load_seconds["bundle"] = loaded - start
     if warmup:
         runtime.warmup()
@@ -118,7 +123,7 @@ def bundle_path(path: str | os.PathLike[str]) -> Path:
 class Runtime:
     """An executable plan of one bundle; see the module docstring."""
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None, fallback: str = "auto"):
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, fallback: str = "auto", trim: bool = True):
         if fallback not in FALLBACKS:
             raise ValueError(f"Runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
         start = time.perf_counter()
@@ -127,9 +132,12 @@ class Runtime:
         thread_settings.set_num_threads(self.threads)
         self.fallback = fallback
         self.meta = bundle.meta
-        self.graph = bundle.graph
-        self.plan: Plan = plan_graph(bundle.graph)
-        self.executors = [EXECUTORS[step.op](step, bundle.graph.tensors, self.plan) for step in self.plan.steps]
+        self.bundle_graph = bundle.graph  # as exported: the architecture of the artifact's model.onnx
+        # What runs: the same function without its dead channels (`trimmed` says what went).
+        self.trimmed: TrimSummary | None
+        self.graph, self.trimmed = trim_channels(bundle.graph) if trim else (bundle.graph, None)
+        self.plan: Plan = plan_graph(self.graph)
+        self.executors = [EXECUTORS[step.op](step, self.graph.tensors, self.plan) for step in self.plan.steps]
         self.input_shape: tuple[int, int, int] = tuple(self.plan.input_shape)
         self.num_classes: int = self.plan.values[self.plan.output_name].shape[0]
         self._prepared: OrderedDict[int, Prepared] = OrderedDict()
@@ -320,6 +328,7 @@ class Runtime:
             "views": sum(1 for v in self.plan.values.values() if v.view_of),
             "shared_packs": sum(1 for name, shared in state.shared_packs.items() if name != shared.maker),
             "buffer_bytes": self.buffer_bytes(state.n), "batch": state.n, "threads": self.threads,
+            "channels_trimmed": self.trimmed.channels_removed if self.trimmed else 0,
         }
 
 

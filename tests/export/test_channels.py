@@ -10,6 +10,7 @@ import torch
 
 from harp.data import dataset_spec
 from harp.export.channels import trim_channels, zero_channels
+from harp.export.csr import CSRTensor, check_csr, dense_to_csr
 from harp.export.errors import ExportError
 from harp.export.graph import Graph, Node
 from harp.export.reference import run_reference
@@ -77,6 +78,44 @@ def test_weight_pruned_models_lose_unread_channels_and_compute_the_same(arch):
     _assert_same_function(graph, trimmed)
     assert summary.channels_removed > 0
     assert summary.nonzero_after <= summary.nonzero_before
+
+
+def _as_csr(graph: Graph) -> Graph:
+    """The graph with every conv/linear weight in CSR, as a loaded bundle holds them."""
+    weights = {n.params["weight"] for n in graph.nodes if n.op in ("conv2d", "linear")}
+    tensors = {k: dense_to_csr(v) if k in weights else v for k, v in graph.tensors.items()}
+    return Graph(graph.input_name, graph.input_shape, graph.output_name, graph.nodes, tensors)
+
+
+@pytest.mark.parametrize("arch,pruning", [("resnet18", "weights"), ("mobilenet_v2", "weights"),
+                                          ("vgg16_bn", "channels"), ("mobilenet_v2", "channels")])
+def test_csr_weights_are_trimmed_as_csr_like_their_dense_twins(arch, pruning, channel_pruner):
+    """The runtime trims a loaded bundle: CSR weights stay CSR, removing exactly what the dense pass removes."""
+    from harp.pruning.masks import apply_masks, global_magnitude_masks
+
+    torch.manual_seed(0)
+    model = build_model(arch, SMALL).eval()
+    if pruning == "weights":
+        apply_masks(model, global_magnitude_masks(model, 0.99))
+    else:
+        channel_pruner(model, 0.5)
+    graph = trace_model(model, SMALL.input_shape)
+    dense, dense_summary = trim_channels(graph)
+    sparse_graph = _as_csr(graph)
+    sparse, summary = trim_channels(sparse_graph)
+
+    assert summary == dense_summary and summary.channels_removed > 0
+    for name, t in sparse.tensors.items():
+        before = sparse_graph.tensors[name]
+        if isinstance(before, CSRTensor):
+            assert isinstance(t, CSRTensor), name
+            check_csr(t, name)
+            np.testing.assert_array_equal(t.to_dense(), dense.tensors[name], err_msg=name)
+            assert (t is before) == (t.shape == before.shape), name  # a layer losing nothing keeps its tensor
+        else:
+            np.testing.assert_array_equal(t, dense.tensors[name], err_msg=name)
+    _assert_same_function(graph, sparse)
+    assert trim_channels(sparse)[1].channels_removed == 0  # trimming is idempotent
 
 
 def test_input_graph_is_not_modified(channel_pruner):

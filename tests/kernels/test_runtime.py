@@ -178,6 +178,37 @@ def test_profile_times_every_step(resnet):
     assert all(r["time_us"] is not None and r["time_us"] >= 0 for r in report)
 
 
+def test_dead_channels_are_not_computed(resnet, tmp_path):
+    """A bundle exported untrimmed: the conv whose outputs layer2.0.conv2 no longer reads keeps 8 rows."""
+    import dataclasses
+
+    from harp.bench.runtime_report import model_macs
+    from harp.export.bundle import write_bundle
+
+    graph, _, _ = resnet
+    tensors = dict(graph.tensors)
+    weight = graph.node_by_name("net.layer2.0.conv2").params["weight"]
+    tensors[weight] = tensors[weight].copy()
+    tensors[weight][:, 8:] = 0.0  # channels 8.. of layer2.0.conv1 are now read by no one
+    graph = dataclasses.replace(graph, tensors=tensors)
+    write_bundle(graph, tmp_path / "model.harpz")
+    trimmed, full = load_runtime(tmp_path, threads=2), load_runtime(tmp_path, threads=2, trim=False)
+
+    assert trimmed.summary()["channels_trimmed"] == 120 and full.summary()["channels_trimmed"] == 0
+    rows = {rt: {ex.step.name: ex.weight.n_rows for ex in rt.executors if ex.density is not None}
+            for rt in (trimmed, full)}
+    assert rows[trimmed]["net.layer2.0.conv1"] == 8 and rows[full]["net.layer2.0.conv1"] == 128
+    assert {k: v for k, v in rows[trimmed].items() if k != "net.layer2.0.conv1"} == {
+        k: v for k, v in rows[full].items() if k != "net.layer2.0.conv1"}
+    x = pixels(3, seed=5)
+    expected = run_reference(graph, x)
+    assert_parity(trimmed.run(x), expected)
+    np.testing.assert_allclose(trimmed.run(x), full.run(x), rtol=1e-5, atol=1e-5)
+    # the report's yardstick stays the exported (model.onnx's) dense count; the nonzero count drops
+    macs, full_macs = model_macs(trimmed), model_macs(full)
+    assert macs["dense"] == full_macs["dense"] and macs["nonzero"] < full_macs["nonzero"]
+
+
 def test_load_errors(tmp_path, resnet):
     _, path, _ = resnet
     with pytest.raises(BundleError, match="holds no model.harpz"):

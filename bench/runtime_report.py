@@ -10,7 +10,7 @@ CSR bundle, parity checked), in three variants (`--variants`):
 - global: global weight magnitude (`harp.pruning.masks`), shipped as `harp export`
   does, i.e. with dead channels trimmed from every format (the dense ONNX too);
 - global-untrimmed: the same masks exported with trim=False, so model.onnx is the
-  full-size dense architecture;
+  full-size dense architecture (harp's runtime trims the dead channels at load);
 - uniform: every conv/linear pruned to the same density by its own magnitude
   (`layerwise_magnitude_masks`), shipped (trimmed).
 `--artifact` adds existing artifact dirs and `--checkpoint` exports pruned
@@ -343,7 +343,8 @@ def machine() -> dict[str, Any]:
 
 VARIANT_TITLES = {
     "global": "global magnitude, shipped (dead channels trimmed from every format)",
-    "global-untrimmed": "global magnitude, exported with trim=False (model.onnx is the full dense architecture)",
+    "global-untrimmed": "global magnitude, exported with trim=False (model.onnx is the full dense architecture; "
+                        "harp's runtime trims the dead channels at load)",
     "uniform": "uniform per-layer magnitude, shipped",
     "given": "given artifacts and checkpoints (pruning method, target and dataset from each manifest)",
 }
@@ -432,7 +433,10 @@ def render(report: dict[str, Any]) -> str:
         "bundle (trimming dead channels removes zeros, so it can be lower). With random init, global magnitude "
         "pruning removes the deep layers first (their weights are smallest): at 99% VGG16 keeps 30-86% of its "
         "first three convs and almost nothing after the fifth, which trimming then cuts away, so the shipped "
-        "'global' rows measure a small, moderately sparse network. Uniform pruning is closer to what learned "
+        "'global' rows measure a small, moderately sparse network. harp's runtime trims dead channels itself "
+        "when it loads a bundle (`harp.export.channels.trim_channels` on the CSR weights), so on the "
+        "'global-untrimmed' bundles it computes what the trimmed network computes, while onnxruntime runs the "
+        "full model.onnx; its nonzero multiply-adds are counted after that trimming. Uniform pruning is closer to what learned "
         "masks look like. HARP's published masks of these architectures come from CIFAR-10 on a GPU, neither of "
         "which this machine has; `python -m harp.bench.learned_masks` trains the same architectures on MNIST "
         "digits (as 32x32 RGB, the same input shape; a short CPU schedule) and prunes them with HARP, and "

@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from .layout import Layout, image_row_offset, row_offset, row_stride
-from .simd import LANES, vevens, vload, vodds, vstore
+from .simd import LANES, vevens, vload, vodds, vstore, vzero
 
 
 def packed_hw(in_hw, stride, padding) -> tuple[int, int]:
@@ -180,7 +180,12 @@ def _pack(src, lay, n, ph, pw, sh, sw, hq, wq, g, phases, channels, packed):
                                      phases[pi * 2], phases[pi * 2 + 1], packed)
                 continue
             for pj in range(sw):
-                if phases[pi * sw + pj]:
+                if not phases[pi * sw + pj]:
+                    continue
+                if lay[5] == g and g % LANES == 0:
+                    _pack_plane_vectors(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo[pi], a_hi[pi],
+                                        b_lo[pj], b_hi[pj], hq, base + pj * plane, packed)
+                else:
                     _pack_plane(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo[pi], a_hi[pi], b_lo[pj],
                                 b_hi[pj], hq, base + pj * plane, packed)
 
@@ -216,6 +221,37 @@ def _pack_plane_pair(src, lay, blk, ch, pi, ph, pw, sh, wq, a_lo, a_hi, hq, base
                 vstore(packed, even + a * wq + t // 2, (count + 1) // 2, vevens(x0, x1))
             if odd_used:
                 vstore(packed, odd + a * wq + t // 2, count // 2, vodds(x0, x1))
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_plane_vectors(src, lay, blk, ch, pi, pj, ph, pw, sh, sw, wq, g, a_lo, a_hi, b_lo, b_hi, hq, base, packed):
+    """`_pack_plane` where source and pack have the same image group G, a multiple of 16.
+
+    A pixel is then G/16 whole vectors in both: each is copied as such, and the
+    padding is written once, as zero vectors, instead of zeroing the plane and
+    then overwriting most of it. ResNet18's stride-2 packs at batch 16 (64
+    channels of 32x32, 128 of 16x16, 256 of 8x8, from bordered buffers of 16
+    images) took 190, 113 and 73 µs that way, 115, 78 and 57 now (alone,
+    alternating in one process; in the model, with the source out of cache,
+    the first takes 600-750 µs).
+    """
+    zero = vzero()
+    pixel = g // LANES  # vectors per pixel
+    for a in range(hq):
+        d = base + a * wq * g
+        if a < a_lo or a >= a_hi:
+            for v in range(wq * pixel):
+                vstore(packed, d + v * LANES, LANES, zero)
+            continue
+        for v in range(b_lo * pixel):
+            vstore(packed, d + v * LANES, LANES, zero)
+        s = row_offset(lay, blk, ch, a * sh + pi - ph) + (b_lo * sw + pj - pw) * g
+        for b in range(b_lo, b_hi):
+            for v in range(pixel):
+                vstore(packed, d + b * g + v * LANES, LANES, vload(src, s + v * LANES, LANES))
+            s += sw * g
+        for v in range(b_hi * pixel, wq * pixel):
+            vstore(packed, d + v * LANES, LANES, zero)
 
 
 @njit(cache=True, error_model="numpy")

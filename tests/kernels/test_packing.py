@@ -36,6 +36,28 @@ def test_pack_stride_2_rows_longer_than_two_vectors(stride, pw, w):
     _assert_packed_as_defined(x, stride, (1, pw), 1)
 
 
+@pytest.mark.parametrize("g,border", [(16, 1), (16, 0), (32, 2)])
+@pytest.mark.parametrize("stride,padding", [((2, 2), (1, 1)), ((1, 1), (1, 1)), ((1, 3), (2, 0)), ((2, 2), (0, 0))])
+@pytest.mark.parametrize("hw", [(7, 9), (8, 8)])
+def test_pack_from_a_bordered_buffer_of_the_same_image_group(g, border, stride, padding, hw):
+    # Whole vectors per pixel on both sides: each pixel is copied as vectors and the padding
+    # written as zero vectors in the same pass (the source's border, zero, is not relied on).
+    n, c = 2 * g, 3
+    x = np.random.default_rng(g + border).standard_normal((n, c, *hw)).astype(np.float32)
+    lay = Layout(c, *hw, border, border, g)
+    hp, wp = lay.padded_hw
+    src = np.full((n // g, c, hp, wp, g), np.nan, np.float32)  # a border that is not zero must not leak
+    src[:, :, border:border + hw[0], border:border + hw[1]] = x.reshape(n // g, g, c, *hw).transpose(0, 2, 3, 4, 1)
+    size = packed_size(n, c, hw, stride, padding)
+    out = np.full(size + 5, np.nan, np.float32)
+    channels = np.array([True, False, True])
+    bind_pack(src.reshape(-1), lay, n, stride, padding, g, out, channels=channels)()
+    assert np.isnan(out[size:]).all()
+    want = np.full(size, np.nan, np.float32).reshape(n // g, c, -1)
+    want[:, channels] = pack_input(x, stride, padding, g).reshape(n // g, c, -1)[:, channels]
+    np.testing.assert_array_equal(out[:size].reshape(n // g, c, -1), want)
+
+
 def _assert_packed_as_defined(x, stride, padding, g):
     (n, c, h, w), (sh, sw), (ph, pw) = x.shape, stride, padding
     hq, wq = packed_hw((h, w), (sh, sw), (ph, pw))

@@ -429,22 +429,23 @@ def render(report: dict[str, Any]) -> str:
         f"{m['cores']} - threads.",
         "",
         "Models: random init (seed 0) with randomised BatchNorm statistics, pruned one-shot, exported with "
-        "`export_model`; the sparsity column gives the pruning target and the weight sparsity of the exported "
-        "bundle (trimming dead channels removes zeros, so it can be lower). With random init, global magnitude "
-        "pruning removes the deep layers first (their weights are smallest): at 99% VGG16 keeps 30-86% of its "
-        "first three convs and almost nothing after the fifth, which trimming then cuts away, so the shipped "
-        "'global' rows measure a small, moderately sparse network. harp's runtime trims dead channels itself "
-        "when it loads a bundle (`harp.export.channels.trim_channels` on the CSR weights), so on the "
-        "'global-untrimmed' bundles it computes what the trimmed network computes, while onnxruntime runs the "
-        "full model.onnx; its nonzero multiply-adds are counted after that trimming. Uniform pruning is closer to what learned "
-        "masks look like. HARP's published masks of these architectures come from CIFAR-10 on a GPU, neither of "
-        "which this machine has; `python -m harp.bench.learned_masks` trains the same architectures on MNIST "
-        "digits (as 32x32 RGB, the same input shape; a short CPU schedule) and prunes them with HARP, and "
-        "`--checkpoint DIR` exports and times such a checkpoint (or a CIFAR-10 one) in the 'given' section. "
-        "Global magnitude on those trained models (`learned_masks --methods global-magnitude`) gives the "
-        "random-init profile again (VGG16 at 99%: 86, 31, 31, 7, 6%, then at most 0.1% and the last six convs "
-        "empty; ResNet18: layer3 and layer4 convs at most 0.2%) and leaves both at chance accuracy after "
-        "fine-tuning, so the random-init 'global' rows stand for what global magnitude gives at 99%.",
+        "`export_model`; the sparsity column gives the pruning target and the weight sparsity of the exported"
+        " bundle (trimming dead channels removes zeros, so it can be lower). With random init, global "
+        "magnitude pruning removes the deep layers first (their weights are smallest): at 99% VGG16 keeps "
+        "30-86% of its first three convs and almost nothing after the fifth, which trimming then cuts away, "
+        "so the shipped 'global' rows measure a small, moderately sparse network. harp's runtime trims dead "
+        "channels itself when it loads a bundle (`harp.export.channels.trim_channels` on the CSR weights), so"
+        " on the 'global-untrimmed' bundles it computes what the trimmed network computes, while onnxruntime "
+        "runs the full model.onnx; its nonzero multiply-adds are counted after that trimming. Uniform pruning"
+        " is closer to what learned masks look like. HARP's published masks of these architectures come from "
+        "CIFAR-10 on a GPU, neither of which this machine has; `python -m harp.bench.learned_masks` trains "
+        "the same architectures on MNIST digits (as 32x32 RGB, the same input shape; a short CPU schedule) "
+        "and prunes them with HARP, and `--checkpoint DIR` exports and times such a checkpoint (or a CIFAR-10"
+        " one) in the 'given' section. Global magnitude on those trained models (`learned_masks --methods "
+        "global-magnitude`) gives the random-init profile again (VGG16 at 99%: 86, 31, 31, 7, 6%, then at "
+        "most 0.1% and the last six convs empty; ResNet18: layer3 and layer4 convs at most 0.2%) and leaves "
+        "both at chance accuracy after fine-tuning, so the random-init 'global' rows stand for what global "
+        "magnitude gives at 99%.",
     ]
     variants = list(dict.fromkeys(row.get("variant", "global") for row in report["latency"]))
     for variant in variants:

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .csr import INDICES_DTYPES, INDPTR_DTYPES, CSRTensor, narrowest_unsigned
+from .csr import CSRTensor, csr_from_entries
 from .errors import ExportError
 from .graph import Graph, GraphError, Node
 
@@ -425,9 +425,8 @@ def _reads(w: Weight, units: int) -> np.ndarray:
     if not isinstance(w, CSRTensor):
         return (w.reshape(w.shape[0], units, -1) != 0).any(axis=2)
     reads = np.zeros((w.n_rows, units), dtype=bool)
-    rows = np.repeat(np.arange(w.n_rows), np.diff(w.indptr.astype(np.int64)))
     stored = w.values != 0  # a reader tolerates stored zeros (an fp16 value rounded to 0)
-    reads[rows[stored], w.indices[stored].astype(np.int64) // (w.n_cols // units)] = True
+    reads[w.row_indices()[stored], w.indices[stored].astype(np.int64) // (w.n_cols // units)] = True
     return reads
 
 
@@ -439,17 +438,12 @@ def _select(w: Weight, rows: np.ndarray, cols: np.ndarray | None) -> Weight:
         return w[rows] if cols is None else w[rows][:, cols]
     block = w.n_cols // w.shape[1]  # columns per input channel (its kh*kw taps)
     kept_cols = np.ones(w.n_cols, dtype=bool) if cols is None else np.repeat(cols, block)
-    new_col = np.cumsum(kept_cols) - 1
-    row_of = np.repeat(np.arange(w.n_rows), np.diff(w.indptr.astype(np.int64)))
-    col_of = w.indices.astype(np.int64)
+    row_of, col_of = w.row_indices(), w.indices.astype(np.int64)
     keep = rows[row_of] & kept_cols[col_of]
-    new_row = np.cumsum(rows) - 1
     shape = (int(rows.sum()), int(kept_cols.sum()) // block, *w.shape[2:])
-    counts = np.bincount(new_row[row_of[keep]], minlength=shape[0])
-    indptr = np.zeros(shape[0] + 1, dtype=narrowest_unsigned(int(counts.sum()), INDPTR_DTYPES))
-    np.cumsum(counts, out=indptr[1:])
-    indices = new_col[col_of[keep]].astype(narrowest_unsigned(max(math.prod(shape[1:]) - 1, 0), INDICES_DTYPES))
-    return CSRTensor(shape, indptr, indices, np.ascontiguousarray(w.values[keep]))
+    # Kept rows and columns renumbered in order: the entries stay sorted by row, then column.
+    return csr_from_entries(shape, (np.cumsum(rows) - 1)[row_of[keep]], (np.cumsum(kept_cols) - 1)[col_of[keep]],
+                            w.values[keep])
 
 
 def _count(graph: Graph, *, nonzero: bool) -> int:

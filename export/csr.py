@@ -62,12 +62,14 @@ class CSRTensor:
         size = self.n_rows * self.n_cols
         return self.nnz / size if size else 0.0
 
+    def row_indices(self) -> np.ndarray:
+        """The row of every stored value, int64 (assumes a checked tensor)."""
+        return np.repeat(np.arange(self.n_rows), np.diff(self.indptr.astype(np.int64)))
+
     def to_dense(self) -> np.ndarray:
         """The full weight as a float32 array of `shape` (assumes a checked tensor)."""
         dense = np.zeros((self.n_rows, self.n_cols), dtype=np.float32)
-        counts = np.diff(self.indptr.astype(np.int64))
-        rows = np.repeat(np.arange(self.n_rows), counts)
-        dense[rows, self.indices.astype(np.int64)] = self.values.astype(np.float32)
+        dense[self.row_indices(), self.indices.astype(np.int64)] = self.values.astype(np.float32)
         return dense.reshape(self.shape)
 
 
@@ -107,13 +109,17 @@ def dense_to_csr(w: np.ndarray, values_dtype: np.dtype | type | str = np.float32
     if not np.isfinite(values).all():
         raise CSRError(f"weight of shape {shape} overflows {values_dtype.name}")
     keep = values != 0
-    rows, cols, values = rows[keep], cols[keep], values[keep]
-    nnz = int(values.shape[0])
-    indptr_dtype = narrowest_unsigned(nnz, INDPTR_DTYPES)
-    indices_dtype = narrowest_unsigned(max(n_cols - 1, 0), INDICES_DTYPES)
-    indptr = np.zeros(n_rows + 1, dtype=indptr_dtype)
+    return csr_from_entries(shape, rows[keep], cols[keep], values[keep])
+
+
+def csr_from_entries(shape: tuple[int, ...], rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> CSRTensor:
+    """The CSRTensor of logical `shape` holding `values` at (rows, cols), sorted by row then column,
+    with the narrowest indptr and indices dtypes that fit."""
+    n_rows, n_cols = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    indptr = np.zeros(n_rows + 1, dtype=narrowest_unsigned(int(values.shape[0]), INDPTR_DTYPES))
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return CSRTensor(shape, indptr, cols.astype(indices_dtype), np.ascontiguousarray(values))
+    indices = np.asarray(cols).astype(narrowest_unsigned(max(n_cols - 1, 0), INDICES_DTYPES))
+    return CSRTensor(tuple(int(d) for d in shape), indptr, indices, np.ascontiguousarray(values))
 
 
 def check_csr(t: CSRTensor, name: str) -> None:

@@ -18,6 +18,16 @@ the whole input in L1 (4 channels of 8x8) it only matched this loop, 42
 against 44 GFLOP/s on one core. Long runs from L2, which the prefetcher
 streams, are as fast as short ones from L1.
 
+A strided conv whose input buffer holds 16 images per group (one vector per
+pixel) can skip the pack (`plan_sparse_conv2d(..., in_place=True)`): it reads the
+bordered runtime buffer itself, each output row one run whose vectors are the
+stride apart (`accumulate_rows`). Alone this is slower than the conv on a pack
+(64->128 channels, 32x32 -> 16x16 at 7%, batch 16: 1.1-1.4 ms against 0.7-0.8,
+with every other 64-byte line of a run unread, from L3), but the pack it saves
+cost 0.1-0.6 ms in the model, and a block's output can now overwrite its residual:
+HARP ResNet18 at batch 16 took 13.97 ms against 14.84 (medians of 100 runs,
+alternating in one process).
+
 `plan_sparse_conv2d` decodes the CSR columns into packed-input offsets once per
 (weight, input size); `sparse_conv2d` validates, packs and runs the kernel.
 """
@@ -57,7 +67,10 @@ class SparseConvPlan:
 
     `offsets[p]` is the position, in pixels of one image block of the packed input,
     where nonzero p's run starts (multiplied by the image group G at run time).
-    Channel runs for the work split are cached per thread count.
+    With `in_place` and a stride > 1 the input is not a pack but a runtime layout
+    buffer of border `border`, read at the stride (`packed_hw` is then its padded
+    size, and each output row one run). Channel runs for the work split are
+    cached per thread count.
     """
 
     weight_shape: tuple[int, int, int, int]
@@ -71,14 +84,24 @@ class SparseConvPlan:
     border: tuple[int, int]  # the padding of the packed input (>= padding)
     offsets: np.ndarray
     row_cost: np.ndarray
+    in_place: bool = False
     _blocks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def strided_rows(self) -> bool:
+        """Whether the input is a layout buffer read in place at a stride > 1, one output row at a time."""
+        return self.in_place and self.stride != (1, 1)
+
+    @property
+    def channel_pixels(self) -> int:
+        """Pixels of one input channel of one image block in the input the kernel reads."""
+        phases = 1 if self.strided_rows else self.stride[0] * self.stride[1]
+        return phases * self.packed_hw[0] * self.packed_hw[1]
 
     def used_channels(self) -> np.ndarray:
         """One bool per input channel: does some nonzero weight read it (see `packing.bind_pack`)."""
-        channels = self.weight_shape[1] * self.groups
-        chan_pix = self.stride[0] * self.stride[1] * self.packed_hw[0] * self.packed_hw[1]
-        used = np.zeros(channels, np.bool_)
-        used[self.offsets // chan_pix] = True
+        used = np.zeros(self.weight_shape[1] * self.groups, np.bool_)
+        used[self.offsets // self.channel_pixels] = True
         return used
 
     def blocks(self, n_threads: int) -> np.ndarray:
@@ -89,11 +112,14 @@ class SparseConvPlan:
 
 
 def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padding=(0, 0),
-                       dilation=(1, 1), groups=1, border=None) -> SparseConvPlan:
+                       dilation=(1, 1), groups=1, border=None, in_place=False) -> SparseConvPlan:
     """Decode a CSR conv weight's columns into packed-input offsets for inputs of `in_hw`.
 
     `border` >= `padding`: the packed input has this padding, e.g. a runtime
     `layout` buffer read in place (stride 1) or a pack shared with another conv.
+    `in_place`: the input is a runtime layout buffer with that border, read as it
+    is at any stride; with a stride > 1 this needs an image group of 16 (one
+    vector per pixel, see `bind_sparse_conv2d`).
     """
     o, cg, kh, kw = (int(d) for d in weight_shape)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -109,9 +135,15 @@ def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padd
     if out_hw[0] <= 0 or out_hw[1] <= 0:
         raise ValueError(f"sparse_conv2d: input {in_hw} gives empty output {out_hw} "
                          f"for weight {weight_shape}")
-    hq, wq = packed_hw(in_hw, stride, border)
-    chan_pix = stride[0] * stride[1] * hq * wq
-    taps = tap_offsets((kh, kw), stride, padding, dilation, in_hw, border=border)
+    strided_rows = in_place and stride != (1, 1)
+    if strided_rows:  # a layout buffer: one plane per channel, taps at their padded coordinates
+        hq, wq = in_hw[0] + 2 * border[0], in_hw[1] + 2 * border[1]
+        chan_pix = hq * wq
+        taps = tap_offsets((kh, kw), (1, 1), padding, dilation, in_hw, border=border)
+    else:
+        hq, wq = packed_hw(in_hw, stride, border)
+        chan_pix = stride[0] * stride[1] * hq * wq
+        taps = tap_offsets((kh, kw), stride, padding, dilation, in_hw, border=border)
     counts = np.diff(indptr)
     if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(counts < 0):
         raise ValueError(f"sparse_conv2d: indptr of weight {weight_shape} is not 0..nnz={indices.shape[0]} "
@@ -127,6 +159,7 @@ def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padd
         weight_shape=(o, cg, kh, kw), in_hw=in_hw, out_hw=out_hw, packed_hw=(hq, wq),
         stride=stride, padding=padding, dilation=dilation, groups=int(groups), border=border,
         offsets=np.ascontiguousarray(offsets, np.int64), row_cost=(counts + 1).astype(np.float64),
+        in_place=bool(in_place),
     )
 
 
@@ -153,6 +186,9 @@ def sparse_conv2d(x, indptr, indices, values, weight_shape, bias=None, stride=(1
                          f"{plan.stride}, padding {plan.padding} (border {plan.border}), dilation "
                          f"{plan.dilation}, groups {plan.groups}; got input {x.shape[2:]}, weight "
                          f"{tuple(weight_shape)}, stride/padding/dilation/groups {geometry}")
+    if plan.strided_rows:
+        raise ValueError(f"{op}: the plan reads a layout buffer in place at stride {plan.stride}; this function "
+                         f"packs its input, so pass a plan made without in_place (or use bind_sparse_conv2d)")
     n = x.shape[0]
     o = plan.weight_shape[0]
     ho, wo = plan.out_hw
@@ -186,7 +222,10 @@ def bind_sparse_conv2d(plan: SparseConvPlan, indptr, values, packed, n: int, gro
     channels = cg * plan.groups
     if group < 1 or n % group:
         raise ValueError(f"{op}: image group {group} does not divide batch {n}")
-    block_elems = channels * plan.stride[0] * plan.stride[1] * hq * wq * group
+    if plan.strided_rows and group != LANES:
+        raise ValueError(f"{op}: reading a layout buffer in place at stride {plan.stride} needs an image "
+                         f"group of {LANES}, got {group}")
+    block_elems = channels * plan.channel_pixels * group
     _check_flat(op, "packed input", packed, block_elems * (n // group))
     if values.dtype != np.float32 or values.shape != plan.offsets.shape or not values.flags.c_contiguous:
         raise ValueError(f"{op}: values must be contiguous float32 with one entry per nonzero "
@@ -196,12 +235,15 @@ def bind_sparse_conv2d(plan: SparseConvPlan, indptr, values, packed, n: int, gro
     res_params, has_res = _check_output_layouts(op, (o, ho, wo), n, out, out_layout, residual, res_layout)
     if bias.dtype != np.float32 or bias.shape != (o,):
         raise ValueError(f"{op}: bias must be float32 ({o},), got {bias.dtype} {bias.shape}")
-    tile_pix = equal_tiles((ho - 1) * wq + wo, max(1, TILE_ELEMS // group))
+    # A strided in-place read has no garbage columns: its output pixels are numbered ho x wo.
+    out_wq, row_pix, col_step = (wo, plan.stride[0] * wq, plan.stride[1]) if plan.strided_rows else (wq, 0, 0)
+    tile_pix = equal_tiles((ho - 1) * out_wq + wo, max(1, TILE_ELEMS // group))
     threads = numba.get_num_threads() if n_threads is None else n_threads
     res = residual if has_res else _NO_RES
     return partial(_sparse_conv, packed, block_elems, plan.offsets, as_kernel_array(indptr),
-                   as_kernel_array(values), n, group, ho, wo, wq, tile_pix, plan.blocks(threads), bias,
-                   act, np.float32(lo), np.float32(hi), res, res_params, has_res, out, out_layout.params())
+                   as_kernel_array(values), n, group, ho, wo, out_wq, tile_pix, plan.blocks(threads), bias,
+                   act, np.float32(lo), np.float32(hi), res, res_params, has_res, out, out_layout.params(),
+                   row_pix, col_step)
 
 
 def equal_tiles(length: int, most: int) -> int:
@@ -251,9 +293,11 @@ def sparse_conv2d_workspace(plan: SparseConvPlan, n: int) -> int:
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 def _sparse_conv(packed, block_elems, offsets, indptr, values, n, g, ho, wo, wq, tile_pix, blocks,
-                 bias, act, lo, hi, res, res_lay, has_res, out, out_lay):
+                 bias, act, lo, hi, res, res_lay, has_res, out, out_lay, row_pix, col_step):
     # Work item = (image block, tile of output pixels, run of output channels), in that
     # order, so each thread gets consecutive tiles and their input rows stay cached.
+    # col_step 0: a packed input, where a tile is one run; else a layout buffer read in
+    # place, output row oh at input pixel oh*row_pix, its pixels col_step apart (wq = wo).
     l_pix = (ho - 1) * wq + wo
     n_tiles = (l_pix + tile_pix - 1) // tile_pix
     n_blocks = blocks.shape[0] - 1
@@ -266,9 +310,14 @@ def _sparse_conv(packed, block_elems, offsets, indptr, values, n, g, ho, wo, wq,
         q0 = tile * tile_pix
         q1 = min(q0 + tile_pix, l_pix)
         acc = np.empty((q1 - q0) * g, np.float32)
-        start = img_block * block_elems + q0 * g
+        start = img_block * block_elems + (q0 * g if col_step == 0 else 0)
+        row_q, row_src = tile_rows(q0, q1, wo, row_pix, col_step)
         for o in range(blocks[block], blocks[block + 1]):
-            accumulate_row(acc, packed, offsets, values, indptr[o], indptr[o + 1], start, g)
+            if col_step == 0:
+                accumulate_row(acc, packed, offsets, values, indptr[o], indptr[o + 1], start, g)
+            else:
+                accumulate_rows(acc, packed, offsets, values, indptr[o], indptr[o + 1], start, q0, row_q, row_src,
+                                col_step)
             store_tile(acc, o, q0, q1, img_block, g, ho, wq, wo, bias[o], act, lo, hi,
                        res, res_lay, has_res, out, out_lay)
 
@@ -297,9 +346,9 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
         w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
         w4, w5, w6, w7 = vsplat(values[p + 4]), vsplat(values[p + 5]), vsplat(values[p + 6]), vsplat(values[p + 7])
         for k in range(0, full, LANES):
-            _add8(acc, k, LANES, first, packed, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
+            _add8(acc, k, LANES, first, packed, k, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
         if full < length:
-            _add8(acc, full, tail, first, packed, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
+            _add8(acc, full, tail, first, packed, full, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
         first = False
         p += 8
     if p + 4 <= p1:
@@ -307,18 +356,18 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
         s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
         w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
         for k in range(0, full, LANES):
-            _add4(acc, k, LANES, first, packed, s0, s1, s2, s3, w0, w1, w2, w3)
+            _add4(acc, k, LANES, first, packed, k, s0, s1, s2, s3, w0, w1, w2, w3)
         if full < length:
-            _add4(acc, full, tail, first, packed, s0, s1, s2, s3, w0, w1, w2, w3)
+            _add4(acc, full, tail, first, packed, full, s0, s1, s2, s3, w0, w1, w2, w3)
         first = False
         p += 4
     while p < p1:
         s0 = offsets[p] * g + start
         w0 = vsplat(values[p])
         for k in range(0, full, LANES):
-            _add1(acc, k, LANES, first, packed, s0, w0)
+            _add1(acc, k, LANES, first, packed, k, s0, w0)
         if full < length:
-            _add1(acc, full, tail, first, packed, s0, w0)
+            _add1(acc, full, tail, first, packed, full, s0, w0)
         first = False
         p += 1
     if first:  # an empty row
@@ -326,36 +375,103 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _add8(acc, k, mask, first, packed, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7):
-    """acc[k : k + 16] (=, or += unless first) w0 x0 + ... + w7 x7, x_i = packed[s_i + k :], left to right.
+def tile_rows(q0, q1, wo, row_pix, col_step):
+    """The output rows of tile q0..q1 for `accumulate_rows`: (row_q, row_src).
+
+    Row r of the tile is output pixels row_q[r]..row_q[r + 1]; row_src[r] is
+    where its first pixel's input starts, in floats from the image block's start.
+    (Two empty arrays for a packed input, col_step 0.)
+    """
+    rows = (q1 - 1) // wo - q0 // wo + 1 if col_step else 0
+    row_q = np.empty(rows + 1, np.int64)
+    row_src = np.empty(rows, np.int64)
+    row_q[0] = q0
+    for r in range(rows):
+        oh = row_q[r] // wo
+        row_q[r + 1] = min(q1, (oh + 1) * wo)
+        row_src[r] = (oh * row_pix + (row_q[r] - oh * wo) * col_step) * LANES
+    return row_q, row_src
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def accumulate_rows(acc, packed, offsets, values, p0, p1, start, q0, row_q, row_src, col_step):
+    """`accumulate_row` for a tile of an input read in place at a stride, one image group of 16.
+
+    Output pixel q is acc[(q - q0)*16 :][:16]; the pixels of row r of the tile
+    (`tile_rows`) read packed[offsets[p]*16 + start + row_src[r] + j*col_step*16 :][:16]
+    for j = 0, 1, ...: whole vectors, no tail. The rows are walked inside each group
+    of nonzeros, so a group's offsets and weights are loaded once per tile.
+    """
+    rows = row_src.shape[0]
+    step = col_step * LANES
+    p = p0
+    first = True
+    while p + 8 <= p1:
+        s0, s1 = offsets[p] * LANES + start, offsets[p + 1] * LANES + start
+        s2, s3 = offsets[p + 2] * LANES + start, offsets[p + 3] * LANES + start
+        s4, s5 = offsets[p + 4] * LANES + start, offsets[p + 5] * LANES + start
+        s6, s7 = offsets[p + 6] * LANES + start, offsets[p + 7] * LANES + start
+        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
+        w4, w5, w6, w7 = vsplat(values[p + 4]), vsplat(values[p + 5]), vsplat(values[p + 6]), vsplat(values[p + 7])
+        for r in range(rows):
+            for j in range(row_q[r + 1] - row_q[r]):
+                _add8(acc, (row_q[r] - q0 + j) * LANES, LANES, first, packed, row_src[r] + j * step,
+                      s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
+        first = False
+        p += 8
+    if p + 4 <= p1:
+        s0, s1 = offsets[p] * LANES + start, offsets[p + 1] * LANES + start
+        s2, s3 = offsets[p + 2] * LANES + start, offsets[p + 3] * LANES + start
+        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
+        for r in range(rows):
+            for j in range(row_q[r + 1] - row_q[r]):
+                _add4(acc, (row_q[r] - q0 + j) * LANES, LANES, first, packed, row_src[r] + j * step,
+                      s0, s1, s2, s3, w0, w1, w2, w3)
+        first = False
+        p += 4
+    while p < p1:
+        s0 = offsets[p] * LANES + start
+        w0 = vsplat(values[p])
+        for r in range(rows):
+            for j in range(row_q[r + 1] - row_q[r]):
+                _add1(acc, (row_q[r] - q0 + j) * LANES, LANES, first, packed, row_src[r] + j * step, s0, w0)
+        first = False
+        p += 1
+    if first:  # an empty row
+        acc[:] = 0.0
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _add8(acc, k, mask, first, packed, kx, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7):
+    """acc[k : k + 16] (=, or += unless first) w0 x0 + ... + w7 x7, x_i = packed[s_i + kx :], left to right.
 
     mask: LANES, or a `vmask` for the last, partial vector.
     """
-    t = vmul(w0, vload(packed, s0 + k, mask))
-    t = vfma(w1, vload(packed, s1 + k, mask), t)
-    t = vfma(w2, vload(packed, s2 + k, mask), t)
-    t = vfma(w3, vload(packed, s3 + k, mask), t)
-    t = vfma(w4, vload(packed, s4 + k, mask), t)
-    t = vfma(w5, vload(packed, s5 + k, mask), t)
-    t = vfma(w6, vload(packed, s6 + k, mask), t)
-    t = vfma(w7, vload(packed, s7 + k, mask), t)
+    t = vmul(w0, vload(packed, s0 + kx, mask))
+    t = vfma(w1, vload(packed, s1 + kx, mask), t)
+    t = vfma(w2, vload(packed, s2 + kx, mask), t)
+    t = vfma(w3, vload(packed, s3 + kx, mask), t)
+    t = vfma(w4, vload(packed, s4 + kx, mask), t)
+    t = vfma(w5, vload(packed, s5 + kx, mask), t)
+    t = vfma(w6, vload(packed, s6 + kx, mask), t)
+    t = vfma(w7, vload(packed, s7 + kx, mask), t)
     vstore(acc, k, mask, t if first else vadd(vload(acc, k, mask), t))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _add4(acc, k, mask, first, packed, s0, s1, s2, s3, w0, w1, w2, w3):
+def _add4(acc, k, mask, first, packed, kx, s0, s1, s2, s3, w0, w1, w2, w3):
     """`_add8` for four nonzeros."""
-    t = vmul(w0, vload(packed, s0 + k, mask))
-    t = vfma(w1, vload(packed, s1 + k, mask), t)
-    t = vfma(w2, vload(packed, s2 + k, mask), t)
-    t = vfma(w3, vload(packed, s3 + k, mask), t)
+    t = vmul(w0, vload(packed, s0 + kx, mask))
+    t = vfma(w1, vload(packed, s1 + kx, mask), t)
+    t = vfma(w2, vload(packed, s2 + kx, mask), t)
+    t = vfma(w3, vload(packed, s3 + kx, mask), t)
     vstore(acc, k, mask, t if first else vadd(vload(acc, k, mask), t))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _add1(acc, k, mask, first, packed, s0, w0):
+def _add1(acc, k, mask, first, packed, kx, s0, w0):
     """`_add8` for one nonzero."""
-    t = vmul(w0, vload(packed, s0 + k, mask))
+    t = vmul(w0, vload(packed, s0 + kx, mask))
     vstore(acc, k, mask, t if first else vadd(vload(acc, k, mask), t))
 
 

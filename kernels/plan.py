@@ -13,8 +13,10 @@
    does an add. A standalone relu/clip is an `act` step; flatten is a `flatten`
    step, a view of its input where the layout allows (see below).
 2. Borders. Every 4-D value is stored in a runtime `layout` whose zero border is
-   the largest padding of the stride-1 convs that read it, so those convs read
-   it in place and its producer writes their packed input (`layout`).
+   the largest padding of the convs that read it, so those convs read it in
+   place and its producer writes their packed input (`layout`): stride-1 convs
+   with any kernel, strided ones with the sparse kernel where a pixel is one
+   vector (`steps.ConvExecutor.reads_strided_in_place`); the others pack it.
 3. Buffers. Values get buffer slots by liveness: a slot is reused once its last
    reader has run; a step writes in place over an input that dies at that step
    when the layouts agree (act/affine, add, and a conv's residual); a bordered
@@ -209,10 +211,10 @@ def _halving(node: Node) -> bool:
 
 
 def _borders(steps: list[Step], shapes: dict[str, tuple[int, ...]], input_name: str) -> dict[str, tuple[int, int]]:
-    """Per value, the largest padding among the stride-1 convs reading it (the graph input has none)."""
+    """Per value, the largest padding among the convs reading it (the graph input has none)."""
     borders = {value: (0, 0) for value in shapes}
     for step in steps:
-        if step.op != "conv2d" or tuple(step.attrs["stride"]) != (1, 1):
+        if step.op != "conv2d":
             continue
         value = step.inputs[0]
         if value == input_name:

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harp.export.csr import dense_to_csr
-from harp.kernels.conv import bind_sparse_conv2d, plan_sparse_conv2d
+from harp.kernels import conv
+from harp.kernels.conv import bind_sparse_conv2d, plan_sparse_conv2d, sparse_conv2d
 from harp.kernels.csr import kernel_csr
 from harp.kernels import dense
 from harp.kernels.dense import bind_dense_conv2d, plan_dense_conv2d
@@ -163,6 +164,77 @@ def test_conv_writes_in_place_over_its_residual():
                        layout)()
     expected = epilogue_ref(conv2d_ref(x, weight, None, (1, 1), (1, 1), (1, 1), 1), "relu", None, residual)
     assert_close(from_layout(res, layout, 2), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(depthwise=st.booleans(), c=st.integers(1, 5), o=st.integers(1, 6), k=st.sampled_from([1, 2, 3]),
+       stride=st.sampled_from([(2, 2), (3, 2), (2, 1)]), dilation=st.integers(1, 2), data=st.data())
+def test_strided_conv_reads_a_layout_buffer_in_place(depthwise, c, o, k, stride, dilation, data):
+    """With 16 images per group a strided sparse conv reads the bordered buffer itself, no pack.
+
+    Its result must be the reference's, and bit for bit the pack's (the same sums in
+    the same order), for any border >= padding, output border and residual layout,
+    tiles that start and end mid-row, empty rows and all-zero or dense weights.
+    """
+    n, groups = 16, (c if depthwise else 1)
+    o = c if depthwise else o
+    padding = data.draw(st.integers(0, (k * dilation) // 2), label="padding")
+    smallest = max(1, (k - 1) * dilation + 1 - 2 * padding)  # one output pixel
+    hw = (data.draw(st.integers(smallest, 9)), data.draw(st.integers(smallest, 9)))
+    border = (padding + data.draw(st.integers(0, 1)), padding + data.draw(st.integers(0, 2)))
+    density = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="density")
+    out_border, res_border = data.draw(st.integers(0, 1)), data.draw(st.sampled_from([None, 0, 1]))
+    tile = data.draw(st.sampled_from([16 * 3, 16 * 5, 2048]), label="tile")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    x = rng.standard_normal((n, c, *hw)).astype(np.float32)
+    shape = (o, c // groups, k, k)
+    weight = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    expected = conv2d_ref(x, weight, bias, stride, (padding, padding), (dilation, dilation), groups)
+    out_layout = Layout(o, *expected.shape[2:], out_border, out_border, n)
+    res = res_layout = residual = None
+    if res_border is not None:
+        residual = rng.standard_normal(expected.shape).astype(np.float32)
+        res_layout = Layout(o, *expected.shape[2:], res_border, res_border, n)
+        res = to_layout(residual, res_layout)
+    expected = epilogue_ref(expected, "relu", None, residual)
+    in_layout = Layout(c, *hw, *border, n)
+    buf = to_layout(x, in_layout)
+    indptr, indices, values = kernel_csr(dense_to_csr(weight))
+    act, lo, hi = resolve_activation("test", "relu")
+    geometry = (stride, (padding, padding), (dilation, dilation), groups)
+    plan = plan_sparse_conv2d(indptr, indices, weight.shape, hw, *geometry, border=border, in_place=True)
+    assert plan.strided_rows
+    out = np.zeros(out_layout.size(n), np.float32)
+    with pytest.MonkeyPatch.context() as mp:  # the tile size is read when binding
+        mp.setattr(conv, "TILE_ELEMS", tile)
+        bind_sparse_conv2d(plan, indptr, values, buf, n, n, bias, act, lo, hi, res, res_layout, out, out_layout)()
+    assert borders_are_zero(out, out_layout, n)
+    assert_close(from_layout(out, out_layout, n), expected)
+    # The same conv from a pack of the buffer.
+    packed_plan = plan_sparse_conv2d(indptr, indices, weight.shape, hw, *geometry)
+    packed = np.empty(packed_size(n, c, hw, stride, (padding, padding)), np.float32)
+    bind_pack(buf, in_layout, n, stride, (padding, padding), n, packed)()
+    from_pack = np.zeros_like(out)
+    bind_sparse_conv2d(packed_plan, indptr, values, packed, n, n, bias, act, lo, hi, res, res_layout, from_pack,
+                       out_layout)()
+    np.testing.assert_array_equal(out, from_pack)
+    np.testing.assert_array_equal(plan.used_channels(), packed_plan.used_channels())
+
+
+def test_strided_in_place_plans_need_an_image_group_of_16():
+    weight = np.ones((2, 3, 3, 3), np.float32)
+    indptr, indices, values = kernel_csr(dense_to_csr(weight))
+    plan = plan_sparse_conv2d(indptr, indices, weight.shape, (6, 6), 2, 1, border=(1, 1), in_place=True)
+    layout, out_layout = Layout(3, 6, 6, 1, 1, 4), Layout(2, 3, 3, 0, 0, 4)
+    act, lo, hi = resolve_activation("test", "none")
+    with pytest.raises(ValueError, match="needs an image group of 16"):
+        bind_sparse_conv2d(plan, indptr, values, np.zeros(layout.size(4), np.float32), 4, 4,
+                           np.zeros(2, np.float32), act, lo, hi, None, None, np.zeros(out_layout.size(4), np.float32),
+                           out_layout)
+    with pytest.raises(ValueError, match="reads a layout buffer in place"):
+        sparse_conv2d(np.zeros((1, 3, 6, 6), np.float32), indptr, indices, values, weight.shape, stride=2,
+                      padding=1, plan=plan_sparse_conv2d(indptr, indices, weight.shape, (6, 6), 2, 1, in_place=True))
 
 
 def test_bind_rejects_overlapping_out_and_mismatched_layouts():

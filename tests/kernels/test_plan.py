@@ -58,7 +58,7 @@ def test_borders_follow_stride_one_readers_and_flatten_is_a_view():
     plan = plan_graph(residual_graph())
     border = {name: v.border for name, v in plan.values.items()}
     assert border["n"] == border["ar"] == border["cr"] == border["br"] == (1, 1)  # read in place by 3x3 p1 convs
-    assert border["ds"] == (0, 0)  # read by a stride-2 conv, which repacks anyway
+    assert border["ds"] == (0, 0)  # read only by a stride-2 conv without padding
     assert border["x"] == (0, 0) and plan.values["x"].slot == -1
     assert plan.values["f"].view_of == "g" and plan.values["f"].slot == plan.values["g"].slot
 
@@ -100,11 +100,13 @@ def _assert_no_live_value_shares_a_slot(plan):
 def test_runtime_matches_reference_on_the_planned_graph(tmp_path):
     graph = residual_graph()
     write_bundle(graph, tmp_path / "m.harpz")
-    x = np.random.default_rng(1).random((3, 3, 8, 8), dtype=np.float32)
+    x = np.random.default_rng(1).random((16, 3, 8, 8), dtype=np.float32)
     expected = run_reference(graph, x)
     for fallback in ("sparse", "dense"):
         runtime = Runtime(load_bundle(tmp_path / "m.harpz"), threads=1, fallback=fallback)
-        np.testing.assert_allclose(runtime.run(x), expected, rtol=1e-4, atol=1e-4 * max(1, np.abs(expected).max()))
+        for n in (3, 16):  # at 16 the sparse stride-2 conv e reads its input in place
+            np.testing.assert_allclose(runtime.run(x[:n]), expected[:n], rtol=1e-4,
+                                       atol=1e-4 * max(1, np.abs(expected).max()))
 
 
 def flat_graph(flatten_input_hw) -> Graph:

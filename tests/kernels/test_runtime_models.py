@@ -39,3 +39,25 @@ def test_runtime_matches_reference_and_torch(registry_bundle, arch):
         kernels = {r["kernel"] for r in runtime.plan_report() if r["op"] in ("conv2d", "linear")}
         # Every family has 3x3 stride-1 convs; the rest (and linear layers) run the dense kernel.
         assert kernels == ({"winograd", "dense"} if fallback == "winograd" else {fallback})
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_strided_convs_read_their_input_in_place_at_batch_16(registry_bundle, arch):
+    """16 images per group: the sparse kernel reads a stride-2 conv's bordered input as it is, no pack."""
+    from harp.kernels.packing import _pack
+
+    _, graph, path = registry_bundle(arch)
+    x = np.random.default_rng(4).random((16, 3, 32, 32), dtype=np.float32)
+    reference = run_reference(graph, x)
+    packing = {}
+    for fallback in ("sparse", "dense"):
+        runtime = load_runtime(path, threads=2, fallback=fallback)
+        assert_parity(runtime.run(x), reference)
+        steps = runtime.prepare(16).steps
+        packing[fallback] = {s.executor.step.name for s in steps
+                             if any(getattr(call, "func", None) is _pack for call in s.calls)}
+        strided = {ex.step.name for ex in runtime.executors
+                   if ex.step.op == "conv2d" and ex.geometry[0] != (1, 1) and ex.step.inputs[0] != graph.input_name}
+    # Every conv reads its input in place (the first one the normalized input); the dense kernel
+    # packs each strided conv's input.
+    assert len(strided) >= 3 and packing["sparse"] == set() and strided <= packing["dense"]

@@ -18,8 +18,8 @@ the whole input in L1 (4 channels of 8x8) it only matched this loop, 42
 against 44 GFLOP/s on one core. Long runs from L2, which the prefetcher
 streams, are as fast as short ones from L1.
 
-A strided conv whose input buffer holds 16 images per group (one vector per
-pixel) can skip the pack (`plan_sparse_conv2d(..., in_place=True)`): it reads the
+A strided conv whose input buffer holds a multiple of 16 images per group (whole
+vectors per pixel) can skip the pack (`plan_sparse_conv2d(..., in_place=True)`): it reads the
 bordered runtime buffer itself, each output row one run whose vectors are the
 stride apart (`accumulate_rows`). Alone this is slower than the conv on a pack
 (64->128 channels, 32x32 -> 16x16 at 7%, batch 16: 1.1-1.4 ms against 0.7-0.8,
@@ -118,8 +118,8 @@ def plan_sparse_conv2d(indptr, indices, weight_shape, in_hw, stride=(1, 1), padd
     `border` >= `padding`: the packed input has this padding, e.g. a runtime
     `layout` buffer read in place (stride 1) or a pack shared with another conv.
     `in_place`: the input is a runtime layout buffer with that border, read as it
-    is at any stride; with a stride > 1 this needs an image group of 16 (one
-    vector per pixel, see `bind_sparse_conv2d`).
+    is at any stride; with a stride > 1 this needs an image group that is a
+    multiple of 16 (whole vectors per pixel, see `bind_sparse_conv2d`).
     """
     o, cg, kh, kw = (int(d) for d in weight_shape)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -222,9 +222,9 @@ def bind_sparse_conv2d(plan: SparseConvPlan, indptr, values, packed, n: int, gro
     channels = cg * plan.groups
     if group < 1 or n % group:
         raise ValueError(f"{op}: image group {group} does not divide batch {n}")
-    if plan.strided_rows and group != LANES:
+    if plan.strided_rows and group % LANES:
         raise ValueError(f"{op}: reading a layout buffer in place at stride {plan.stride} needs an image "
-                         f"group of {LANES}, got {group}")
+                         f"group that is a multiple of {LANES}, got {group}")
     block_elems = channels * plan.channel_pixels * group
     _check_flat(op, "packed input", packed, block_elems * (n // group))
     if values.dtype != np.float32 or values.shape != plan.offsets.shape or not values.flags.c_contiguous:
@@ -311,13 +311,13 @@ def _sparse_conv(packed, block_elems, offsets, indptr, values, n, g, ho, wo, wq,
         q1 = min(q0 + tile_pix, l_pix)
         acc = np.empty((q1 - q0) * g, np.float32)
         start = img_block * block_elems + (q0 * g if col_step == 0 else 0)
-        row_q, row_src = tile_rows(q0, q1, wo, row_pix, col_step)
+        row_q, row_src = tile_rows(q0, q1, wo, row_pix, col_step, g)
         for o in range(blocks[block], blocks[block + 1]):
             if col_step == 0:
                 accumulate_row(acc, packed, offsets, values, indptr[o], indptr[o + 1], start, g)
             else:
-                accumulate_rows(acc, packed, offsets, values, indptr[o], indptr[o + 1], start, q0, row_q, row_src,
-                                col_step)
+                accumulate_rows(acc, packed, offsets, values, indptr[o], indptr[o + 1], start, g, q0, row_q,
+                                row_src, col_step)
             store_tile(acc, o, q0, q1, img_block, g, ho, wq, wo, bias[o], act, lo, hi,
                        res, res_lay, has_res, out, out_lay)
 
@@ -375,7 +375,7 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def tile_rows(q0, q1, wo, row_pix, col_step):
+def tile_rows(q0, q1, wo, row_pix, col_step, g):
     """The output rows of tile q0..q1 for `accumulate_rows`: (row_q, row_src).
 
     Row r of the tile is output pixels row_q[r]..row_q[r + 1]; row_src[r] is
@@ -389,52 +389,58 @@ def tile_rows(q0, q1, wo, row_pix, col_step):
     for r in range(rows):
         oh = row_q[r] // wo
         row_q[r + 1] = min(q1, (oh + 1) * wo)
-        row_src[r] = (oh * row_pix + (row_q[r] - oh * wo) * col_step) * LANES
+        row_src[r] = (oh * row_pix + (row_q[r] - oh * wo) * col_step) * g
     return row_q, row_src
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def accumulate_rows(acc, packed, offsets, values, p0, p1, start, q0, row_q, row_src, col_step):
-    """`accumulate_row` for a tile of an input read in place at a stride, one image group of 16.
+def accumulate_rows(acc, packed, offsets, values, p0, p1, start, g, q0, row_q, row_src, col_step):
+    """`accumulate_row` for a tile of an input read in place at a stride, image group g a multiple of 16.
 
-    Output pixel q is acc[(q - q0)*16 :][:16]; the pixels of row r of the tile
-    (`tile_rows`) read packed[offsets[p]*16 + start + row_src[r] + j*col_step*16 :][:16]
-    for j = 0, 1, ...: whole vectors, no tail. The rows are walked inside each group
-    of nonzeros, so a group's offsets and weights are loaded once per tile.
+    Output pixel q is acc[(q - q0)*g :][:g]; pixel j of row r of the tile
+    (`tile_rows`) reads packed[offsets[p]*g + start + row_src[r] + j*col_step*g :][:g],
+    g/16 whole vectors, no tail. The rows are walked inside each group of
+    nonzeros, so a group's offsets and weights are loaded once per tile.
     """
     rows = row_src.shape[0]
-    step = col_step * LANES
+    step = col_step * g
+    vectors = g // LANES
     p = p0
     first = True
     while p + 8 <= p1:
-        s0, s1 = offsets[p] * LANES + start, offsets[p + 1] * LANES + start
-        s2, s3 = offsets[p + 2] * LANES + start, offsets[p + 3] * LANES + start
-        s4, s5 = offsets[p + 4] * LANES + start, offsets[p + 5] * LANES + start
-        s6, s7 = offsets[p + 6] * LANES + start, offsets[p + 7] * LANES + start
+        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
+        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
+        s4, s5 = offsets[p + 4] * g + start, offsets[p + 5] * g + start
+        s6, s7 = offsets[p + 6] * g + start, offsets[p + 7] * g + start
         w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
         w4, w5, w6, w7 = vsplat(values[p + 4]), vsplat(values[p + 5]), vsplat(values[p + 6]), vsplat(values[p + 7])
         for r in range(rows):
             for j in range(row_q[r + 1] - row_q[r]):
-                _add8(acc, (row_q[r] - q0 + j) * LANES, LANES, first, packed, row_src[r] + j * step,
-                      s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
+                for v in range(vectors):
+                    _add8(acc, (row_q[r] - q0 + j) * g + v * LANES, LANES, first, packed,
+                          row_src[r] + j * step + v * LANES, s0, s1, s2, s3, s4, s5, s6, s7,
+                          w0, w1, w2, w3, w4, w5, w6, w7)
         first = False
         p += 8
     if p + 4 <= p1:
-        s0, s1 = offsets[p] * LANES + start, offsets[p + 1] * LANES + start
-        s2, s3 = offsets[p + 2] * LANES + start, offsets[p + 3] * LANES + start
+        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
+        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
         w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
         for r in range(rows):
             for j in range(row_q[r + 1] - row_q[r]):
-                _add4(acc, (row_q[r] - q0 + j) * LANES, LANES, first, packed, row_src[r] + j * step,
-                      s0, s1, s2, s3, w0, w1, w2, w3)
+                for v in range(vectors):
+                    _add4(acc, (row_q[r] - q0 + j) * g + v * LANES, LANES, first, packed,
+                          row_src[r] + j * step + v * LANES, s0, s1, s2, s3, w0, w1, w2, w3)
         first = False
         p += 4
     while p < p1:
-        s0 = offsets[p] * LANES + start
+        s0 = offsets[p] * g + start
         w0 = vsplat(values[p])
         for r in range(rows):
             for j in range(row_q[r + 1] - row_q[r]):
-                _add1(acc, (row_q[r] - q0 + j) * LANES, LANES, first, packed, row_src[r] + j * step, s0, w0)
+                for v in range(vectors):
+                    _add1(acc, (row_q[r] - q0 + j) * g + v * LANES, LANES, first, packed,
+                          row_src[r] + j * step + v * LANES, s0, w0)
         first = False
         p += 1
     if first:  # an empty row

@@ -170,13 +170,13 @@ def test_conv_writes_in_place_over_its_residual():
 @given(depthwise=st.booleans(), c=st.integers(1, 5), o=st.integers(1, 6), k=st.sampled_from([1, 2, 3]),
        stride=st.sampled_from([(2, 2), (3, 2), (2, 1)]), dilation=st.integers(1, 2), data=st.data())
 def test_strided_conv_reads_a_layout_buffer_in_place(depthwise, c, o, k, stride, dilation, data):
-    """With 16 images per group a strided sparse conv reads the bordered buffer itself, no pack.
+    """With 16 or 32 images per group a strided sparse conv reads the bordered buffer itself, no pack.
 
     Its result must be the reference's, and bit for bit the pack's (the same sums in
     the same order), for any border >= padding, output border and residual layout,
     tiles that start and end mid-row, empty rows and all-zero or dense weights.
     """
-    n, groups = 16, (c if depthwise else 1)
+    n, groups = data.draw(st.sampled_from([16, 32]), label="images"), (c if depthwise else 1)
     o = c if depthwise else o
     padding = data.draw(st.integers(0, (k * dilation) // 2), label="padding")
     smallest = max(1, (k - 1) * dilation + 1 - 2 * padding)  # one output pixel
@@ -222,13 +222,13 @@ def test_strided_conv_reads_a_layout_buffer_in_place(depthwise, c, o, k, stride,
     np.testing.assert_array_equal(plan.used_channels(), packed_plan.used_channels())
 
 
-def test_strided_in_place_plans_need_an_image_group_of_16():
+def test_strided_in_place_plans_need_whole_vectors_per_pixel():
     weight = np.ones((2, 3, 3, 3), np.float32)
     indptr, indices, values = kernel_csr(dense_to_csr(weight))
     plan = plan_sparse_conv2d(indptr, indices, weight.shape, (6, 6), 2, 1, border=(1, 1), in_place=True)
     layout, out_layout = Layout(3, 6, 6, 1, 1, 4), Layout(2, 3, 3, 0, 0, 4)
     act, lo, hi = resolve_activation("test", "none")
-    with pytest.raises(ValueError, match="needs an image group of 16"):
+    with pytest.raises(ValueError, match="needs an image group that is a multiple of 16"):
         bind_sparse_conv2d(plan, indptr, values, np.zeros(layout.size(4), np.float32), 4, 4,
                            np.zeros(2, np.float32), act, lo, hi, None, None, np.zeros(out_layout.size(4), np.float32),
                            out_layout)

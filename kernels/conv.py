@@ -339,12 +339,8 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
     p = p0
     first = True
     while p + 8 <= p1:
-        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
-        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
-        s4, s5 = offsets[p + 4] * g + start, offsets[p + 5] * g + start
-        s6, s7 = offsets[p + 6] * g + start, offsets[p + 7] * g + start
-        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
-        w4, w5, w6, w7 = vsplat(values[p + 4]), vsplat(values[p + 5]), vsplat(values[p + 6]), vsplat(values[p + 7])
+        s0, s1, s2, s3, s4, s5, s6, s7 = _starts8(offsets, p, g, start)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _weights8(values, p)
         for k in range(0, full, LANES):
             _add8(acc, k, LANES, first, packed, k, s0, s1, s2, s3, s4, s5, s6, s7, w0, w1, w2, w3, w4, w5, w6, w7)
         if full < length:
@@ -352,9 +348,8 @@ def accumulate_row(acc, packed, offsets, values, p0, p1, start, g):
         first = False
         p += 8
     if p + 4 <= p1:
-        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
-        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
-        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
+        s0, s1, s2, s3 = _starts4(offsets, p, g, start)
+        w0, w1, w2, w3 = _weights4(values, p)
         for k in range(0, full, LANES):
             _add4(acc, k, LANES, first, packed, k, s0, s1, s2, s3, w0, w1, w2, w3)
         if full < length:
@@ -408,12 +403,8 @@ def accumulate_rows(acc, packed, offsets, values, p0, p1, start, g, q0, row_q, r
     p = p0
     first = True
     while p + 8 <= p1:
-        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
-        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
-        s4, s5 = offsets[p + 4] * g + start, offsets[p + 5] * g + start
-        s6, s7 = offsets[p + 6] * g + start, offsets[p + 7] * g + start
-        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
-        w4, w5, w6, w7 = vsplat(values[p + 4]), vsplat(values[p + 5]), vsplat(values[p + 6]), vsplat(values[p + 7])
+        s0, s1, s2, s3, s4, s5, s6, s7 = _starts8(offsets, p, g, start)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _weights8(values, p)
         for r in range(rows):
             for j in range(row_q[r + 1] - row_q[r]):
                 for v in range(vectors):
@@ -423,9 +414,8 @@ def accumulate_rows(acc, packed, offsets, values, p0, p1, start, g, q0, row_q, r
         first = False
         p += 8
     if p + 4 <= p1:
-        s0, s1 = offsets[p] * g + start, offsets[p + 1] * g + start
-        s2, s3 = offsets[p + 2] * g + start, offsets[p + 3] * g + start
-        w0, w1, w2, w3 = vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
+        s0, s1, s2, s3 = _starts4(offsets, p, g, start)
+        w0, w1, w2, w3 = _weights4(values, p)
         for r in range(rows):
             for j in range(row_q[r + 1] - row_q[r]):
                 for v in range(vectors):
@@ -445,6 +435,30 @@ def accumulate_rows(acc, packed, offsets, values, p0, p1, start, g, q0, row_q, r
         p += 1
     if first:  # an empty row
         acc[:] = 0.0
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _starts4(offsets, p, g, start):
+    """Where the runs of nonzeros p..p+3 start in the packed input."""
+    return offsets[p] * g + start, offsets[p + 1] * g + start, offsets[p + 2] * g + start, offsets[p + 3] * g + start
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _starts8(offsets, p, g, start):
+    """`_starts4` for nonzeros p..p+7."""
+    return _starts4(offsets, p, g, start) + _starts4(offsets, p + 4, g, start)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _weights4(values, p):
+    """The weights of nonzeros p..p+3, each in every lane of a vector."""
+    return vsplat(values[p]), vsplat(values[p + 1]), vsplat(values[p + 2]), vsplat(values[p + 3])
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _weights8(values, p):
+    """`_weights4` for nonzeros p..p+7."""
+    return _weights4(values, p) + _weights4(values, p + 4)
 
 
 @njit(cache=True, inline="always", error_model="numpy")

@@ -22,7 +22,7 @@ A strided conv whose input buffer holds a multiple of 16 images per group (whole
 vectors per pixel) can skip the pack (`plan_sparse_conv2d(..., in_place=True)`): it reads the
 bordered runtime buffer itself, each output row one run whose vectors are the
 stride apart (`accumulate_rows`). Alone this is slower than the conv on a pack
-(64->128 channels, 32x32 -> 16x16 at 7%, batch 16: 1.1-1.4 ms against 0.7-0.8,
+(64->128 channels, 32x32 -> 16x16 at 7%, batch 16: 1.0-1.4 ms against 0.7-0.8,
 with every other 64-byte line of a run unread, from L3), but the pack it saves
 cost 0.1-0.6 ms in the model, and a block's output can now overwrite its residual:
 HARP ResNet18 at batch 16 took 13.97 ms against 14.84 (medians of 100 runs,

@@ -15,8 +15,8 @@
 2. Borders. Every 4-D value is stored in a runtime `layout` whose zero border is
    the largest padding of the convs that read it, so those convs read it in
    place and its producer writes their packed input (`layout`): stride-1 convs
-   with any kernel, strided ones with the sparse kernel where a pixel is one
-   vector (`steps.ConvExecutor.reads_strided_in_place`); the others pack it.
+   with any kernel, strided ones with the sparse kernel where a pixel is whole
+   vectors (`steps.ConvExecutor.reads_strided_in_place`); the others pack it.
 3. Buffers. Values get buffer slots by liveness: a slot is reused once its last
    reader has run; a step writes in place over an input that dies at that step
    when the layouts agree (act/affine, add, and a conv's residual); a bordered

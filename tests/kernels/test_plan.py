@@ -54,7 +54,7 @@ def test_fusion_absorbs_activations_and_residual_adds():
     assert steps["e"].residual is None and steps["fc"].clamp is None
 
 
-def test_borders_follow_stride_one_readers_and_flatten_is_a_view():
+def test_borders_follow_the_conv_readers_and_flatten_is_a_view():
     plan = plan_graph(residual_graph())
     border = {name: v.border for name, v in plan.values.items()}
     assert border["n"] == border["ar"] == border["cr"] == border["br"] == (1, 1)  # read in place by 3x3 p1 convs

@@ -213,7 +213,8 @@ class Runtime:
         ctx = Context(plan, buffers)
         ctx.share_packs(self.executors)
         candidates = [self._candidates(ex) for ex in self.executors]
-        pack = max((ex.workspace(ctx) for ex in self.executors), default=0)
+        pack = max((ex.workspace(ctx, kernel) for ex, (kernels, _) in zip(self.executors, candidates)
+                    for kernel in kernels), default=0)
         scratch = max((ex.scratch(ctx, kernel) for ex, (kernels, _) in zip(self.executors, candidates)
                        for kernel in kernels), default=0)
         try:

@@ -141,8 +141,8 @@ class Executor:
         """Multiply-adds per image with the weight dense (what onnxruntime computes)."""
         return None
 
-    def workspace(self, ctx: Context) -> int:
-        """float32 elements of the pack workspace this step needs for the context's batch size."""
+    def workspace(self, ctx: Context, kernel: str) -> int:
+        """float32 elements of the pack workspace `kernel` needs for the context's batch size."""
         return 0
 
     def scratch(self, ctx: Context, kernel: str) -> int:
@@ -275,8 +275,8 @@ class ConvExecutor(Executor):
             return self._own_scratch(ctx, kernel)
         return self._own_scratch(ctx, kernel) + self.conv_layout(ctx).size(ctx.n)
 
-    def workspace(self, ctx: Context) -> int:
-        if not self.packs(ctx):
+    def workspace(self, ctx: Context, kernel: str) -> int:
+        if not self.packs(ctx) or (kernel == "sparse" and self.reads_strided_in_place(ctx)):
             return 0
         return packed_size(ctx.n, ctx.layout(self.step.inputs[0]).channels, self.in_hw, self.geometry[0],
                            self.padding)

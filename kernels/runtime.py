@@ -27,6 +27,7 @@ torch, onnx or scipy. A Runtime is not thread-safe: it owns its buffers.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -49,8 +50,9 @@ from .steps import EXECUTORS, Buffers, Call, Context, Executor, SharedPack
 FALLBACKS = ("auto", "sparse", "dense", "winograd")
 BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
 SPARSE_ONLY_BELOW = 0.05  # "auto" takes the sparse kernel of layers sparser than this without timing
-CHOICE_REPEATS = 3  # timed runs per candidate kernel (after one untimed run), best kept
-CHOICE_SLOW_US = 20_000.0  # timing runs longer than this (per candidate) end the timing after one
+CHOICE_REPEATS = 3  # timed rounds at most (after one untimed), the best time of each candidate kept
+CHOICE_SLOW_US = 50_000.0  # no further timing round when its model runs would take longer than this each
+CHOICE_DROP = 3.0  # after a timed round, a step stops timing its candidates this many times slower than its best
 SERIAL_BELOW_US = 40.0  # steps faster than this are also timed on one thread (no wake-up of the others)
 KEPT_BATCH_SIZES = 4  # prepared batch sizes kept (buffers and bound kernels)
 
@@ -355,24 +357,44 @@ def _timings_in_flow(variants: list[dict[str, list[Call]]]) -> list[dict[str, fl
     (dense) looks faster alone than it is (ResNet18's 256->512 conv at 18%
     density, batch 1: dense 447 µs alone, 1073 µs in the model, sparse 618 µs
     alone). Every round runs all steps in order once per kernel name, each step
-    that has that kernel using it; rounds alternate the names, the first is
-    untimed, and a slow model (big batches) gets fewer rounds.
+    that still times that kernel using it and the others their fastest so far;
+    the first round is untimed.
+
+    One timed round is not enough on a shared host, where a stall during one
+    run decides: HARP ResNet18 at batch 16 took Winograd for a layer1 conv at
+    3.45 ms over sparse at 3.91 (1.7 ms in its other runs), and in 1 load of 6
+    Winograd for all of layer1 (41 ms a run instead of 17-19). So each step
+    keeps the best of up to CHOICE_REPEATS rounds, and after each round stops
+    timing the candidates over CHOICE_DROP times slower than its best: the
+    later rounds then cost little more than runs of the chosen model. A round
+    whose model runs would take over CHOICE_SLOW_US each (big batches) is not run.
     """
     names = list(dict.fromkeys(kernel for bound in variants if len(bound) > 1 for kernel in bound))
-    best = [dict.fromkeys(bound, float("inf")) if len(bound) > 1 else {} for bound in variants]
+    best = [dict.fromkeys(bound, math.inf) for bound in variants]  # every step's, to estimate a round
+    timing = [set(bound) if len(bound) > 1 else set() for bound in variants]  # candidates still timed
     for round_ in range(CHOICE_REPEATS + 1):
-        round_start = time.perf_counter()
-        for name in names:
-            for bound, times in zip(variants, best):
-                calls = bound.get(name) or next(iter(bound.values()))
+        for name in [name for name in names if any(name in live for live in timing)]:
+            for bound, times, live in zip(variants, best, timing):
+                kernel = name if name in live else min(times, key=times.get)
                 start = time.perf_counter()
-                for call in calls:
+                for call in bound[kernel]:
                     call()
-                if round_ and name in times:
-                    times[name] = min(times[name], (time.perf_counter() - start) * 1e6)
-        if round_ and (time.perf_counter() - round_start) * 1e6 > CHOICE_SLOW_US * len(names):
+                if round_:
+                    times[kernel] = min(times[kernel], (time.perf_counter() - start) * 1e6)
+        if not round_:
+            continue
+        for times, live in zip(best, timing):
+            if live:
+                fastest = min(times[kernel] for kernel in live)
+                live.difference_update([kernel for kernel in live if times[kernel] > CHOICE_DROP * fastest])
+                if len(live) == 1:
+                    live.clear()
+        left = [name for name in names if any(name in live for live in timing)]
+        next_us = sum(times[name if name in live else min(times, key=times.get)]
+                      for name in left for times, live in zip(best, timing))
+        if next_us > CHOICE_SLOW_US * len(left):
             break
-    return best
+    return [times if len(bound) > 1 else {} for bound, times in zip(variants, best)]
 
 
 def _best_time_us(calls: list[Call]) -> float:

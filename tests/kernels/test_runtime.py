@@ -78,6 +78,59 @@ def test_candidates_are_timed_inside_whole_runs_of_the_model():
     assert len(runs) == 2 * (runtime_module.CHOICE_REPEATS + 1)
 
 
+def test_a_stall_in_one_timing_round_does_not_pick_the_kernel():
+    # The host stalls sparse's first timed run: one round would pick dense (4 ms) over sparse
+    # (2 ms, 8 ms when stalled). Winograd, over CHOICE_DROP times slower than dense, stops
+    # being timed after that round, and no model run is spent on its name any more.
+    import time
+
+    log = []
+    sparse_runs = []
+
+    def step(name, seconds):
+        def call():
+            log.append(name)
+            time.sleep(seconds)
+        return [call]
+
+    def sparse():
+        sparse_runs.append(None)
+        log.append("sparse")
+        time.sleep(0.008 if len(sparse_runs) == 2 else 0.002)  # run 1 is the untimed round
+
+    variants = [{"-": step("before", 0)},
+                {"sparse": [sparse], "dense": step("dense", 0.004), "winograd": step("winograd", 0.030)},
+                {"-": step("after", 0)}]
+    timings = runtime_module._timings_in_flow(variants)[1]
+    assert min(timings, key=timings.get) == "sparse" and 2000 <= timings["sparse"] < 4000
+    middles = [log[i + 1] for i in range(0, len(log), 3)]
+    assert len(log) == 3 * len(middles) and set(log[0::3]) == {"before"} and set(log[2::3]) == {"after"}
+    rounds = runtime_module.CHOICE_REPEATS + 1
+    assert middles.count("winograd") == 2  # the untimed round and the first timed one
+    assert middles[6:] == ["sparse", "dense"] * (rounds - 2)
+
+
+def test_a_step_runs_its_fastest_kernel_in_the_runs_of_names_it_lacks():
+    # Step b has no Winograd: in the Winograd runs after the first timed round it runs dense,
+    # its fastest so far, as the chosen model will, not its first kernel.
+    import time
+
+    log = []
+
+    def step(name, seconds):
+        def call():
+            log.append(name)
+            time.sleep(seconds)
+        return [call]
+
+    variants = [{"sparse": step("a-sparse", 0.001), "winograd": step("a-winograd", 0.0015)},
+                {"sparse": step("b-sparse", 0.002), "dense": step("b-dense", 0.001)}]
+    runtime_module._timings_in_flow(variants)
+    runs = [tuple(log[i:i + 2]) for i in range(0, len(log), 2)]  # sparse, winograd, dense each round
+    assert runs[:3] == [("a-sparse", "b-sparse"), ("a-winograd", "b-sparse"), ("a-sparse", "b-dense")]
+    assert runs[7] == ("a-winograd", "b-dense") and runs[8] == ("a-sparse", "b-dense")
+
+
 def test_plan_fuses_and_reuses_buffers(resnet):
     _, _, runtime = resnet
     summary = runtime.summary()

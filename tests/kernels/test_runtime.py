@@ -1,6 +1,8 @@
 """Runtime API: loading, kernel choice and report, batch sizes, threads, and input validation."""
 
 import threading
+import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -52,18 +54,19 @@ def test_auto_choice_is_timed_and_reported(resnet):
     assert winograd_steps >= 10  # ResNet18's 3x3 stride-1 convs
 
 
+def recorded_step(log, name, seconds):
+    """A step's calls for `_timings_in_flow`: one call that logs `name` and takes `seconds`."""
+    def call():
+        log.append(name)
+        time.sleep(seconds)
+    return [call]
+
+
 def test_candidates_are_timed_inside_whole_runs_of_the_model():
     # Three steps, the middle one with two kernels; each call records itself and takes a
     # known time, so the order of the calls and the best time of each candidate are checked.
-    import time
-
     log = []
-
-    def step(name, seconds):
-        def call():
-            log.append(name)
-            time.sleep(seconds)
-        return [call]
+    step = partial(recorded_step, log)
 
     variants = [{"-": step("before", 0)}, {"sparse": step("sparse", 0.002), "dense": step("dense", 0.004)},
                 {"-": step("after", 0)}]
@@ -82,16 +85,9 @@ def test_a_stall_in_one_timing_round_does_not_pick_the_kernel():
     # The host stalls sparse's first timed run: one round would pick dense (4 ms) over sparse
     # (2 ms, 8 ms when stalled). Winograd, over CHOICE_DROP times slower than dense, stops
     # being timed after that round, and no model run is spent on its name any more.
-    import time
-
     log = []
+    step = partial(recorded_step, log)
     sparse_runs = []
-
-    def step(name, seconds):
-        def call():
-            log.append(name)
-            time.sleep(seconds)
-        return [call]
 
     def sparse():
         sparse_runs.append(None)
@@ -113,15 +109,8 @@ def test_a_stall_in_one_timing_round_does_not_pick_the_kernel():
 def test_a_step_runs_its_fastest_kernel_in_the_runs_of_names_it_lacks():
     # Step b has no Winograd: in the Winograd runs after the first timed round it runs dense,
     # its fastest so far, as the chosen model will, not its first kernel.
-    import time
-
     log = []
-
-    def step(name, seconds):
-        def call():
-            log.append(name)
-            time.sleep(seconds)
-        return [call]
+    step = partial(recorded_step, log)
 
     variants = [{"sparse": step("a-sparse", 0.001), "winograd": step("a-winograd", 0.0015)},
                 {"sparse": step("b-sparse", 0.002), "dense": step("b-dense", 0.001)}]

@@ -82,6 +82,19 @@ def test_sparse_conv2d_empty_and_full_layers(density, dtype):
                   seed=3))
 
 
+@pytest.mark.parametrize("n", [1, 16])
+def test_sparse_conv2d_rows_of_every_nonzero_count(n):
+    # Row o has o nonzeros: the kernel's passes of 8 and 4 and its padded last pass of 1-3
+    # meet every remainder, on runs with and without a partial last vector.
+    rng = np.random.default_rng(n)
+    weight = np.zeros((20, 3, 3, 3), np.float32)
+    for o in range(20):
+        weight[o].flat[rng.permutation(27)[:o]] = rng.standard_normal(o)
+    x = rng.standard_normal((n, 3, 7, 9)).astype(np.float32)
+    assert_close(sparse_conv2d(x, *csr(weight), weight.shape, None, 1, 1),
+                 conv2d_ref(x, weight, None, (1, 1), (1, 1), (1, 1), 1))
+
+
 def test_sparse_conv2d_wide_columns_uint16():
     # 40 channels x 3 x 3 = 360 columns: indices need uint16.
     rng = np.random.default_rng(4)

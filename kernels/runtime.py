@@ -369,13 +369,17 @@ def _timings_in_flow(variants: list[dict[str, list[Call]]]) -> list[dict[str, fl
     later rounds then cost little more than runs of the chosen model. A round
     whose model runs would take over CHOICE_SLOW_US each (big batches) is not run.
     """
+    def kernel_in(name: str, times: dict[str, float], live: set[str]) -> str:
+        """The kernel a step runs in the model runs of `name`: it, or the step's fastest so far."""
+        return name if name in live else min(times, key=times.get)
+
     names = list(dict.fromkeys(kernel for bound in variants if len(bound) > 1 for kernel in bound))
     best = [dict.fromkeys(bound, math.inf) for bound in variants]  # every step's, to estimate a round
     timing = [set(bound) if len(bound) > 1 else set() for bound in variants]  # candidates still timed
     for round_ in range(CHOICE_REPEATS + 1):
-        for name in [name for name in names if any(name in live for live in timing)]:
+        for name in names:
             for bound, times, live in zip(variants, best, timing):
-                kernel = name if name in live else min(times, key=times.get)
+                kernel = kernel_in(name, times, live)
                 start = time.perf_counter()
                 for call in bound[kernel]:
                     call()
@@ -389,10 +393,9 @@ def _timings_in_flow(variants: list[dict[str, list[Call]]]) -> list[dict[str, fl
                 live.difference_update([kernel for kernel in live if times[kernel] > CHOICE_DROP * fastest])
                 if len(live) == 1:
                     live.clear()
-        left = [name for name in names if any(name in live for live in timing)]
-        next_us = sum(times[name if name in live else min(times, key=times.get)]
-                      for name in left for times, live in zip(best, timing))
-        if next_us > CHOICE_SLOW_US * len(left):
+        names = [name for name in names if any(name in live for live in timing)]  # still timed somewhere
+        next_us = sum(times[kernel_in(name, times, live)] for name in names for times, live in zip(best, timing))
+        if next_us > CHOICE_SLOW_US * len(names):
             break
     return [times if len(bound) > 1 else {} for bound, times in zip(variants, best)]
 

@@ -198,10 +198,12 @@ class ConvExecutor(Executor):
     def padding(self) -> tuple[int, int]:
         return self.geometry[1]
 
+    def _fits(self, layout: Layout, group: int) -> bool:
+        """Whether a buffer in `layout` can be read as this conv's input: the same image group, border >= padding."""
+        return layout.group == group and layout.pad_h >= self.padding[0] and layout.pad_w >= self.padding[1]
+
     def _reads_in_place(self, layout: Layout, group: int) -> bool:
-        stride, padding = self.geometry[0], self.geometry[1]
-        return (stride == (1, 1) and layout.group == group and layout.pad_h >= padding[0]
-                and layout.pad_w >= padding[1])
+        return self.geometry[0] == (1, 1) and self._fits(layout, group)
 
     def packs(self, ctx: Context) -> bool:
         """Whether this conv needs a packed copy of its input at the context's batch size (with some kernel)."""
@@ -216,9 +218,9 @@ class ConvExecutor(Executor):
         three stride-2 packs at batch 16 wrote 4.5, 2.5 and 1.6 MiB, and took
         0.1-0.6 ms each in the model.
         """
-        layout, group = ctx.layout(self.step.inputs[0]), self.conv_layout(ctx).group
-        return ("sparse" in self.kernels and self.geometry[0] != (1, 1) and layout.group == group and group % LANES == 0
-                and layout.pad_h >= self.padding[0] and layout.pad_w >= self.padding[1])
+        group = self.conv_layout(ctx).group
+        return ("sparse" in self.kernels and self.geometry[0] != (1, 1) and group % LANES == 0
+                and self._fits(ctx.layout(self.step.inputs[0]), group))
 
     def phases(self, shift=(0, 0)) -> np.ndarray:
         """The stride phases of a pack made with `shift` more padding than this conv's that it reads."""

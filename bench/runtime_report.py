@@ -163,7 +163,7 @@ def time_pair(artifact: Path, batch: int, threads: int, iters: int, rounds: int 
         "speedup": ort_stats.median_ms / harp_stats.median_ms, "macs_per_image": macs,
         "gflops": {"harp": 2 * macs["nonzero"] * batch / (harp_stats.median_ms * 1e6),
                    "onnxruntime": 2 * macs["dense"] * batch / (ort_stats.median_ms * 1e6)},
-        "kernels": {kind: kernels.count(kind) for kind in ("sparse", "dense", "winograd")},
+        "kernels": {kind: kernels.count(kind) for kind in ("sparse", "dense", "winograd", "unrolled")},
         "parity": {"max_abs_diff": float(np.abs(y_harp - y_ort).max()), "tolerance": tolerance,
                    "argmax_equal": bool((y_harp.argmax(1) == y_ort.argmax(1)).all())},
         "load": [s.load_before for s in runs["harp"] + runs["onnxruntime"]],
@@ -422,7 +422,8 @@ def render(report: dict[str, Any]) -> str:
         "tenants make single rounds, and sometimes a whole model's rounds, vary by up to 2x); "
         "onnxruntime with intra_op_num_threads = threads, inter_op_num_threads = 1, sequential execution, all "
         "graph optimisations and its default thread spinning; harp with `fallback=\"auto\"` (per-layer "
-        "sparse/dense/Winograd choice timed at prepare, inside whole runs of the model) and the "
+        "sparse/dense/Winograd/unrolled choice timed at prepare, inside whole runs of the model; `unrolled` "
+        "code compiled before the timed runs, or loaded from its cache) and the "
         f"`{report.get('wait_policy', 'passive')}` wait policy "
         "for its idle threads (`harp.kernels.threads`). Load = 1-minute load average before each timed round "
         "(min..max); the machine is shared, so absolute times are inflated when the load exceeds "
@@ -452,7 +453,7 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", f"## Latency: {VARIANT_TITLES.get(variant, variant)}", "",
                   "| model | sparsity (after export) | batch | harp median (p90, p99) ms | ORT dense median (p90, p99) ms "
                   "| speedup | goal | dense/nonzero MACs | GFLOP/s harp (nonzero) / ORT (dense) "
-                  "| sparse/dense/Winograd layers | load |",
+                  "| sparse/dense/Winograd/unrolled layers | load |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in report["latency"]:
             if row.get("variant", "global") != variant:
@@ -465,7 +466,8 @@ def render(report: dict[str, Any]) -> str:
                 f"| {row['name']} | {target}{row['sparsity']:.2%} | {row['batch']} | {h['median_ms']:.3f} "
                 f"({h['p90_ms']:.3f}, {h['p99_ms']:.3f}) | {o['median_ms']:.3f} ({o['p90_ms']:.3f}, {o['p99_ms']:.3f}) "
                 f"| {_times(row['speedup'])} | {goal_text} | {_mac_ratio(row)} | {_gflops(row)} "
-                f"| {row['kernels']['sparse']}/{row['kernels']['dense']}/{row['kernels'].get('winograd', 0)} | "
+                f"| {row['kernels']['sparse']}/{row['kernels']['dense']}/{row['kernels'].get('winograd', 0)}/"
+                f"{row['kernels'].get('unrolled', 0)} | "
                 f"{min(row['load']):.1f}..{max(row['load']):.1f} |")
         if variant == "given":
             lines += _given_notes(report)

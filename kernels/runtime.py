@@ -17,7 +17,10 @@ size (kept for the last few sizes used) `prepare` allocates the buffers, lets
 convs of one input share its pack (`steps.Context.share_packs`), binds
 every step's kernels to them and, with `fallback="auto"`, times the candidate
 kernels of every conv/linear step on its own shape and keeps the fastest: sparse,
-dense, and for 3x3 stride-1 convs Winograd (`winograd`); layers sparser than
+dense, for 3x3 stride-1 convs Winograd (`winograd`), and at batch sizes of 16k,
+for convs of 8% density or more and at most 8192 nonzeros, the sparse conv
+compiled for the layer's pattern (`unrolled`; the first load compiles it, ~0.3 s
+per 1000 nonzeros, later loads take it from the cache); layers sparser than
 `SPARSE_ONLY_BELOW` skip the timing. A run is then one
 input copy, one Python call per kernel, and one output copy.
 
@@ -47,7 +50,7 @@ from .arrays import aligned_zeros
 from .plan import Plan, plan_graph
 from .steps import EXECUTORS, Buffers, Call, Context, Executor, SharedPack
 
-FALLBACKS = ("auto", "sparse", "dense", "winograd")
+FALLBACKS = ("auto", "sparse", "dense", "winograd", "unrolled")
 BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
 SPARSE_ONLY_BELOW = 0.05  # "auto" takes the sparse kernel of layers sparser than this without timing
 CHOICE_REPEATS = 3  # timed rounds at most (after one untimed), the best time of each candidate kept
@@ -91,8 +94,9 @@ def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fa
 
     threads: numba (and dense BLAS) threads, default all numba may use.
     fallback: "auto" picks each layer's kernel by timing (sparse, dense, and Winograd for the 3x3
-    stride-1 convs it covers); "sparse"/"dense" force one; "winograd" forces Winograd where a
-    conv allows it and the dense kernel elsewhere.
+    stride-1 convs it covers, and `unrolled` code for convs it may pay off on at batch sizes of 16k);
+    "sparse"/"dense" force one; "winograd" forces Winograd where a conv allows it and the dense
+    kernel elsewhere; "unrolled" forces `unrolled` where it is offered and the sparse kernel elsewhere.
     warmup: prepare batch size 1 and run it once, so the first request pays no
     compilation, cache load or kernel choice. trim: skip the dead channels (same
     logits). Raises BundleError for a missing or invalid bundle, ValueError for bad options.
@@ -214,7 +218,7 @@ class Runtime:
                                     f"buffers, more than this machine can allocate") from e
         ctx = Context(plan, buffers)
         ctx.share_packs(self.executors)
-        candidates = [self._candidates(ex) for ex in self.executors]
+        candidates = [self._candidates(ex, ctx) for ex in self.executors]
         pack = max((ex.workspace(ctx, kernel) for ex, (kernels, _) in zip(self.executors, candidates)
                     for kernel in kernels), default=0)
         scratch = max((ex.scratch(ctx, kernel) for ex, (kernels, _) in zip(self.executors, candidates)
@@ -257,17 +261,19 @@ class Runtime:
             if step.timings_us:
                 step.timings_us[step.kernel] = serial_us
 
-    def _candidates(self, ex: Executor) -> tuple[tuple[str, ...], str]:
-        """The kernels to bind for one step, and why."""
+    def _candidates(self, ex: Executor, ctx: Context) -> tuple[tuple[str, ...], str]:
+        """The kernels to bind for one step at the context's batch size, and why."""
         if len(ex.kernels) == 1:
             return ex.kernels, "only kernel"
         if self.fallback == "winograd":
             return ("winograd" if "winograd" in ex.kernels else "dense",), "fallback=winograd"
+        if self.fallback == "unrolled":
+            return ("unrolled" if "unrolled" in ex.kernels_in(ctx) else "sparse",), "fallback=unrolled"
         if self.fallback != "auto":
             return (self.fallback,), f"fallback={self.fallback}"
         if ex.density < SPARSE_ONLY_BELOW:
             return ("sparse",), f"density < {SPARSE_ONLY_BELOW:.0%}"
-        return ex.kernels, "timed"
+        return ex.kernels_in(ctx), "timed"
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (prepared batch sizes are re-prepared, their work split depends on it)."""
@@ -299,7 +305,7 @@ class Runtime:
         return self.plan_report(state.n)
 
     def plan_report(self, batch: int | None = None) -> list[dict[str, Any]]:
-        """Per step: name, op, fused nodes, kernel (sparse/dense/winograd/-), density, why, and times in µs.
+        """Per step: name, op, fused nodes, kernel (sparse/dense/winograd/unrolled/-), density, why, and times in µs.
 
         `time_us` is the median of the last `profile`, else the kernel's time from
         the choice at prepare, else None. For the batch size used last by default.

@@ -4,8 +4,8 @@ An executor is built once per step at load time (weights converted to kernel
 arrays, CSR decoded) and asked, for each batch size the runtime prepares, for
 the workspace it needs and for the no-argument callables that compute the step
 with a given kernel (one of its `kernels`: "sparse" or "dense" for conv2d and
-linear, and "winograd" for the 3x3 stride-1 convs it covers; "-" for the
-rest). Every check happens while binding; the callables only run kernels.
+linear, "winograd" for the 3x3 stride-1 convs it covers, "unrolled" for convs
+in image groups of 16k (`unrolled`, batch sizes of 16k); "-" for the rest). Every check happens while binding; the callables only run kernels.
 One class per op, registered in `EXECUTORS`; adding an op means one class and
 one line.
 """
@@ -32,6 +32,7 @@ from .plan import Plan, Step
 from .pool import bind_avgpool2d, bind_global_avgpool, bind_maxpool2d
 from .simd import LANES
 from .spmm import bind_spmm
+from .unrolled import UnrolledConv, bind_unrolled_conv2d, compile_unrolled, worth_unrolling
 from .winograd import WinogradPlan, bind_winograd, plan_winograd, supports_winograd, tile_edge
 
 Call = Callable[[], None]
@@ -141,6 +142,10 @@ class Executor:
         """Multiply-adds per image with the weight dense (what onnxruntime computes)."""
         return None
 
+    def kernels_in(self, ctx: Context) -> tuple[str, ...]:
+        """The kernels that can run this step at the context's batch size."""
+        return self.kernels
+
     def workspace(self, ctx: Context, kernel: str) -> int:
         """float32 elements of the pack workspace `kernel` needs for the context's batch size."""
         return 0
@@ -154,7 +159,8 @@ class Executor:
 
 
 class ConvExecutor(Executor):
-    """conv2d: the sparse kernel, the dense one, and Winograd (`winograd`) where the geometry allows it.
+    """conv2d: the sparse kernel, the dense one, Winograd (`winograd`) where the geometry allows it,
+    and the sparse one compiled for the layer's pattern (`unrolled`) where the image group allows it.
 
     A fused max pooling (attrs["unpooled_shape"], see `plan`) is taken in Winograd's
     output transform where the conv's output and the pooled one have the same
@@ -177,10 +183,16 @@ class ConvExecutor(Executor):
         self._dense: dict[tuple[int, int], DenseConvPlan] = {}
         self._dense_weight: np.ndarray | None = None
         self._winograd: dict[int, WinogradPlan] = {}  # tile edge -> plan
+        self._unrolled: dict[tuple[tuple[int, int], int], UnrolledConv] = {}  # (border, group) -> code
         self.unpooled = step.attrs.get("unpooled_shape")
         self.out_hw = tuple((self.unpooled or plan.values[step.output].shape)[1:])  # the conv's, before any pooling
         self.kernels = ("sparse", "dense") + (("winograd",) if supports_winograd(
-            weight.shape, *self.geometry, self.out_hw) else ())
+            weight.shape, *self.geometry, self.out_hw) else ()) + ("unrolled",)
+
+    def kernels_in(self, ctx: Context) -> tuple[str, ...]:
+        if self.conv_layout(ctx).group % LANES == 0 and worth_unrolling(self.density, self.weight.nnz):
+            return self.kernels
+        return tuple(k for k in self.kernels if k != "unrolled")
 
     @property
     def density(self) -> float:
@@ -238,6 +250,12 @@ class ConvExecutor(Executor):
             self._sparse[key] = plan_sparse_conv2d(self.indptr, self.indices, self.weight.shape, self.in_hw,
                                                    *self.geometry, border=border, in_place=in_place)
         return self._sparse[key]
+
+    def unrolled_code(self, border, group: int) -> UnrolledConv:
+        """The layer compiled for a packed input of `border` in image groups of `group` (made on first use)."""
+        if (border, group) not in self._unrolled:
+            self._unrolled[border, group] = compile_unrolled(self.sparse_plan(border), self.indptr, group)
+        return self._unrolled[border, group]
 
     def dense_plan(self, border) -> DenseConvPlan:
         if border not in self._dense:
@@ -311,13 +329,16 @@ class ConvExecutor(Executor):
                 phases, channels = shared.phases, None
             else:
                 phases = self.phases()
-                channels = self.sparse_plan(border).used_channels() if kernel == "sparse" else None
+                channels = self.sparse_plan(border).used_channels() if kernel in ("sparse", "unrolled") else None
             calls.append(bind_pack(x, x_layout, ctx.n, stride, padding, group, packed, phases, channels))
         act, lo, hi = _activation(step)
         if kernel == "winograd":  # stride 1: the packed input is the input with a border of `border`
             x_layout = Layout(x_layout.channels, x_layout.height, x_layout.width, *border, group)
             calls += bind_winograd(self.winograd_plan(ctx), packed, x_layout, ctx.n, ctx.buffers.scratch, self.bias,
                                    act, lo, hi, res, res_layout, out, out_layout, pool=pool)
+        elif kernel == "unrolled":
+            calls.append(bind_unrolled_conv2d(self.unrolled_code(border, group), self.values, packed, ctx.n, self.bias,
+                                              act, lo, hi, res, res_layout, out, out_layout))
         elif kernel == "sparse":
             calls.append(bind_sparse_conv2d(self.sparse_plan(border, strided_in_place), self.indptr, self.values,
                                             packed, ctx.n, group, self.bias, act, lo, hi, res, res_layout, out,

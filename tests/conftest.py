@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Layers compiled by `harp.kernels.unrolled` go to a fresh directory: the tests compile
+# them (as a first load does) and leave the user's cache alone.
+os.environ["HARP_CACHE_DIR"] = tempfile.mkdtemp(prefix="harp-test-unrolled-")
 
 
 @pytest.fixture(scope="session")

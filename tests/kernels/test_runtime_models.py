@@ -61,3 +61,22 @@ def test_strided_convs_read_their_input_in_place_at_batch_16(registry_bundle, ar
     # Every conv reads its input in place (the first one the normalized input); the dense kernel
     # packs each strided conv's input.
     assert len(strided) >= 3 and packing["sparse"] == set() and strided <= packing["dense"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_unrolled_layers_at_batch_16(registry_bundle, arch):
+    """fallback="unrolled": compiled layers where offered (16 images per group), the sparse kernel elsewhere."""
+    from harp.kernels.unrolled import worth_unrolling
+
+    _, graph, path = registry_bundle(arch)
+    x = np.random.default_rng(5).random((16, 3, 32, 32), dtype=np.float32)
+    runtime = load_runtime(path, threads=2, fallback="unrolled")
+    assert_parity(runtime.run(x), run_reference(graph, x))
+    rows = {r["name"]: r for r in runtime.plan_report(16)}
+    offered = {ex.step.name for ex in runtime.executors
+               if ex.step.op == "conv2d" and worth_unrolling(ex.density, ex.weight.nnz)}
+    assert len(offered) >= 5
+    assert {name for name, r in rows.items() if r["kernel"] == "unrolled"} == offered
+    assert {r["kernel"] for name, r in rows.items() if r["op"] == "conv2d" and name not in offered} == {"sparse"}
+    # At batch 1 (image group 1) no layer can run it.
+    assert {r["kernel"] for r in runtime.plan_report(1) if r["op"] == "conv2d"} == {"sparse"}

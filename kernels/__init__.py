@@ -6,6 +6,7 @@ operator has its kernel, its NumPy reference twin (`reference.py`) and its test
 
     conv2d (sparse)      conv.sparse_conv2d, conv.plan_sparse_conv2d    reference.conv2d_ref
     conv2d (dense)       dense.dense_conv2d                             reference.conv2d_ref
+    conv2d (unrolled)    unrolled.compile_unrolled, bind_unrolled_conv2d reference.conv2d_ref
     linear (sparse)      spmm.sparse_linear, spmm.spmm                  reference.linear_ref, csr_matmul_ref
     linear (dense)       dense.dense_linear                             reference.linear_ref
     maxpool2d            pool.maxpool2d                                 reference.maxpool2d_ref
@@ -24,6 +25,6 @@ The runtime: `runtime.load_runtime(path) -> Runtime` loads a bundle through
 `steps.EXECUTORS` bind each step's kernels per batch size (`bind_*` functions of
 the kernel modules: checked once, then plain kernel calls).
 
-Only numpy and numba (and threadpoolctl, optionally) are imported in this package,
-plus harp's numpy-only `harp.export.bundle/csr/graph`.
+Only numpy and numba (with its own llvmlite, and threadpoolctl, optionally) are
+imported in this package, plus harp's numpy-only `harp.export.bundle/csr/graph`.
 """

@@ -30,6 +30,7 @@ import ctypes
 import hashlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,6 +193,7 @@ class _Compiler:
         self.machine = target.create_target_machine(cpu=self.cpu, features=self.features, opt=3)
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.machine)
         self.loaded: dict[str, int] = {}  # symbol -> address
+        self.lock = threading.Lock()  # runtimes loading in two threads share the engine
 
     def key(self, ir: str) -> str:
         identity = f"{llvm.get_default_triple()} {self.cpu} {self.features} {llvm.llvm_version_info}\n"
@@ -200,28 +202,37 @@ class _Compiler:
     def address(self, ir: str, name: str) -> int:
         """The address of function `name` of `ir`, compiled or loaded from the cache (under a unique name)."""
         symbol = f"{name}_{self.key(ir)[:32]}"
-        if symbol not in self.loaded:
-            path = cache_dir() / f"{symbol}.o"
-            obj = _read_cached(path)
-            if obj is None:
-                module = llvm.parse_assembly(ir.replace(f"@{name}(", f"@{symbol}(", 1))
-                module.verify()
-                obj = self.machine.emit_object(module)
-                _write_cached(path, obj)
-            self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
-            self.engine.finalize_object()
-            self.loaded[symbol] = self.engine.get_function_address(symbol)
-        return self.loaded[symbol]
+        with self.lock:
+            if symbol not in self.loaded:
+                path = cache_dir() / f"{symbol}.o"
+                cached = _read_cached(path)
+                address = self._load(cached, symbol) if cached is not None else 0
+                if not address:  # not cached, damaged, or (renamed) another layer's code
+                    module = llvm.parse_assembly(ir.replace(f"@{name}(", f"@{symbol}(", 1))
+                    module.verify()
+                    obj = self.machine.emit_object(module)
+                    _write_cached(path, obj)
+                    address = self._load(obj, symbol)
+                self.loaded[symbol] = address
+            return self.loaded[symbol]
+
+    def _load(self, obj: bytes, symbol: str) -> int:
+        """Add an object to the engine; the address of `symbol` in it, 0 if it has none."""
+        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self.engine.finalize_object()
+        return self.engine.get_function_address(symbol)
 
 
 _COMPILER: _Compiler | None = None
+_COMPILER_LOCK = threading.Lock()
 
 
 def _compiler() -> _Compiler:
     global _COMPILER
-    if _COMPILER is None:
-        _COMPILER = _Compiler()
-    return _COMPILER
+    with _COMPILER_LOCK:
+        if _COMPILER is None:
+            _COMPILER = _Compiler()
+        return _COMPILER
 
 
 def _read_cached(path: Path) -> bytes | None:

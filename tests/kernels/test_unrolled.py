@@ -156,3 +156,24 @@ def test_an_unwritable_cache_only_costs_a_compile(tmp_path, monkeypatch):
     x = rng.standard_normal((16, 3, 5, 5)).astype(np.float32)
     got = run_unrolled(x, weight, np.zeros(4, np.float32), (1, 1), (1, 1), (1, 1), 1, "none", None)
     assert_close(got, expected(x, weight, None, (1, 1), (1, 1), (1, 1), 1, "none", None))
+
+
+def test_another_layers_cached_code_under_this_name_is_not_run(tmp_path, monkeypatch):
+    # A file with a valid checksum that does not define this layer's function (copied over
+    # from another layer) is compiled again, never called.
+    monkeypatch.setenv("HARP_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(4)
+    first, _, _, _ = small_plan(rng)
+    second, _, _, _ = small_plan(rng)
+    x = rng.standard_normal((16, 3, 5, 5)).astype(np.float32)
+    bias = np.zeros(4, np.float32)
+    monkeypatch.setattr(unrolled, "_COMPILER", None)
+    run_unrolled(x, first, bias, (1, 1), (1, 1), (1, 1), 1, "none", None)
+    (first_file,) = tmp_path.iterdir()
+    run_unrolled(x, second, bias, (1, 1), (1, 1), (1, 1), 1, "none", None)
+    (second_file,) = set(tmp_path.iterdir()) - {first_file}
+    second_file.write_bytes(first_file.read_bytes())
+    monkeypatch.setattr(unrolled, "_COMPILER", None)
+    got = run_unrolled(x, second, bias, (1, 1), (1, 1), (1, 1), 1, "none", None)
+    assert_close(got, expected(x, second, None, (1, 1), (1, 1), (1, 1), 1, "none", None))
+    assert unrolled._read_cached(second_file) != unrolled._read_cached(first_file)  # rewritten

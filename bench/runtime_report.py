@@ -451,9 +451,9 @@ def render(report: dict[str, Any]) -> str:
     variants = list(dict.fromkeys(row.get("variant", "global") for row in report["latency"]))
     for variant in variants:
         lines += ["", f"## Latency: {VARIANT_TITLES.get(variant, variant)}", "",
-                  "| model | sparsity (after export) | batch | harp median (p90, p99) ms | ORT dense median (p90, p99) ms "
-                  "| speedup | goal | dense/nonzero MACs | GFLOP/s harp (nonzero) / ORT (dense) "
-                  "| sparse/dense/Winograd/unrolled layers | load |",
+                  "| model | sparsity (after export) | batch | harp median (p90, p99) ms "
+                  "| ORT dense median (p90, p99) ms | speedup | goal | dense/nonzero MACs "
+                  "| GFLOP/s harp (nonzero) / ORT (dense) | sparse/dense/Winograd/unrolled layers | load |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in report["latency"]:
             if row.get("variant", "global") != variant:

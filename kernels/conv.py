@@ -303,12 +303,7 @@ def _sparse_conv(packed, block_elems, offsets, indptr, values, n, g, ho, wo, wq,
     n_blocks = blocks.shape[0] - 1
     per_image_block = n_tiles * n_blocks
     for item in prange((n // g) * per_image_block):
-        img_block = item // per_image_block
-        rest = item - img_block * per_image_block
-        tile = rest // n_blocks
-        block = rest - tile * n_blocks
-        q0 = tile * tile_pix
-        q1 = min(q0 + tile_pix, l_pix)
+        img_block, block, q0, q1 = work_item(item, per_image_block, n_blocks, tile_pix, l_pix)
         acc = np.empty((q1 - q0) * g, np.float32)
         start = img_block * block_elems + (q0 * g if col_step == 0 else 0)
         row_q, row_src = tile_rows(q0, q1, wo, row_pix, col_step, g)
@@ -320,6 +315,16 @@ def _sparse_conv(packed, block_elems, offsets, indptr, values, n, g, ho, wo, wq,
                                 row_src, col_step)
             store_tile(acc, o, q0, q1, img_block, g, ho, wq, wo, bias[o], act, lo, hi,
                        res, res_lay, has_res, out, out_lay)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def work_item(item, per_image_block, n_blocks, tile_pix, l_pix):
+    """(image block, channel block, first and end pixel of the tile) of work item `item`, blocks innermost."""
+    img_block = item // per_image_block
+    rest = item - img_block * per_image_block
+    tile = rest // n_blocks
+    q0 = tile * tile_pix
+    return img_block, rest - tile * n_blocks, q0, min(q0 + tile_pix, l_pix)
 
 
 @njit(cache=True, inline="always", error_model="numpy")

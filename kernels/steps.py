@@ -4,8 +4,10 @@ An executor is built once per step at load time (weights converted to kernel
 arrays, CSR decoded) and asked, for each batch size the runtime prepares, for
 the workspace it needs and for the no-argument callables that compute the step
 with a given kernel (one of its `kernels`: "sparse" or "dense" for conv2d and
-linear, "winograd" for the 3x3 stride-1 convs it covers, "unrolled" for convs
-in image groups of 16k (`unrolled`, batch sizes of 16k); "-" for the rest). Every check happens while binding; the callables only run kernels.
+linear, "winograd" for the 3x3 stride-1 convs it covers, and "unrolled"
+(`unrolled`) for convs in image groups of 16k, offered per batch size by
+`kernels_in`; "-" for the rest). Every check happens while binding; the
+callables only run kernels.
 One class per op, registered in `EXECUTORS`; adding an op means one class and
 one line.
 """

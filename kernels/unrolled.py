@@ -8,14 +8,16 @@ output vector (one pixel of 16 images), the code loads each input vector that
 any of the 16 rows reads once and multiply-adds it into the accumulators, in
 registers, of the rows with a nonzero there (~2.3 rows a load at 13%). The code
 holds the pattern, not the weights: it broadcasts them from an array. Alone, on
-one core, 64->64 3x3 on 32x32 at 13%, batch 16: 45-52 GFLOP/s against 19-21 for
-`conv.sparse_conv2d` in the same process.
+2 cores, 64->64 3x3 on 32x32 at batch 16: 1.24 ms at 13% density and 1.34 ms at
+9%, against 1.95 and 1.68 ms for `conv.sparse_conv2d` in the same process; 128
+channels on 16x16 at 7%: 1.19 against 1.27 ms, and 4.9%-dense 1x1 convs twice as
+slow (`MIN_DENSITY`).
 
 The code is LLVM IR written here and compiled by llvmlite, numba's own LLVM, to
 an object file cached on disk under the hash of the IR and the CPU (see
 `cache_dir`); a numba driver calls it through a ctypes function pointer, one
 work item (image block, tile of output pixels, block of 16 output channels) at a
-time, and `conv.store_tile` applies the epilogue. Compiling takes ~0.4 s per
+time, and `conv.store_tile` applies the epilogue. Compiling takes ~0.3 s per
 1000 nonzeros, once; a cached object loads in milliseconds. The loads are the
 ones `conv.accumulate_row` makes (the same offsets, from the same checked
 plan), so the code reads nothing the generic kernel would not.
@@ -42,7 +44,8 @@ import numpy as np
 from numba import njit, prange
 
 from .arrays import as_kernel_array
-from .conv import SparseConvPlan, TILE_ELEMS, _check_flat, _check_output_layouts, equal_tiles, store_tile
+from .conv import (SparseConvPlan, TILE_ELEMS, _check_flat, _check_output_layouts, equal_tiles, store_tile,
+                   work_item)
 from .layout import Layout
 from .simd import LANES
 
@@ -77,7 +80,8 @@ def cache_dir() -> Path:
 
     Objects there are executed as they are, like numba's own cache: the
     directory must be as trusted as the installed code. A file whose hash does
-    not match (truncated, or not written by harp) is compiled again.
+    not match (truncated, or not written by harp), or that does not define the
+    layer's function, is compiled again.
     """
     if os.environ.get("HARP_CACHE_DIR"):
         return Path(os.environ["HARP_CACHE_DIR"])
@@ -136,9 +140,9 @@ def unrolled_ir(plan: SparseConvPlan, indptr: np.ndarray, group: int, symbol: st
             after = f"%l{b}.{passes[i + 1]}" if i + 1 < len(passes) else "%done"
             mine = [t for t in nz if t[0] == chunk]
             touched = range(len(rows)) if i == 0 else sorted({j for _, _, j, _ in mine})
+            entered_from = f"b{b}" if i == 0 else f"l{b}.{passes[i - 1]}"
             lines += [f"l{here}:",
-                      f"  %u.{here} = phi i64 [%u0, %{'b' + str(b) if i == 0 else 'l' + str(b) + '.' + str(passes[i - 1])}], "
-                      f"[%next.{here}, %l{here}]",
+                      f"  %u.{here} = phi i64 [%u0, %{entered_from}], [%next.{here}, %l{here}]",
                       f"  %xi.{here} = shl i64 %u.{here}, {LANES.bit_length() - 1}",
                       f"  %du.{here} = sub i64 %u.{here}, %u0",
                       f"  %ai.{here} = shl i64 %du.{here}, {LANES.bit_length() - 1}",
@@ -309,12 +313,7 @@ def _unrolled_conv(fn, packed, block_elems, weights, n, g, ho, wo, wq, tile_pix,
     per_image_block = n_tiles * n_blocks
     o = bias.shape[0]
     for item in prange((n // g) * per_image_block):
-        img_block = item // per_image_block
-        rest = item - img_block * per_image_block
-        tile = rest // n_blocks
-        block = rest - tile * n_blocks
-        q0 = tile * tile_pix
-        q1 = min(q0 + tile_pix, l_pix)
+        img_block, block, q0, q1 = work_item(item, per_image_block, n_blocks, tile_pix, l_pix)
         length = (q1 - q0) * g
         acc = np.empty(ROWS * length, np.float32)
         fn(packed[img_block * block_elems:].ctypes.data, acc.ctypes.data, weights.ctypes.data, block,

@@ -1,11 +1,13 @@
-"""`harp-bench kernels`: per-layer timings of an artifact's own conv/linear layers, four ways.
+"""`harp-bench kernels`: per-layer timings of an artifact's own conv/linear layers, several ways.
 
 For every conv2d/linear step of the model, at each batch size:
 
-- sparse / dense / winograd: that step inside harp's runtime, loaded with
-  fallback="sparse", "dense" and "winograd" (the last only for the 3x3 stride-1
-  convs Winograd covers, '-' elsewhere; `Runtime.profile`: median
-  of `repeats` runs of the whole model, timed step by step). A step includes what
+- sparse / dense / winograd / unrolled: that step inside harp's runtime, loaded
+  with fallback="sparse", "dense", "winograd" and "unrolled" (winograd only for
+  the 3x3 stride-1 convs Winograd covers, unrolled only for the convs
+  `harp.kernels.unrolled` is offered for at this batch size, '-' elsewhere;
+  `Runtime.profile`: median of `repeats` runs of the whole model, timed step by
+  step). A step includes what
   the runtime fused into it (bias, activation, residual add, a 2x2 max pooling)
   and writing the packed input layout of the next conv;
 - torch: `F.conv2d` / `F.linear` with the densified weight and bias, alone
@@ -51,7 +53,7 @@ def run_kernels(artifact: str | os.PathLike[str], *, batches: tuple[int, ...] = 
         raise HarpError(f"--threads must be in 1..{max_threads()} (NUMBA_NUM_THREADS), got {threads}")
     machine = machine_info(threads)
     runtimes = {kind: load_runtime(art.root, threads=threads, fallback=kind)
-                for kind in ("sparse", "dense", "winograd", "auto")}
+                for kind in ("sparse", "dense", "winograd", "unrolled", "auto")}
     graph = runtimes["sparse"].graph
     shapes = graph.validate()
     baselines = _baselines(threads)
@@ -73,14 +75,14 @@ def run_kernels(artifact: str | os.PathLike[str], *, batches: tuple[int, ...] = 
                      for label, fn in ((label, make(node, weight, bias, layer_x, name in pooled))
                                        for label, make in baselines.items())}
             sparse_us, dense_us = step["time_us"], profiles["dense"][name]["time_us"]
-            winograd = profiles["winograd"][name]
-            winograd_us = winograd["time_us"] if winograd["kernel"] == "winograd" else None
+            winograd_us, unrolled_us = (profiles[kind][name]["time_us"] if profiles[kind][name]["kernel"] == kind
+                                        else None for kind in ("winograd", "unrolled"))
             fastest_baseline = min((t for t in timed.values() if t is not None), default=None)
             rows.append({
                 "layer": name, "op": node.op, "fused": step["nodes"][1:], "batch": batch,
                 "weight_shape": list(weight.shape), "input_shape": list(shapes[node.inputs[0]]),
                 "density": step["density"], "nnz": int(np.count_nonzero(weight)),
-                "sparse_us": sparse_us, "dense_us": dense_us, "winograd_us": winograd_us,
+                "sparse_us": sparse_us, "dense_us": dense_us, "winograd_us": winograd_us, "unrolled_us": unrolled_us,
                 "torch_us": timed.get("torch"), "onnxruntime_us": timed.get("onnxruntime"),
                 "auto_kernel": auto.get(name),
                 "speedup_vs_fastest_baseline": fastest_baseline / sparse_us if fastest_baseline else None,
@@ -157,14 +159,15 @@ def _ort_layer(node, weight: np.ndarray, bias: np.ndarray | None, x: np.ndarray,
     return lambda: session.run(None, {"x": x})
 
 
-HEADERS = ("layer", "op", "batch", "weight", "density", "sparse µs", "dense µs", "winograd µs", "torch µs",
-           "ORT µs", "auto", "sparse vs best lib")
+HEADERS = ("layer", "op", "batch", "weight", "density", "sparse µs", "dense µs", "winograd µs", "unrolled µs",
+           "torch µs", "ORT µs", "auto", "sparse vs best lib")
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
     return [[r["layer"] + (f" (+{', '.join(r['fused'])})" if r["fused"] else ""), r["op"], str(r["batch"]),
              "x".join(map(str, r["weight_shape"])), fmt(r["density"], ".2%"), fmt(r["sparse_us"], ".1f"),
-             fmt(r["dense_us"], ".1f"), fmt(r.get("winograd_us"), ".1f"), fmt(r["torch_us"], ".1f"),
+             fmt(r["dense_us"], ".1f"), fmt(r.get("winograd_us"), ".1f"), fmt(r.get("unrolled_us"), ".1f"),
+             fmt(r["torch_us"], ".1f"),
              fmt(r["onnxruntime_us"], ".1f"),
              r["auto_kernel"] or "-", fmt(r["speedup_vs_fastest_baseline"], ".2f") + "x"]
             for r in result["rows"]]
@@ -175,8 +178,9 @@ def kernels_markdown(result: dict[str, Any]) -> str:
 
     return (f"Per-layer kernels of `{result['artifact']['path']}`, {result['threads']} thread(s), medians in "
             f"µs. Machine: {describe(result['machine'])}.\n\n"
-            "sparse/dense/winograd: the step inside harp's runtime (fused epilogue included); torch/ORT: the layer "
-            "alone (conv/linear + bias) with the dense weight. *sparse vs best lib* = min(torch, ORT) / sparse.\n\n"
+            "sparse/dense/winograd/unrolled: the step inside harp's runtime (fused epilogue included); "
+            "torch/ORT: the layer alone (conv/linear + bias) with the dense weight. "
+            "*sparse vs best lib* = min(torch, ORT) / sparse.\n\n"
             + markdown_table(HEADERS, table_rows(result)) + "\n")
 
 

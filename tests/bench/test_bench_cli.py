@@ -211,6 +211,7 @@ def test_kernels_table(artifact):
     for r in result["rows"]:
         assert r["sparse_us"] > 0 and r["dense_us"] > 0 and r["torch_us"] > 0 and r["onnxruntime_us"] > 0
         assert r["auto_kernel"] in ("sparse", "dense", "winograd")
+        assert r["unrolled_us"] is None  # offered at batch sizes of 16k only
     winograd = [r["winograd_us"] for r in result["rows"] if r["winograd_us"] is not None]
     assert winograd and all(t > 0 for t in winograd)  # the 3x3 stride-1 convs, and nothing else
     assert all(r["winograd_us"] is None for r in result["rows"] if r["op"] == "linear")

@@ -584,11 +584,19 @@ def _store_run(acc, o, q0, q1, blk, g, wq, wo, b, act, lo, hi, res, res_lay, has
     else:
         for j in range(run):
             out[dst + j] = apply_act(acc[j] + b, act, lo, hi)
-    # Columns wo..wq-1 of a row are the right border of that row and the left one of the next.
+    zero_garbage(out, dst, q0, q1, wq, wo, g)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def zero_garbage(out, dst, q0, q1, wq, wo, g):
+    """Zero the garbage columns of packed pixels q0..q1 stored as one run from out[dst].
+
+    Columns wo..wq-1 of a row are the right border of that row and the left one of the next.
+    """
     garbage = (q0 // wq) * wq + wo
     while garbage < q1:
         for j in range(_U((max(garbage, q0) - q0) * g), _U((min(garbage + wq - wo, q1) - q0) * g)):
-            out[dst + j] = 0.0
+            out[_U(dst) + j] = 0.0
         garbage += wq
 
 

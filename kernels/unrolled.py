@@ -110,16 +110,19 @@ class UnrolledConv:
 
 
 def unrolled_ir(plan: SparseConvPlan, indptr: np.ndarray, group: int, symbol: str) -> tuple[str, np.ndarray]:
-    """LLVM IR of `symbol(x, acc, w, block, u0, u1, stride)` for `plan` in image group `group`, and its weight order.
+    """LLVM IR of `symbol` for `plan` in image group `group`, and its weight order.
 
-    For output vectors u in [u0, u1) (vector u is x[16u:16u + 16] of the packed
-    image block at x), rows block*16 .. block*16 + 15:
-    acc[j*stride + 16(u - u0):][:16] = sum over row j's nonzeros p of w[k] x[16u + offsets[p]*group:][:16],
-    k the position of p in the returned order. One pass over [u0, u1) per `CHUNK`
-    input channels the block reads; the first stores every row, later ones add to
-    the rows they touch.
+    symbol(x, acc, w, block, u0, u1, stride, out, ostride, res, rstride, bias, lo, hi)
+    computes rows j = 0..15 of block `block` (output channels block*16 + j) at
+    output vectors u in [u0, u1), vector u being x[16u:][:16] of the packed image
+    block at x: s_j(u) = sum over row j's nonzeros p of w[k] x[16u + offsets[p]*group:][:16],
+    k the position of p in the returned order, and stores
+    out[j*ostride + 16(u - u0):][:16] = clamp(s_j(u) + bias[j] + res[j*rstride + 16(u - u0):][:16], lo, hi).
+    One pass over [u0, u1) per `CHUNK` input channels the block reads, each but
+    the last keeping its partial sums in acc[j*stride + 16(u - u0):][:16].
     """
     o = plan.weight_shape[0]
+    blocks = range(-(-o // ROWS))
     lines = [f"declare {_V} @llvm.fmuladd.v{LANES}f32({_V}, {_V}, {_V})",
              f"define void @{symbol}(float* noalias %x, float* %acc, float* noalias %w0, i64 %block, i64 %u0, "
              f"i64 %u1, i64 %stride, float* %out, i64 %ostride, float* %res, i64 %rstride, float* noalias %bias0, "
@@ -131,75 +134,90 @@ def unrolled_ir(plan: SparseConvPlan, indptr: np.ndarray, group: int, symbol: st
              "  store float* %w0, float** %slot",
              "  %bslot = alloca float*",
              "  store float* %bias0, float** %bslot",
-             f"  %loi = insertelement {_V} undef, float %lo, i32 0",
-             f"  %lov = shufflevector {_V} %loi, {_V} undef, <{LANES} x i32> zeroinitializer",
-             f"  %hii = insertelement {_V} undef, float %hi, i32 0",
-             f"  %hiv = shufflevector {_V} %hii, {_V} undef, <{LANES} x i32> zeroinitializer",
+             *_splat("%lov", "%lo"), *_splat("%hiv", "%hi"),
              "  %any = icmp slt i64 %u0, %u1",
              "  br i1 %any, label %dispatch, label %done",
              "dispatch:",
-             f"  switch i64 %block, label %done [{' '.join(f'i64 {b}, label %b{b}' for b in range(-(-o // ROWS)))}]"]
-    order = []
-    for b in range(-(-o // ROWS)):
+             f"  switch i64 %block, label %done [{' '.join(f'i64 {b}, label %b{b}' for b in blocks)}]"]
+    order: list[int] = []
+    for b in blocks:
         rows = range(b * ROWS, min(o, (b + 1) * ROWS))
-        nz = [(int(plan.offsets[p]) // plan.channel_pixels // CHUNK, int(plan.offsets[p]), j, p)
-              for j, r in enumerate(rows) for p in range(indptr[r], indptr[r + 1])]
-        nz.sort()
-        passes = sorted({chunk for chunk, _, _, _ in nz}) or [0]
-        lines += [f"b{b}:", f"  br label %l{b}.{passes[0]}"]
-        for i, chunk in enumerate(passes):
-            here = f"{b}.{chunk}"
-            after = f"%l{b}.{passes[i + 1]}" if i + 1 < len(passes) else "%done"
-            mine = [t for t in nz if t[0] == chunk]
-            last = i + 1 == len(passes)
-            touched = range(len(rows)) if i == 0 or last else sorted({j for _, _, j, _ in mine})
-            entered_from = f"b{b}" if i == 0 else f"l{b}.{passes[i - 1]}"
-            lines += [f"l{here}:",
-                      f"  %u.{here} = phi i64 [%u0, %{entered_from}], [%next.{here}, %l{here}]",
-                      f"  %xi.{here} = shl i64 %u.{here}, {LANES.bit_length() - 1}",
-                      f"  %du.{here} = sub i64 %u.{here}, %u0",
-                      f"  %ai.{here} = shl i64 %du.{here}, {LANES.bit_length() - 1}",
-                      f"  %w.{here} = load volatile float*, float** %slot"]
-            acc = {}
-            for j in touched:
-                t = f"{here}.r{j}"
-                lines += [f"  %ri{t} = mul i64 %stride, {j}",
-                          f"  %oi{t} = add i64 %ri{t}, %ai.{here}",
-                          f"  %op{t} = getelementptr float, float* %acc, i64 %oi{t}",
-                          f"  %ov{t} = bitcast float* %op{t} to {_V}*"]
-                if i == 0:
-                    acc[j] = "zeroinitializer"
-                else:
-                    lines.append(f"  %ol{t} = load {_V}, {_V}* %ov{t}, align 4")
-                    acc[j] = f"%ol{t}"
-            loaded = None
-            for _, offset, j, p in mine:
-                t = f"{here}.{len(order)}"
-                if offset != loaded:
-                    loaded = offset
-                    lines += [f"  %i{t} = add i64 %xi.{here}, {offset * group}",
-                              f"  %p{t} = getelementptr float, float* %x, i64 %i{t}",
-                              f"  %pv{t} = bitcast float* %p{t} to {_V}*",
-                              f"  %v{t} = load {_V}, {_V}* %pv{t}, align 4"]
-                    vector = f"%v{t}"
-                lines += [f"  %wp{t} = getelementptr float, float* %w.{here}, i64 {len(order)}",
-                          f"  %ws{t} = load float, float* %wp{t}, align 4",
-                          f"  %wi{t} = insertelement {_V} undef, float %ws{t}, i32 0",
-                          f"  %wv{t} = shufflevector {_V} %wi{t}, {_V} undef, <{LANES} x i32> zeroinitializer",
-                          f"  %a{t} = call {_V} @llvm.fmuladd.v{LANES}f32({_V} %wv{t}, {_V} {vector}, {_V} {acc[j]})"]
-                acc[j] = f"%a{t}"
-                order.append(p)
-            if last:
-                lines += [f"  %bp.{here} = load volatile float*, float** %bslot"]
-                lines += _epilogue(here, len(rows), acc)
-            else:
-                for j in touched:
-                    lines.append(f"  store {_V} {acc[j]}, {_V}* %ov{here}.r{j}, align 4")
-            lines += [f"  %next.{here} = add i64 %u.{here}, 1",
-                      f"  %more.{here} = icmp slt i64 %next.{here}, %u1",
-                      f"  br i1 %more.{here}, label %l{here}, label {after}"]
+        nz = sorted((int(plan.offsets[p]) // plan.channel_pixels // CHUNK, int(plan.offsets[p]), j, p)
+                    for j, r in enumerate(rows) for p in range(indptr[r], indptr[r + 1]))
+        chunks = sorted({t[0] for t in nz}) or [0]
+        labels = [f"{b}.{chunk}" for chunk in chunks]
+        lines += [f"b{b}:", f"  br label %l{labels[0]}"]
+        for i, (chunk, here) in enumerate(zip(chunks, labels)):
+            lines += _pass_ir(here, f"b{b}" if i == 0 else f"l{labels[i - 1]}",
+                              f"%l{labels[i + 1]}" if i + 1 < len(labels) else "%done",
+                              len(rows), [t[1:] for t in nz if t[0] == chunk], i == 0, i + 1 == len(labels),
+                              group, order)
     lines += ["done:", "  ret void", "}"]
     return "\n".join(lines) + "\n", np.asarray(order, np.int64)
+
+
+def _splat(name: str, scalar: str) -> list[str]:
+    """IR: `name` = the float `scalar` in every lane."""
+    return [f"  {name}.one = insertelement {_V} undef, float {scalar}, i32 0",
+            f"  {name} = shufflevector {_V} {name}.one, {_V} undef, <{LANES} x i32> zeroinitializer"]
+
+
+def _vector_at(name: str, base: str, index: str) -> list[str]:
+    """IR: `name` = a pointer to the vector at float `index` of `base`."""
+    return [f"  {name}.f = getelementptr float, float* {base}, i64 {index}",
+            f"  {name} = bitcast float* {name}.f to {_V}*"]
+
+
+def _row_vector_at(name: str, base: str, stride: str, row: int, here: str) -> list[str]:
+    """IR: `name` = a pointer to row `row`'s vector at the loop's u in a buffer of rows `stride` floats apart."""
+    return [f"  {name}.r = mul i64 {stride}, {row}",
+            f"  {name}.i = add i64 {name}.r, %ai.{here}",
+            *_vector_at(name, base, f"{name}.i")]
+
+
+def _pass_ir(here: str, entered_from: str, after: str, rows: int, nonzeros: list[tuple[int, int, int]],
+             first: bool, last: bool, group: int, order: list[int]) -> list[str]:
+    """IR of one pass over u in [u0, u1), labelled l{here}: the multiply-adds of `nonzeros`
+    ((offset, row, nonzero) sorted by offset) on the rows' sums, which start at zero in the
+    first pass and from acc otherwise; the last pass ends in the epilogue, the others store
+    the sums they changed to acc. Appends the nonzeros to `order`."""
+    lines = [f"l{here}:",
+             f"  %u.{here} = phi i64 [%u0, %{entered_from}], [%next.{here}, %l{here}]",
+             f"  %xi.{here} = shl i64 %u.{here}, {LANES.bit_length() - 1}",
+             f"  %du.{here} = sub i64 %u.{here}, %u0",
+             f"  %ai.{here} = shl i64 %du.{here}, {LANES.bit_length() - 1}",
+             f"  %w.{here} = load volatile float*, float** %slot"]
+    touched = range(rows) if first or last else sorted({j for _, j, _ in nonzeros})
+    acc = {}
+    for j in touched:
+        if first:
+            acc[j] = "zeroinitializer"
+        else:
+            lines += _row_vector_at(f"%acc.{here}.{j}", "%acc", "%stride", j, here)
+            lines.append(f"  %ol.{here}.{j} = load {_V}, {_V}* %acc.{here}.{j}, align 4")
+            acc[j] = f"%ol.{here}.{j}"
+    loaded = None
+    for offset, j, p in nonzeros:
+        t = f"{here}.{len(order)}"
+        if offset != loaded:
+            loaded, vector = offset, f"%v{t}"
+            lines += [f"  %i{t} = add i64 %xi.{here}, {offset * group}", *_vector_at(f"%pv{t}", "%x", f"%i{t}"),
+                      f"  {vector} = load {_V}, {_V}* %pv{t}, align 4"]
+        lines += [f"  %wp{t} = getelementptr float, float* %w.{here}, i64 {len(order)}",
+                  f"  %ws{t} = load float, float* %wp{t}, align 4", *_splat(f"%wv{t}", f"%ws{t}"),
+                  f"  %a{t} = call {_V} @llvm.fmuladd.v{LANES}f32({_V} %wv{t}, {_V} {vector}, {_V} {acc[j]})"]
+        acc[j] = f"%a{t}"
+        order.append(p)
+    if last:
+        lines += [f"  %bp.{here} = load volatile float*, float** %bslot", *_epilogue(here, rows, acc)]
+    else:
+        for j in touched:
+            if first:  # no pointer made for the load
+                lines += _row_vector_at(f"%acc.{here}.{j}", "%acc", "%stride", j, here)
+            lines.append(f"  store {_V} {acc[j]}, {_V}* %acc.{here}.{j}, align 4")
+    return lines + [f"  %next.{here} = add i64 %u.{here}, 1",
+                    f"  %more.{here} = icmp slt i64 %next.{here}, %u1",
+                    f"  br i1 %more.{here}, label %l{here}, label {after}"]
 
 
 def _epilogue(here: str, rows: int, acc: dict[int, str]) -> list[str]:
@@ -208,14 +226,9 @@ def _epilogue(here: str, rows: int, acc: dict[int, str]) -> list[str]:
     for j in range(rows):
         t = f"{here}.e{j}"
         lines += [f"  %bq{t} = getelementptr float, float* %bp.{here}, i64 {j}",
-                  f"  %bs{t} = load float, float* %bq{t}, align 4",
-                  f"  %bi{t} = insertelement {_V} undef, float %bs{t}, i32 0",
-                  f"  %bv{t} = shufflevector {_V} %bi{t}, {_V} undef, <{LANES} x i32> zeroinitializer",
+                  f"  %bs{t} = load float, float* %bq{t}, align 4", *_splat(f"%bv{t}", f"%bs{t}"),
                   f"  %s{t} = fadd {_V} {acc[j]}, %bv{t}",
-                  f"  %ri{t} = mul i64 %rstride, {j}",
-                  f"  %rj{t} = add i64 %ri{t}, %ai.{here}",
-                  f"  %rp{t} = getelementptr float, float* %res, i64 %rj{t}",
-                  f"  %rq{t} = bitcast float* %rp{t} to {_V}*",
+                  *_row_vector_at(f"%rq{t}", "%res", "%rstride", j, here),
                   f"  %rv{t} = load {_V}, {_V}* %rq{t}, align 4",
                   f"  %sr{t} = fadd {_V} %s{t}, %rv{t}",
                   # As `epilogue.apply_act`: below lo -> lo, then above hi -> hi; NaN passes.
@@ -223,10 +236,7 @@ def _epilogue(here: str, rows: int, acc: dict[int, str]) -> list[str]:
                   f"  %sl{t} = select <{LANES} x i1> %cl{t}, {_V} %lov, {_V} %sr{t}",
                   f"  %ch{t} = fcmp ogt {_V} %sl{t}, %hiv",
                   f"  %sh{t} = select <{LANES} x i1> %ch{t}, {_V} %hiv, {_V} %sl{t}",
-                  f"  %oi{t} = mul i64 %ostride, {j}",
-                  f"  %oj{t} = add i64 %oi{t}, %ai.{here}",
-                  f"  %op{t} = getelementptr float, float* %out, i64 %oj{t}",
-                  f"  %oq{t} = bitcast float* %op{t} to {_V}*",
+                  *_row_vector_at(f"%oq{t}", "%out", "%ostride", j, here),
                   f"  store {_V} %sh{t}, {_V}* %oq{t}, align 4"]
     return lines
 
@@ -344,14 +354,14 @@ def bind_unrolled_conv2d(code: UnrolledConv, values, packed, n: int, bias, act: 
         raise ValueError(f"{op}: bias must be float32 ({o},), got {bias.dtype} {bias.shape}")
     tile_pix = equal_tiles((ho - 1) * wq + wo, max(1, TILE_ELEMS // group))
     weights = np.ascontiguousarray(values[code.order])
-    res = residual if has_res else np.zeros(1, np.float32)
+    zeros = np.zeros(tile_pix * group + ROWS, np.float32)  # the residual and bias where there are none
+    res = residual if has_res else zeros
     if act == ACT_NONE:  # the code always clamps
         lo, hi = -np.inf, np.inf
     # The code applies the epilogue and stores to `out` itself where a tile is one run of each
     # output channel's plane (as in conv.store_tile's fast path); elsewhere it stores raw sums
     # and store_tile places them.
     fused = all(lay.group == group and lay.padded_hw[1] == wq for lay in (out_layout, res_layout) if lay is not None)
-    zeros = np.zeros(tile_pix * group + ROWS, np.float32)  # the residual and bias where there are none
     return partial(_unrolled_conv, code.function, packed, block_elems, weights, n, group, ho, wo, wq, tile_pix,
                    -(-o // ROWS), as_kernel_array(bias), act, np.float32(lo), np.float32(hi), res, res_params,
                    has_res, out, out_layout.params(), fused, zeros)
@@ -379,7 +389,7 @@ def _unrolled_conv(fn, packed, block_elems, weights, n, g, ho, wo, wq, tile_pix,
             dst = row_offset(out_lay, img_block, first, 0) + q0 * g
             r = row_offset(res_lay, img_block, first, 0) + q0 * g if has_res else 0
             fn(x, acc.ctypes.data, weights.ctypes.data, block, u0, u1, length, out[dst:].ctypes.data, out_plane,
-               res[r:].ctypes.data if has_res else zeros.ctypes.data, res_plane, bias[first:].ctypes.data, lo, hi)
+               res[r:].ctypes.data, res_plane, bias[first:].ctypes.data, lo, hi)
             for j in range(rows):
                 zero_garbage(out, dst + j * out_plane, q0, q1, wq, wo, g)
         else:

@@ -9,44 +9,31 @@ missing). Bad input is one line on stderr and exit status 2, as for `harp`.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import warnings
 from pathlib import Path
 
 import click
 
-from harp.cli_errors import run_cli
+from harp.cli_errors import exit_without_collecting, run_cli
+from harp.lazy_group import LazyGroup
 
 DEMO_RUN = Path("runs/demo")
 DEMO_ARTIFACT = DEMO_RUN / "artifact"
 DEMO_ITERS = 50  # the tiny digits model: 4 backends x 2 batch sizes finish well within a minute
 
 
-# name -> (module of harp.bench, click command in it); a command's module is imported only when it runs,
+# name -> (module, click command in it); a command's module is imported only when it runs,
 # so that `harp-bench latency` works on a device without torch.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "latency": ("latency_bench", "latency_command"),
-    "kernels": ("kernels_bench", "kernels_command"),
-    "robustness": ("robustness", "robustness_command"),
-    "report": ("report", "report_command"),
+    "latency": ("harp.bench.latency_bench", "latency_command"),
+    "kernels": ("harp.bench.kernels_bench", "kernels_command"),
+    "robustness": ("harp.bench.robustness", "robustness_command"),
+    "report": ("harp.bench.report", "report_command"),
 }
 
 
-class _LazyGroup(click.Group):
-    """A group whose commands come from COMMANDS, each imported when it is asked for."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
-            return None
-        module, attr = COMMANDS[name]
-        return getattr(importlib.import_module(f"harp.bench.{module}"), attr)
-
-
-@click.group(cls=_LazyGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, commands=COMMANDS, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="harp")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -77,7 +64,9 @@ def demo_latency() -> None:
 
 def main() -> None:
     warnings.showwarning = _one_line_warning
-    sys.exit(run_cli(cli, prog="harp-bench"))
+    code = run_cli(cli, prog="harp-bench")
+    exit_without_collecting()
+    sys.exit(code)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -1,6 +1,8 @@
 """The `harp` command: a thin click layer over typed Python functions.
 
-Commands live one per file in harp/commands/ and are registered in COMMANDS below.
+Commands live one per file in harp/commands/ and are registered in COMMANDS below;
+each module is imported only when its command runs (`lazy_group`), so `harp run`
+starts without torch and works on a device with only numpy, numba and click.
 Bad input raises HarpError (or a validation error of the export/bundle layers);
 main() prints it as one line on stderr and exits with status 2.
 """
@@ -11,29 +13,30 @@ import sys
 
 import click
 
-from .commands.eval import eval_command
-from .commands.export import export_command
-from .commands.info import info_command
-from .commands.pipeline import pipeline_command
-from .commands.prune import finetune_command, prune_command
-from .commands.run import run_command
-from .commands.train import train_command
-from .commands.verify import verify_command
-from .cli_errors import run_cli
+from .cli_errors import exit_without_collecting, run_cli
+from .lazy_group import LazyGroup
 
-COMMANDS = [train_command, prune_command, finetune_command, pipeline_command, eval_command, info_command, export_command,
-            verify_command, run_command]
+# name -> (module, click command in it), in the order of the workflow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("harp.commands.train", "train_command"),
+    "prune": ("harp.commands.prune", "prune_command"),
+    "finetune": ("harp.commands.prune", "finetune_command"),
+    "pipeline": ("harp.commands.pipeline", "pipeline_command"),
+    "eval": ("harp.commands.eval", "eval_command"),
+    "info": ("harp.commands.info", "info_command"),
+    "export": ("harp.commands.export", "export_command"),
+    "verify": ("harp.commands.verify", "verify_command"),
+    "run": ("harp.commands.run", "run_command"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="harp")
 def cli() -> None:
     """harp: prune robust image classifiers to 99%+ sparsity and ship them to edge runtimes."""
 
 
-for _command in COMMANDS:
-    cli.add_command(_command)
-
-
 def main() -> None:
-    sys.exit(run_cli(cli))
+    code = run_cli(cli)
+    exit_without_collecting()
+    sys.exit(code)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,31 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Layers compiled by `harp.kernels.unrolled` go to a fresh directory: the tests compile
 # them (as a first load does) and leave the user's cache alone.
 os.environ["HARP_CACHE_DIR"] = tempfile.mkdtemp(prefix="harp-test-unrolled-")
+
+# What a device lacks: it has numpy, numba and click (and may have onnxruntime, which is blocked too).
+NOT_ON_DEVICE = ("torch", "torchvision", "onnx", "onnxruntime", "scipy", "sklearn")
+_DEVICE_PRELUDE = f"""
+import sys
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {NOT_ON_DEVICE!r}:
+            raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+@pytest.fixture
+def device_python() -> Callable[..., subprocess.CompletedProcess]:
+    """Run Python code in a fresh process where the packages a device lacks cannot be imported.
+
+    Call it as device_python(code, *argv, timeout=300); the code sees the argv as sys.argv[1:].
+    """
+
+    def run(code: str, *argv: object, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _DEVICE_PRELUDE + code, *map(str, argv)],
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -202,6 +202,22 @@ def test_runtime_report_reads_how_a_given_artifact_was_pruned(artifact):
     assert "global_magnitude on digits, pruned to 50.0%; natural " in notes[1]
 
 
+def test_runtime_report_cold_start_times_the_runtime_and_harp_run_in_both_settings(artifact):
+    from harp.bench import runtime_report
+
+    cold = runtime_report.cold_start(artifact, threads=1, repeats=1)  # a failing `harp run` raises here
+    for setting in ("venv", "device"):
+        best = cold[setting]["best"]
+        assert 0 < best["in_process_s"] < best["process_wall_s"]
+        assert len(cold[setting]["harp_run_wall_s"]) == 1 and cold[setting]["harp_run_wall_s"][0] > 0
+    assert cold["device"]["best"]["heavy_modules"] == []
+    report = json.loads((Path(__file__).resolve().parents[2] / "bench" / "results" / "runtime.json").read_text())
+    report["cold_start"] = {"artifact": "small_cnn", **cold}
+    section = runtime_report.render(report).split("## Cold start")[1]
+    assert f"measured {cold['date']}" in section and "| `harp run` wall |" in section
+    assert f"**{cold['device']['harp_run_wall_s'][0]:.3f} s**" in section
+
+
 def test_kernels_table(artifact):
     from harp.bench.kernels_bench import run_kernels
 

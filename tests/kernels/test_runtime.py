@@ -1,5 +1,6 @@
 """Runtime API: loading, kernel choice and report, batch sizes, threads, and input validation."""
 
+import gc
 import threading
 import time
 from functools import partial
@@ -263,6 +264,25 @@ def test_load_errors(tmp_path, resnet):
         load_runtime(path, threads=0)
     runtime = load_runtime(path, warmup=False)
     assert runtime._prepared == {} and "warmup" not in runtime.load_seconds
+
+
+def test_a_load_pauses_the_garbage_collector_and_restores_it(resnet, monkeypatch):
+    _, path, _ = resnet
+    seen = []
+    warmup = runtime_module.Runtime.warmup
+    monkeypatch.setattr(runtime_module.Runtime, "warmup", lambda self: (seen.append(gc.isenabled()), warmup(self)))
+    assert gc.isenabled()
+    load_runtime(path, threads=2)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(BundleError):
+        load_runtime(path.parent / "missing.harpz")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_runtime(path, threads=2)
+        assert not gc.isenabled()  # a caller's own setting is left as it was
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("what", ["workspace", "activations"])

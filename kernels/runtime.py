@@ -17,9 +17,9 @@ size (kept for the last few sizes used) `prepare` allocates the buffers, lets
 convs of one input share its pack (`steps.Context.share_packs`), binds
 every step's kernels to them and, with `fallback="auto"`, times the candidate
 kernels of every conv/linear step on its own shape and keeps the fastest: sparse,
-dense, for 3x3 stride-1 convs Winograd (`winograd`), and at batch sizes of 16k,
-for convs of 8% density or more and at most 8192 nonzeros, the sparse conv
-compiled for the layer's pattern (`unrolled`; the first load compiles it, ~0.3 s
+dense, for 3x3 stride-1 convs Winograd (`winograd`), and on CPUs with AVX-512 at
+batch sizes of 16k, for convs of 8% density or more and at most 8192 nonzeros, the
+sparse conv compiled for the layer's pattern (`unrolled`; the first load compiles it, ~0.3 s
 per 1000 nonzeros, later loads take it from the cache); layers sparser than
 `SPARSE_ONLY_BELOW` skip the timing. A run is then one
 input copy, one Python call per kernel, and one output copy.
@@ -52,6 +52,7 @@ from . import threads as thread_settings
 from .arrays import aligned_zeros
 from .plan import Plan, plan_graph
 from .steps import EXECUTORS, Buffers, Call, Context, Executor, SharedPack
+from .unrolled import host_has_512bit_vectors
 
 FALLBACKS = ("auto", "sparse", "dense", "winograd", "unrolled")
 BUNDLE_NAME = "model.harpz"  # the bundle's name inside an artifact dir
@@ -97,7 +98,8 @@ def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fa
 
     threads: numba (and dense BLAS) threads, default all numba may use.
     fallback: "auto" picks each layer's kernel by timing (sparse, dense, and Winograd for the 3x3
-    stride-1 convs it covers, and `unrolled` code for convs it may pay off on at batch sizes of 16k);
+    stride-1 convs it covers, and on CPUs with AVX-512 `unrolled` code for convs it may pay off on at
+    batch sizes of 16k);
     "sparse"/"dense" force one; "winograd" forces Winograd where a conv allows it and the dense
     kernel elsewhere; "unrolled" forces `unrolled` where it is offered and the sparse kernel elsewhere.
     warmup: prepare batch size 1 and run it once, so the first request pays no
@@ -295,7 +297,10 @@ class Runtime:
             return (self.fallback,), f"fallback={self.fallback}"
         if ex.density < SPARSE_ONLY_BELOW:
             return ("sparse",), f"density < {SPARSE_ONLY_BELOW:.0%}"
-        return ex.kernels_in(ctx), "timed"
+        kernels = ex.kernels_in(ctx)
+        if not host_has_512bit_vectors():  # no compile for a kernel that cannot win here
+            kernels = tuple(k for k in kernels if k != "unrolled")
+        return kernels, "timed"
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (prepared batch sizes are re-prepared, their work split depends on it)."""

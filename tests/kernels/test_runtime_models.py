@@ -80,3 +80,16 @@ def test_unrolled_layers_at_batch_16(registry_bundle, arch):
     assert {r["kernel"] for name, r in rows.items() if r["op"] == "conv2d" and name not in offered} == {"sparse"}
     # At batch 1 (image group 1) no layer can run it.
     assert {r["kernel"] for r in runtime.plan_report(1) if r["op"] == "conv2d"} == {"sparse"}
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_auto_times_the_unrolled_kernel_only_on_cpus_with_512bit_vectors(registry_bundle, monkeypatch, wide):
+    from harp.kernels import runtime as runtime_module
+
+    _, _, path = registry_bundle("resnet18")
+    monkeypatch.setattr(runtime_module, "host_has_512bit_vectors", lambda: wide)
+    runtime = load_runtime(path, threads=2)
+    timed = [r for r in runtime.plan_report(16) if r["reason"] == "timed" and r["op"] == "conv2d"]
+    assert len(timed) >= 5
+    assert any("unrolled" in r["candidates_us"] for r in timed) == wide
+    assert all("sparse" in r["candidates_us"] for r in timed)

@@ -51,6 +51,11 @@ def run_script(main: Callable[[], object], prog: str) -> int:
     except user_errors() as e:
         click.echo(f"{prog}: error: {e}", err=True)
         return 2
+    except ModuleNotFoundError as e:  # a package this command needs, e.g. torch on a device
+        if e.name is None or e.name.split(".")[0] == "harp":
+            raise  # part of harp itself is missing: a broken install, not the user's setup
+        click.echo(f"{prog}: error: this needs {e.name.split('.')[0]}, which is not installed here", err=True)
+        return 2
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130

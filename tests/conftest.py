@@ -46,6 +46,13 @@ def device_python() -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+@pytest.fixture
+def device_harp(device_python) -> Callable[..., subprocess.CompletedProcess]:
+    """Run the `harp` command with these arguments as on a device (see `device_python`)."""
+    code = "from harp.cli import main\nsys.argv = ['harp', *sys.argv[1:]]\nmain()\n"
+    return lambda *args, timeout=300: device_python(code, *args, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def digits_ckpt(tmp_path_factory) -> Path:
     """A naturally trained small CNN on digits (a few seconds of training)."""

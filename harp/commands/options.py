@@ -1,9 +1,10 @@
-"""Click options shared by several commands (one definition each)."""
+"""Click options shared by several commands (one definition each).
+
+Torch-free, so that `harp verify` runs on a device; the options that list losses
+and attack norms import torch and live in `training_options`.
+"""
 
 import click
-
-from ..attacks import NORMS
-from ..training.losses import LOSSES
 
 quiet = click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 device = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -15,12 +16,14 @@ force = click.option("--force", is_flag=True, help="Overwrite an existing output
 resume = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
 as_json = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 epochs = click.option("--epochs", type=int, default=None, help="Default: per dataset (see README).")
-adv = click.option("--adv", type=click.Choice(list(LOSSES)), default="pgd", show_default=True,
-                   help="Adversarial loss: PGD-AT, TRADES, MART, or none (natural training).")
 eps = click.option("--eps", type=float, default=None, help="Attack budget in pixel space. Default: per dataset.")
 steps = click.option("--steps", type=int, default=None, help="PGD steps. Default: per dataset.")
 step_size = click.option("--step-size", type=float, default=None, help="PGD step size. Default: 2.5*eps/steps.")
-norm = click.option("--norm", type=click.Choice(list(NORMS)), default="linf", show_default=True)
 subset = click.option("--subset", type=int, default=None, help="Use only the first N train/test examples (smoke runs).")
 batch_size = click.option("--batch-size", type=int, default=None, help="Default: per dataset.")
 lr = click.option("--lr", type=float, default=None, help="Peak learning rate. Default: per dataset.")
+
+
+def split_formats(formats: str) -> list[str]:
+    """The formats a comma-separated --formats value names ("onnx, csr" -> ["onnx", "csr"])."""
+    return [f.strip() for f in formats.split(",") if f.strip()]

@@ -9,8 +9,9 @@ from ..pruning.mrpf import ALLOCATIONS, SENSITIVITIES
 from ..pruning.pwoa import PROJECTIONS
 from ..pruning.rates import RATE_INITS
 from . import options as o
+from . import training_options as t
 
-_stage_options = [o.epochs, o.adv, o.eps, o.steps, o.lr, o.batch_size, o.seed, o.data_root, o.download, o.device,
+_stage_options = [o.epochs, t.adv, o.eps, o.steps, o.lr, o.batch_size, o.seed, o.data_root, o.download, o.device,
                   o.subset, o.resume, o.force, o.quiet]
 
 

@@ -6,6 +6,7 @@ import click
 
 from ..training.train import TrainOptions, train
 from . import options as o
+from . import training_options as t
 
 
 @click.command("train")
@@ -13,11 +14,11 @@ from . import options as o
               help="digits, mnist, fashion-mnist, cifar10, cifar100, svhn or imagefolder:PATH.")
 @click.option("--arch", default=None, help="small_cnn, vgg16_bn, resnet18, wrn-28-4, mobilenet_v2, torchvision:NAME.")
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to create.")
-@o.adv
+@t.adv
 @o.eps
 @o.steps
 @o.step_size
-@o.norm
+@t.norm
 @click.option("--beta", type=float, default=None, help="TRADES/MART trade-off (defaults 6 / 5).")
 @o.epochs
 @o.batch_size

@@ -126,3 +126,27 @@ def test_cli_json_and_forced_reference_executor(capsys, export_copy):
     out, _ = capsys.readouterr()
     result = json.loads(out)
     assert code == 0 and result["ok"] and result["parity"]["csr"]["executor"] == "reference"
+
+
+def test_formats_choose_what_is_rerun_but_every_hash_is_checked(export_copy):
+    result = verify_artifact(export_copy, formats=["csr"])
+    assert list(result["parity"]) == ["csr"] and len(result["files"]) == 4
+    with pytest.raises(VerifyError, match="holds the formats onnx, onnx-sparse, csr; it has no tflite"):
+        verify_artifact(export_copy, formats=["csr", "tflite"])
+    with pytest.raises(VerifyError, match="no format was asked for"):
+        verify_artifact(export_copy, formats=[])
+    onnx = export_copy / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    with pytest.raises(VerifyError, match="model.onnx: SHA-256 does not match"):
+        verify_artifact(export_copy, formats=["csr"])
+
+
+def test_a_device_without_onnx_verifies_the_csr_bundle_alone(export_copy, device_harp):
+    result = device_harp("verify", export_copy)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "onnx: needs onnx, which is not installed here" in result.stderr and "--formats csr" in result.stderr
+    result = device_harp("verify", export_copy, "--formats", "csr", "--json")
+    assert result.returncode == 0, result.stderr
+    parity = json.loads(result.stdout)["parity"]
+    assert list(parity) == ["csr"] and parity["csr"]["passed"]
+    assert parity["csr"]["executor"] == "harp.kernels.runtime (sparse kernels)"

@@ -101,30 +101,26 @@ def test_unknown_wait_policy_is_one_line_and_exit_2(capsys, artifact, monkeypatc
     assert len(err.strip().splitlines()) == 1
 
 
-HARP_CLI = """
-from harp.cli import main
-sys.argv = ["harp", *sys.argv[1:]]
-main()
-"""
-
-
-def test_run_works_on_a_device_with_only_numpy_numba_and_click(artifact, device_python):
+def test_run_works_on_a_device_with_only_numpy_numba_and_click(artifact, device_harp):
     # The other commands need torch; `harp run` must not import their modules.
     tmp, x = artifact
-    result = device_python(HARP_CLI, "run", tmp / "art", "--input", tmp / "x.npy", "--json")
+    result = device_harp("run", tmp / "art", "--input", tmp / "x.npy", "--json")
     assert result.returncode == 0, result.stderr
     logits = np.array(json.loads(result.stdout)["logits"])
     np.testing.assert_allclose(logits, run_reference(tiny_graph(), x), rtol=1e-5, atol=1e-5)
 
 
-def test_commands_needing_torch_fail_in_one_line_on_a_device(device_python):
-    result = device_python(HARP_CLI, "train", "--dataset", "digits", "--epochs", "1")
+def test_commands_needing_torch_fail_in_one_line_on_a_device(device_harp):
+    result = device_harp("train", "--dataset", "digits", "--epochs", "1")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "harp: error: harp train needs torch, which is not installed here"
+    result = device_harp("export", "some-checkpoint", "--out", "somewhere")  # imports torch as it runs
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == "harp: error: this needs torch, which is not installed here"
 
-    listing = device_python(HARP_CLI, "--help")
+    listing = device_harp("--help")
     assert listing.returncode == 0, listing.stderr
     lines = {line.split()[0]: line for line in listing.stdout.split("Commands:")[1].strip().splitlines()}
     assert list(lines) == ["train", "prune", "finetune", "pipeline", "eval", "info", "export", "verify", "run"]
-    assert "unavailable here: needs torch" in lines["export"]
-    assert "Run an exported model" in lines["run"]
+    assert "unavailable here: needs torch" in lines["train"]
+    assert "Run an exported model" in lines["run"] and "Check DIRECTORY" in lines["verify"]

@@ -339,9 +339,10 @@ def verify_artifact(directory: str | os.PathLike[str], *, executor: str = "auto"
         except BundleError as e:
             raise VerifyError(f"csr: {e}") from e
         except ModuleNotFoundError as e:
-            if e.name not in ("onnx", "onnxruntime"):
+            package = (e.name or "").split(".")[0]
+            if package not in ("onnx", "onnxruntime"):
                 raise
-            raise VerifyError(f"{fmt}: needs {e.name}, which is not installed here (the file hashes all match; "
+            raise VerifyError(f"{fmt}: needs {package}, which is not installed here (the file hashes all match; "
                               f"--formats csr re-runs the CSR bundle alone)") from e
         result = compare_logits(fmt, used, logits, expected, values_dtype)
         if not result.passed:

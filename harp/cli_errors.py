@@ -52,14 +52,22 @@ def run_script(main: Callable[[], object], prog: str) -> int:
         click.echo(f"{prog}: error: {e}", err=True)
         return 2
     except ModuleNotFoundError as e:  # a package this command needs, e.g. torch on a device
-        if e.name is None or e.name.split(".")[0] == "harp":
-            raise  # part of harp itself is missing: a broken install, not the user's setup
-        click.echo(f"{prog}: error: this needs {e.name.split('.')[0]}, which is not installed here", err=True)
+        package = missing_package(e)
+        if package is None:
+            raise
+        click.echo(f"{prog}: error: this needs {package}, which is not installed here", err=True)
         return 2
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
     return 0
+
+
+def missing_package(error: ModuleNotFoundError) -> str | None:
+    """The package whose absence raised `error`; None when part of harp itself is missing (a broken install)."""
+    if error.name is None or error.name.split(".")[0] == "harp":
+        return None
+    return error.name.split(".")[0]
 
 
 def exit_without_collecting() -> None:

@@ -13,6 +13,7 @@ import importlib
 
 import click
 
+from .cli_errors import missing_package
 from .errors import HarpError
 
 
@@ -33,9 +34,10 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except ModuleNotFoundError as e:
-            if e.name is None or e.name.split(".")[0] == "harp":
-                raise  # a module of harp itself is missing: a broken install, not the user's setup
-            return _unavailable(ctx, name, e.name.split(".")[0])
+            package = missing_package(e)
+            if package is None:
+                raise
+            return _unavailable(ctx, name, package)
 
 
 def _unavailable(ctx: click.Context, name: str, missing: str) -> click.Command:

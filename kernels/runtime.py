@@ -67,6 +67,17 @@ KEPT_BATCH_SIZES = 4  # prepared batch sizes kept (buffers and bound kernels)
 class RuntimeInputError(ValueError):
     """The input of `Runtime.run` is unusable: wrong type, dtype or shape, or not finite."""
 
+    def __init__(self, message: str, *, first_bad: tuple[int, ...] | None = None):
+        super().__init__(message)
+        self.first_bad = first_bad  # the index of the first NaN/inf value, when that is what is wrong
+
+
+def non_finite_error(index: Any, converted: bool = False) -> RuntimeInputError:
+    """The error for an input whose first NaN/inf value is at `index` (after conversion to float32)."""
+    index = tuple(int(i) for i in index)
+    return RuntimeInputError(f"input holds NaN or infinite values (first at index {index}"
+                             f"{', after conversion to float32' if converted else ''})", first_bad=index)
+
 
 @dataclass
 class BoundStep:
@@ -187,9 +198,7 @@ class Runtime:
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: reported below
             np.copyto(state.input, x, casting="unsafe")
         if not np.isfinite(state.input).all():
-            bad = np.argwhere(~np.isfinite(state.input))[0]
-            raise RuntimeInputError(f"input holds NaN or infinite values (first at index {tuple(int(i) for i in bad)}"
-                                    f"{', after conversion to float32' if x.dtype != np.float32 else ''})")
+            raise non_finite_error(np.argwhere(~np.isfinite(state.input))[0], converted=x.dtype != np.float32)
         if thread_settings.get_num_threads() != self.threads:  # numba's count is per calling thread
             thread_settings.set_num_threads(self.threads)
         for call in state.calls:

@@ -101,6 +101,26 @@ def test_unknown_wait_policy_is_one_line_and_exit_2(capsys, artifact, monkeypatc
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_large_input_runs_in_batches_and_errors_count_from_its_first_image(capsys, tmp_path, artifact):
+    from harp.commands.run import DEFAULT_BATCH, load_input
+
+    tmp, _ = artifact
+    x = np.random.default_rng(2).random((2 * DEFAULT_BATCH + 8, 2, 6, 6), dtype=np.float32)
+    np.save(tmp / "many.npy", x)
+    assert isinstance(load_input(tmp / "many.npy"), np.memmap)  # read a batch at a time, not all at once
+    code, out, _ = _run(capsys, "run", tmp / "art", "--input", tmp / "many.npy", "--json")
+    assert code == 0
+    np.testing.assert_allclose(np.array(json.loads(out)["logits"]), run_reference(tiny_graph(), x),
+                               rtol=1e-5, atol=1e-5)
+    x[DEFAULT_BATCH + 5, 1, 2, 3] = np.inf
+    np.save(tmp / "many.npy", x)
+    code, _, err = _run(capsys, "run", tmp / "art", "--input", tmp / "many.npy")
+    assert code == 2 and f"first at index ({DEFAULT_BATCH + 5}, 1, 2, 3)" in err
+    np.save(tmp / "many.npy", x[:, :1])
+    code, _, err = _run(capsys, "run", tmp / "art", "--input", tmp / "many.npy")
+    assert code == 2 and f"input shape ({len(x)}, 1, 6, 6) is not" in err
+
+
 def test_run_works_on_a_device_with_only_numpy_numba_and_click(artifact, device_harp):
     # The other commands need torch; `harp run` must not import their modules.
     tmp, x = artifact

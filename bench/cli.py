@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from harp.cli_errors import exit_without_collecting, run_cli
+from harp.cli_errors import run_cli
 from harp.lazy_group import LazyGroup
 
 DEMO_RUN = Path("runs/demo")
@@ -64,9 +64,7 @@ def demo_latency() -> None:
 
 def main() -> None:
     warnings.showwarning = _one_line_warning
-    code = run_cli(cli, prog="harp-bench")
-    exit_without_collecting()
-    sys.exit(code)
+    sys.exit(run_cli(cli, prog="harp-bench"))
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -70,14 +70,26 @@ def missing_package(error: ModuleNotFoundError) -> str | None:
     return error.name.split(".")[0]
 
 
-def exit_without_collecting() -> None:
-    """Let the interpreter's exit skip the cyclic garbage collector: call last, right before sys.exit.
+_freeze_at_exit = False
 
-    At exit Python runs full collections over every object left, numba's, scipy's and
-    torch's included: 0.3 s after `harp run` had printed its result. Freezing moves
-    them out of the collector's reach; files are closed and outputs written by then.
+
+def freeze_at_exit() -> None:
+    """Ask `exit_without_collecting` to skip the collector: for commands that import no torch."""
+    global _freeze_at_exit
+    _freeze_at_exit = True
+
+
+def exit_without_collecting() -> None:
+    """Freeze the cyclic garbage collector if the command asked for it; call last, right before sys.exit.
+
+    At exit Python runs full collections over every object left: 0.3 s of numba's and
+    scipy's after `harp run` had printed its result. Freezing moves them out of the
+    collector's reach (files are closed and outputs written by then), but objects left
+    unfinalized make torch's triton (nanobind) print every one it holds as leaked, so
+    only a command that imports no torch asks for it (`freeze_at_exit`).
     """
-    gc.freeze()
+    if _freeze_at_exit:
+        gc.freeze()
 
 
 class ScriptArgumentParser(argparse.ArgumentParser):

@@ -8,6 +8,7 @@ import os
 import click
 import numpy as np
 
+from ..cli_errors import freeze_at_exit
 from ..errors import HarpError
 
 
@@ -82,6 +83,7 @@ def run_command(artifact, input_path, batch, threads, as_json):
     predictions = logits.argmax(axis=1).tolist()
     if as_json:
         click.echo(json.dumps({"predictions": predictions, "logits": logits.tolist()}))
-        return
-    for p in predictions:
-        click.echo(p)
+    else:
+        for p in predictions:
+            click.echo(p)
+    freeze_at_exit()  # no torch here: the interpreter's exit need not collect numba's objects

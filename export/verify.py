@@ -297,28 +297,29 @@ def verify_artifact(directory: str | os.PathLike[str], *, executor: str = "auto"
     ExportError) naming the file or format on any mismatch, or a format it cannot run here,
     BundleError for an invalid bundle.
     """
-    requested = formats
     root = Path(directory)
     if not root.is_dir():
         raise VerifyError(f"{root} does not exist or is not a directory")
     manifest = _read_manifest(root)
     files = _check_files(root, manifest)
     export = manifest["export"]
-    formats, values_dtype = export.get("formats"), export.get("values_dtype")
-    if not isinstance(formats, list) or not formats or any(f not in FORMAT_FILES for f in formats):
-        raise VerifyError(f"{root / MANIFEST}: export.formats {formats!r} is not a list of "
+    exported, values_dtype = export.get("formats"), export.get("values_dtype")
+    if not isinstance(exported, list) or not exported or any(f not in FORMAT_FILES for f in exported):
+        raise VerifyError(f"{root / MANIFEST}: export.formats {exported!r} is not a list of "
                           f"{', '.join(FORMAT_FILES)}")
     if values_dtype not in RTOL:
         raise VerifyError(f"{root / MANIFEST}: export.values_dtype {values_dtype!r} is not one of {list(RTOL)}")
-    for name in [FORMAT_FILES[f] for f in formats] + [PARITY_FILE]:
+    for name in [FORMAT_FILES[f] for f in exported] + [PARITY_FILE]:
         if name not in files:
             raise VerifyError(f"{root / MANIFEST} does not list {name}")
-    if requested is not None:
-        missing = [f for f in requested if f not in formats]
-        if missing or not requested:
-            raise VerifyError(f"{root} holds the formats {', '.join(formats)}; "
+    if formats is None:
+        formats = exported
+    else:
+        missing = [f for f in formats if f not in exported]
+        if missing or not formats:
+            raise VerifyError(f"{root} holds the formats {', '.join(exported)}; "
                               + (f"it has no {', '.join(missing)}" if missing else "no format was asked for"))
-        formats = [f for f in formats if f in requested]
+        formats = [f for f in exported if f in formats]
 
     arrays = load_parity(root / PARITY_FILE)
     x = np.concatenate([arrays["x_clean"], arrays["x_adv"]])

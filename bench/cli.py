@@ -16,24 +16,31 @@ from pathlib import Path
 import click
 
 from harp.cli_errors import run_cli
-from harp.lazy_group import LazyGroup
+from harp.lazy_group import LazyCommand, LazyGroup
 
 DEMO_RUN = Path("runs/demo")
 DEMO_ARTIFACT = DEMO_RUN / "artifact"
 DEMO_ITERS = 50  # the tiny digits model: 4 backends x 2 batch sizes finish well within a minute
 
 
-# name -> (module, click command in it); a command's module is imported only when it runs,
-# so that `harp-bench latency` works on a device without torch.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "latency": ("harp.bench.latency_bench", "latency_command"),
-    "kernels": ("harp.bench.kernels_bench", "kernels_command"),
-    "robustness": ("harp.bench.robustness", "robustness_command"),
-    "report": ("harp.bench.report", "report_command"),
+# A command's module is imported only when it runs, so that `harp-bench latency` works on a
+# device without torch; each summary is the first line of its command's help.
+COMMANDS: dict[str, LazyCommand] = {
+    "latency": LazyCommand("harp.bench.latency_bench", "latency_command",
+                           "Latency, throughput and memory of every backend on ARTIFACT (or on a what-if --arch)."),
+    "kernels": LazyCommand("harp.bench.kernels_bench", "kernels_command",
+                           "Per-layer sparse vs dense kernel vs torch vs onnxruntime on ARTIFACT's own layer shapes."),
+    "robustness": LazyCommand("harp.bench.robustness", "robustness_command",
+                              "Clean and adversarial accuracy of every backend of each ARTIFACT, curves and sanity "
+                              "checks.", ("torch",)),
+    "report": LazyCommand("harp.bench.report", "report_command",
+                          "Write OUT/report.md: model card, latency, robustness, curves and sanity checks of each "
+                          "ARTIFACT.", ("torch",)),
 }
 
 
-@click.group(cls=LazyGroup, commands=COMMANDS, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, commands=COMMANDS, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="harp")
 @click.pass_context
 def cli(ctx: click.Context) -> None:

@@ -14,19 +14,30 @@ import sys
 import click
 
 from .cli_errors import exit_without_collecting, run_cli
-from .lazy_group import LazyGroup
+from .lazy_group import LazyCommand, LazyGroup
 
-# name -> (module, click command in it), in the order of the workflow.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("harp.commands.train", "train_command"),
-    "prune": ("harp.commands.prune", "prune_command"),
-    "finetune": ("harp.commands.prune", "finetune_command"),
-    "pipeline": ("harp.commands.pipeline", "pipeline_command"),
-    "eval": ("harp.commands.eval", "eval_command"),
-    "info": ("harp.commands.info", "info_command"),
-    "export": ("harp.commands.export", "export_command"),
-    "verify": ("harp.commands.verify", "verify_command"),
-    "run": ("harp.commands.run", "run_command"),
+# In the order of the workflow; each summary is the first line of its command's help.
+TORCH = ("torch",)
+COMMANDS: dict[str, LazyCommand] = {
+    "train": LazyCommand("harp.commands.train", "train_command",
+                         "Train a model (adversarially by default) and write a checkpoint directory.", TORCH),
+    "prune": LazyCommand("harp.commands.prune", "prune_command",
+                         "Prune a dense checkpoint to a target sparsity (HARP by default).", TORCH),
+    "finetune": LazyCommand("harp.commands.prune", "finetune_command",
+                            "Adversarially fine-tune the weights of a pruned checkpoint; its masks stay fixed.", TORCH),
+    "pipeline": LazyCommand("harp.commands.pipeline", "pipeline_command",
+                            "Run the whole job; stages already finished in --out are reused.", TORCH),
+    "eval": LazyCommand("harp.commands.eval", "eval_command",
+                        "Natural and robust accuracy (PGD at the dataset's default budget unless overridden).", TORCH),
+    "info": LazyCommand("harp.commands.info", "info_command",
+                        "Architecture, dataset, sparsity and per-layer densities of a checkpoint.", TORCH),
+    "export": LazyCommand("harp.commands.export", "export_command",
+                          "Export CHECKPOINT to --out and check every format against the torch model's logits.",
+                          ("torch", "onnx")),
+    "verify": LazyCommand("harp.commands.verify", "verify_command",
+                          "Check DIRECTORY's file hashes and re-run every format on the stored parity inputs."),
+    "run": LazyCommand("harp.commands.run", "run_command",
+                       "Run an exported model (artifact dir or model.harpz) on a batch with the numba runtime."),
 }
 
 

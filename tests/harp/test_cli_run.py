@@ -134,13 +134,14 @@ def test_commands_needing_torch_fail_in_one_line_on_a_device(device_harp):
     result = device_harp("train", "--dataset", "digits", "--epochs", "1")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "harp: error: harp train needs torch, which is not installed here"
-    result = device_harp("export", "some-checkpoint", "--out", "somewhere")  # imports torch as it runs
+    result = device_harp("export", "some-checkpoint", "--out", "somewhere")
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip() == "harp: error: this needs torch, which is not installed here"
+    assert result.stderr.strip() == "harp: error: harp export needs torch and onnx, which are not installed here"
 
     listing = device_harp("--help")
     assert listing.returncode == 0, listing.stderr
     lines = {line.split()[0]: line for line in listing.stdout.split("Commands:")[1].strip().splitlines()}
     assert list(lines) == ["train", "prune", "finetune", "pipeline", "eval", "info", "export", "verify", "run"]
     assert "unavailable here: needs torch" in lines["train"]
+    assert "unavailable here: needs torch and onnx" in lines["export"]
     assert "Run an exported model" in lines["run"] and "Check DIRECTORY" in lines["verify"]

@@ -13,6 +13,8 @@ from ..errors import HarpError
 
 
 DEFAULT_BATCH = 16  # images per runtime call unless --batch says otherwise (see run_model)
+NPY_MAGIC = b"\x93NUMPY"
+PIXEL_SLACK = 1e-6  # rounding beyond [0, 1] that is not worth a warning
 
 
 def load_input(path: str | os.PathLike[str]) -> np.ndarray:
@@ -21,10 +23,16 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
     The file is memory-mapped: a large input is read one batch at a time, not held in memory.
     """
     try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
         x = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as e:
         raise HarpError(f"input {path}: no such file") from e
+    except IsADirectoryError as e:
+        raise HarpError(f"input {path}: is a directory, not a .npy file") from e
     except (OSError, ValueError, EOFError) as e:  # not .npy, truncated, or a pickled object array
+        if magic != NPY_MAGIC and not magic.startswith(b"PK"):  # numpy's own error would speak of pickles
+            raise HarpError(f"input {path}: not a .npy file") from e
         raise HarpError(f"input {path}: not a readable .npy array ({e})") from e
     if not isinstance(x, np.ndarray):  # an .npz archive
         x.close()
@@ -68,6 +76,23 @@ def run_model(artifact: str | os.PathLike[str], x: np.ndarray, *, batch: int = D
     return np.concatenate(logits)
 
 
+def pixel_range_warning(x: np.ndarray, batch: int = DEFAULT_BATCH) -> str | None:
+    """A warning if finite input x strays outside the [0, 1] pixels the model expects (say 0-255 pixels), else None.
+
+    The exported model normalises its input itself, so such input runs but its predictions mean
+    nothing. Read `batch` images at a time, as `run_model` does, for memory-mapped input.
+    """
+    lo, hi = np.inf, -np.inf
+    for start in range(0, len(x), batch):
+        part = x[start:start + batch]
+        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    if lo >= -PIXEL_SLACK and hi <= 1 + PIXEL_SLACK:
+        return None
+    hint = " (divide 8-bit pixels by 255)" if hi > 2 else ""
+    return (f"input values span [{lo:.4g}, {hi:.4g}], but the model expects raw pixels in [0, 1]{hint}; "
+            f"its predictions on them mean little")
+
+
 @click.command("run")
 @click.argument("artifact", type=click.Path())
 @click.option("--input", "input_path", required=True, type=click.Path(),
@@ -79,7 +104,11 @@ def run_model(artifact: str | os.PathLike[str], x: np.ndarray, *, batch: int = D
 @click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [...], "logits": [[...], ...]}.')
 def run_command(artifact, input_path, batch, threads, as_json):
     """Run an exported model (artifact dir or model.harpz) on a batch with the numba runtime."""
-    logits = run_model(artifact, load_input(input_path), batch=batch, threads=threads)
+    x = load_input(input_path)
+    logits = run_model(artifact, x, batch=batch, threads=threads)
+    warning = pixel_range_warning(x, batch)  # after run_model, which rejects NaN and inf
+    if warning:
+        click.echo(f"harp: warning: {warning}", err=True)
     predictions = logits.argmax(axis=1).tolist()
     if as_json:
         click.echo(json.dumps({"predictions": predictions, "logits": logits.tolist()}))

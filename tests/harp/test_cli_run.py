@@ -65,13 +65,14 @@ def test_run_json_has_predictions_and_logits(capsys, artifact):
     (lambda x: x.astype(np.float64), "dtype float64 is not float32"),
     (lambda x: np.zeros((0, 2, 6, 6), np.float32), "batch is empty"),
     (lambda x: np.array([x], dtype=object), "not a readable .npy array"),
-    (None, "not a readable .npy array"),
+    (b"\x93NUMPY garbage", "not a readable .npy array"),
+    (b"garbage", r"input \S+bad.npy: not a .npy file$"),  # numpy itself would blame pickles
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, artifact, make_input, message):
     tmp, x = artifact
     path = tmp / "bad.npy"
-    if make_input is None:
-        path.write_bytes(b"\x93NUMPY garbage")
+    if isinstance(make_input, bytes):
+        path.write_bytes(make_input)
     else:
         np.save(path, make_input(x), allow_pickle=True)
     code, out, err = _run(capsys, "run", tmp / "art", "--input", path)
@@ -82,6 +83,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, artifact, make_input, message)
 
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/art", "--input", "{tmp}/missing.npy"], "no such file"),
+    (["{tmp}/art", "--input", "{tmp}"], "is a directory, not a .npy file"),
     (["{tmp}/nowhere", "--input", "{tmp}/x.npy"], "cannot read"),
     (["{tmp}", "--input", "{tmp}/x.npy"], "holds no model.harpz"),
     (["{tmp}/art", "--input", "{tmp}/x.npy", "--threads", "999"], "--threads must be in 1.."),
@@ -91,6 +93,18 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, artifact, args, message):
     tmp, _ = artifact
     code, _, err = _run(capsys, "run", *[a.replace("{tmp}", str(tmp)) for a in args])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_pixels_outside_0_1_run_with_a_warning(capsys, artifact):
+    tmp, x = artifact
+    np.save(tmp / "bytes.npy", np.round(x * 255))  # 8-bit pixels, not divided by 255
+    code, out, err = _run(capsys, "run", tmp / "art", "--input", tmp / "bytes.npy", "--batch", "2")
+    assert code == 0 and len(out.split()) == len(x)
+    assert err.startswith("harp: warning: input values span [") and "divide 8-bit pixels by 255" in err
+    assert len(err.strip().splitlines()) == 1
+    np.save(tmp / "centred.npy", x - 0.5)
+    _, _, err = _run(capsys, "run", tmp / "art", "--input", tmp / "centred.npy")
+    assert "the model expects raw pixels in [0, 1]; its predictions" in err
 
 
 def test_unknown_wait_policy_is_one_line_and_exit_2(capsys, artifact, monkeypatch):

@@ -33,7 +33,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -226,23 +229,56 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def load_parity(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """The parity arrays, checked for names, dtypes and matching shapes (no pickle is ever loaded)."""
+    """The parity arrays, checked for names, dtypes and matching shapes (no pickle is ever loaded).
+
+    Read member by member (`_read_npy_member`) rather than with np.load, whose errors
+    on a crafted archive were tracebacks and whose arrays are sized by their headers.
+    """
+    expected = sorted(f"{k}.npy" for k in PARITY_ARRAYS)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as e:
+        with zipfile.ZipFile(path) as archive:
+            if sorted(archive.namelist()) != expected:
+                raise VerifyError(f"holds {sorted(archive.namelist())}, expected the arrays {list(PARITY_ARRAYS)}")
+            arrays = {k: _read_npy_member(archive, f"{k}.npy") for k in PARITY_ARRAYS}
+    except VerifyError as e:
+        raise VerifyError(f"{path}: {e}") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise VerifyError(f"{path} is not a readable parity file: {e}") from e
-    missing = [k for k in PARITY_ARRAYS if k not in arrays]
-    if missing or set(arrays) - set(PARITY_ARRAYS):
-        raise VerifyError(f"{path} holds arrays {sorted(arrays)}, expected {list(PARITY_ARRAYS)}")
     for k, a in arrays.items():
-        if a.dtype != np.float32 or not np.isfinite(a).all():
-            raise VerifyError(f"{path}: array {k!r} must be finite float32, got {a.dtype}")
+        if not np.isfinite(a).all():
+            raise VerifyError(f"{path}: array {k!r} holds NaN or infinite values")
     for kind in ("clean", "adv"):
         x, y = arrays[f"x_{kind}"], arrays[f"logits_{kind}"]
         if x.ndim != 4 or y.ndim != 2 or x.shape[0] != y.shape[0]:
             raise VerifyError(f"{path}: x_{kind} {x.shape} and logits_{kind} {y.shape} do not pair up")
     return arrays
+
+
+def _read_npy_member(archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One little-endian float32 .npy member, stored uncompressed as np.savez writes it.
+
+    Its header must account for exactly the bytes that follow it, so nothing is allocated
+    beyond the member's size, and a stored member cannot expand as a compressed one can.
+    """
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise VerifyError(f"{name} is compressed; harp writes parity arrays uncompressed")
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise VerifyError(f"{name}: .npy version {version} is not supported")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if dtype != np.dtype("<f4"):
+            raise VerifyError(f"{name} must be float32, got {dtype}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != info.file_size - f.tell():
+            raise VerifyError(f"{name}: shape {shape} does not match its {info.file_size} bytes")
+        data = bytearray(f.read(nbytes))
+    if len(data) != nbytes:
+        raise VerifyError(f"{name} is truncated")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

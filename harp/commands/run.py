@@ -25,18 +25,20 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             magic = f.read(len(NPY_MAGIC))
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as e:
         raise HarpError(f"input {path}: no such file") from e
     except IsADirectoryError as e:
         raise HarpError(f"input {path}: is a directory, not a .npy file") from e
-    except (OSError, ValueError, EOFError) as e:  # not .npy, truncated, or a pickled object array
-        if magic != NPY_MAGIC and not magic.startswith(b"PK"):  # numpy's own error would speak of pickles
-            raise HarpError(f"input {path}: not a .npy file") from e
+    except OSError as e:
+        raise HarpError(f"input {path}: cannot read it ({e.strerror})") from e
+    if magic.startswith(b"PK"):  # a zip, as .npz archives are: not parsed at all
+        raise HarpError(f"input {path}: expected one .npy array, got a zip (.npz) archive")
+    if magic != NPY_MAGIC:  # numpy would try it as a pickle and say so
+        raise HarpError(f"input {path}: not a .npy file")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # truncated, a bad header, a pickled object array
         raise HarpError(f"input {path}: not a readable .npy array ({e})") from e
-    if not isinstance(x, np.ndarray):  # an .npz archive
-        x.close()
-        raise HarpError(f"input {path}: expected one .npy array, got an .npz archive")
     if x.dtype != np.float32:
         raise HarpError(f"input {path}: dtype {x.dtype} is not float32 (save it with x.astype(np.float32))")
     return x
@@ -80,7 +82,7 @@ def pixel_range_warning(x: np.ndarray, batch: int = DEFAULT_BATCH) -> str | None
     """A warning if finite input x strays outside the [0, 1] pixels the model expects (say 0-255 pixels), else None.
 
     The exported model normalises its input itself, so such input runs but its predictions mean
-    nothing. Read `batch` images at a time, as `run_model` does, for memory-mapped input.
+    little. Read `batch` images at a time, as `run_model` does, for memory-mapped input.
     """
     lo, hi = np.inf, -np.inf
     for start in range(0, len(x), batch):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,47 @@ def test_wrong_logits_with_a_matching_hash_fail_parity(capsys, export_copy):
         bytes=(export_copy / PARITY_FILE).stat().st_size, sha256=sha256_file(export_copy / PARITY_FILE)))
     code, _, err = _verify_cli(capsys, export_copy)
     assert code == 2 and "parity failed for onnx" in err
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _claiming(shape: tuple[int, ...], data: bytes) -> bytes:
+    """A float32 .npy member whose header claims `shape` over `data`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + data
+
+
+@pytest.mark.parametrize("edit,compression,message", [
+    (None, zipfile.ZIP_STORED, "not a readable parity file"),
+    (lambda m: m, zipfile.ZIP_DEFLATED, "x_clean.npy is compressed"),  # what could expand without bound
+    (lambda m: m | {"x_adv.npy": _claiming((10**9, 3, 8, 8), b"\0" * 16)}, zipfile.ZIP_STORED,
+     r"x_adv.npy: shape \(1000000000, 3, 8, 8\) does not match its"),
+    (lambda m: m | {"logits_adv.npy": _npy(np.zeros((2, 10)))}, zipfile.ZIP_STORED, "must be float32, got float64"),
+    (lambda m: {k: v for k, v in m.items() if k != "x_clean.npy"}, zipfile.ZIP_STORED, "expected the arrays"),
+    (lambda m: m | {"x_clean.npy": _npy(np.full((4, 1, 8, 8), np.nan, np.float32))}, zipfile.ZIP_STORED,
+     "NaN or infinite"),
+])
+def test_crafted_parity_archive_is_one_line_and_exit_2(capsys, export_copy, edit, compression, message):
+    # np.load had raised BadZipFile or NotImplementedError tracebacks here, and sized arrays by their headers.
+    path = export_copy / PARITY_FILE
+    if edit is None:
+        path.write_bytes(b"PK\x03\x04 not a zip archive")
+    else:
+        with zipfile.ZipFile(path) as archive:
+            members = {name: archive.read(name) for name in archive.namelist()}
+        with zipfile.ZipFile(path, "w", compression) as archive:
+            for name, data in edit(members).items():
+                archive.writestr(name, data)
+    _rewrite_manifest(export_copy, lambda m: m["files"][PARITY_FILE].update(
+        bytes=path.stat().st_size, sha256=sha256_file(path)))
+    code, out, err = _verify_cli(capsys, export_copy)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert re.search(message, err) and "Traceback" not in err, err
 
 
 def test_manifest_cannot_loosen_the_tolerance(export_copy):

@@ -67,6 +67,7 @@ def test_run_json_has_predictions_and_logits(capsys, artifact):
     (lambda x: np.array([x], dtype=object), "not a readable .npy array"),
     (b"\x93NUMPY garbage", "not a readable .npy array"),
     (b"garbage", r"input \S+bad.npy: not a .npy file$"),  # numpy itself would blame pickles
+    (b"PK\x03\x04 not a zip", "expected one .npy array, got a zip"),  # numpy's zip reader raised BadZipFile
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, artifact, make_input, message):
     tmp, x = artifact

@@ -340,10 +340,11 @@ def verify_artifact(directory: str | os.PathLike[str], *, executor: str = "auto"
     files = _check_files(root, manifest)
     export = manifest["export"]
     exported, values_dtype = export.get("formats"), export.get("values_dtype")
-    if not isinstance(exported, list) or not exported or any(f not in FORMAT_FILES for f in exported):
+    if not isinstance(exported, list) or not exported or \
+            any(not isinstance(f, str) or f not in FORMAT_FILES for f in exported):  # a list here is unhashable
         raise VerifyError(f"{root / MANIFEST}: export.formats {exported!r} is not a list of "
                           f"{', '.join(FORMAT_FILES)}")
-    if values_dtype not in RTOL:
+    if not isinstance(values_dtype, str) or values_dtype not in RTOL:
         raise VerifyError(f"{root / MANIFEST}: export.values_dtype {values_dtype!r} is not one of {list(RTOL)}")
     for name in [FORMAT_FILES[f] for f in exported] + [PARITY_FILE]:
         if name not in files:

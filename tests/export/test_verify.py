@@ -138,6 +138,8 @@ def test_manifest_cannot_loosen_the_tolerance(export_copy):
      "unexpected file"),
     (lambda out: _rewrite_manifest(out, lambda m: m.update(version=99)), "version 99"),
     (lambda out: _rewrite_manifest(out, lambda m: m["files"].pop("model.onnx")), "does not list model.onnx"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["export"].update(formats=[["csr"]])), "export.formats"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["export"].update(values_dtype=[])), "export.values_dtype"),
 ])
 def test_damaged_directory_is_a_verify_error(export_copy, damage, message):
     damage(export_copy)

@@ -54,3 +54,22 @@ def test_architecture_mismatch_is_refused(digits_ckpt, tmp_path):
     (bad / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(HarpError, match="do not fit architecture"):
         load_checkpoint(bad).build_model()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(metrics=None), "field 'metrics' is not an object"),  # `harp info` and export had crashed
+    (lambda m: m.update(pruning=[]), "field 'pruning' is not an object"),
+    (lambda m: m.update(pruning={}), "'pruning.granularity' is missing"),  # `harp finetune` had raised KeyError
+    (lambda m: m.update(training="pgd"), "field 'training' is not an object"),
+])
+def test_wrongly_typed_sections_of_meta_are_refused(digits_ckpt, tmp_path, edit, message):
+    bad = _copy(digits_ckpt, tmp_path / "meta")
+    meta = json.loads((bad / "meta.json").read_text())
+    edit(meta)
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(HarpError, match=message):
+        load_checkpoint(bad)
+    meta.update(training=None, source=None)  # what a checkpoint made without these stages holds
+    meta.pop("metrics"), meta.pop("pruning", None)
+    (bad / "meta.json").write_text(json.dumps(meta))
+    assert load_checkpoint(bad).meta["training"] is None

@@ -130,8 +130,6 @@ def _read_meta(path: Path) -> dict[str, Any]:
     for key, nullable in (("metrics", False), ("pruning", False), ("training", True), ("source", True)):
         if key in meta and not (isinstance(meta[key], dict) or nullable and meta[key] is None):  # sections read later
             raise HarpError(f"checkpoint {path}: {META} field {key!r} is not an object")
-    if "pruning" in meta and not isinstance(meta["pruning"].get("granularity"), str):
-        raise HarpError(f"checkpoint {path}: {META} field 'pruning.granularity' is missing or not a string")
     ds = meta["dataset"]
     if not isinstance(ds.get("name"), str) or not isinstance(ds.get("input_shape"), list) \
             or not isinstance(ds.get("classes"), int):

@@ -13,6 +13,7 @@ from ..training.distributed import init_distributed, resolve_device, shutdown_di
 from ..training.runner import RunConfig, run_job
 from ..training.train import budget_for, eval_attack
 from .jobs import FinetuneJob
+from .layers import GRANULARITIES
 from .methods import FINETUNE_DEFAULTS, PruneOptions, _loss, _source, load_stage_data, stage_budget
 
 
@@ -23,6 +24,10 @@ def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = P
     ckpt = load_checkpoint(src)
     if not ckpt.masks or "pruning" not in ckpt.meta:
         raise HarpError(f"{src} is not a pruned checkpoint (no masks); run `harp prune` first")
+    granularity = ckpt.meta["pruning"].get("granularity")
+    if granularity not in GRANULARITIES:
+        raise HarpError(f"{src}: meta.json field 'pruning.granularity' {granularity!r} is not one of "
+                        f"{', '.join(GRANULARITIES)}")
     spec = ckpt.spec
     device = resolve_device(opts.device)
     loss = _loss(ckpt, opts)
@@ -34,7 +39,7 @@ def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = P
                     # a freshly pruned model is far from robust: ramp eps as in training
                     eps_warmup_epochs=budget_for(spec).eps_warmup_epochs if opts.adv != "none" else 0.0)
     model = ckpt.build_model()
-    job = FinetuneJob(model, ckpt.masks, ckpt.meta["pruning"]["granularity"], loss)
+    job = FinetuneJob(model, ckpt.masks, granularity, loss)
     data = load_stage_data(spec, opts)
     meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
             "training": ckpt.meta.get("training"), "source": _source(ckpt), "pruning": ckpt.meta["pruning"],

@@ -271,26 +271,68 @@ def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfi
 
 
 def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return {k: v.to(device) for k, v in load_file(str(path)).items()}
-
-
-def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: torch.device):
     try:
-        state = json.loads((state_dir / "state.json").read_text())
+        return {k: v.to(device) for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as e:  # missing or damaged saved state (state.json names the files)
+        raise HarpError(f"saved weights {path} are missing or unreadable ({e})") from e
+
+
+def read_run_state(state_dir: Path) -> dict[str, Any]:
+    """DIR/state/state.json of an interrupted run, checked for every field --resume reads; HarpError otherwise."""
+    path = state_dir / "state.json"
+    try:
+        state = json.loads(path.read_text())
     except FileNotFoundError:
         raise HarpError(f"--resume: no saved state in {state_dir} (nothing to resume)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HarpError(f"--resume: {state_dir / 'state.json'} is corrupted ({e})") from e
+        raise HarpError(f"--resume: {path} is corrupted ({e})") from e
+    problem = _state_problem(state)
+    if problem:
+        raise HarpError(f"--resume: {path} is corrupted ({problem})")
+    return state
+
+
+def _state_problem(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    for key, kind, name in (("kind", str, "string"), ("meta", dict, "object"), ("run", dict, "object"),
+                            ("job", dict, "object"), ("history", list, "array"), ("best", dict, "object")):
+        if not isinstance(state.get(key), kind):
+            return f"{key!r} is missing or not a JSON {name}"
+    epoch, history = state.get("epoch"), state["history"]
+    if not _is_int(epoch) or len(history) != epoch:  # one record per finished epoch
+        return f"'epoch' {epoch!r} does not count the {len(history)} records of 'history'"
+    for record in history:
+        if not isinstance(record, dict) or not _is_number(record.get("epoch_seconds")) \
+                or not _is_int(record.get("adversarial_examples")):
+            return "a 'history' record lacks epoch_seconds or adversarial_examples"
+    if not _is_int(state["best"].get("epoch")) or not _is_number(state["best"].get("robust")):
+        return "'best' lacks epoch or robust"
+    return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: torch.device):
+    state = read_run_state(state_dir)
     if state.get("kind") != job.kind:
         raise HarpError(f"--resume: {state_dir.parent} holds a {state.get('kind')!r} run, not {job.kind!r}")
-    saved_run = state.get("run", {})
+    saved_run = state["run"]
     if saved_run.get("epochs") != cfg.epochs or saved_run.get("batch_size") != cfg.batch_size:
         raise HarpError(f"--resume: the saved run used epochs={saved_run.get('epochs')} "
                         f"batch_size={saved_run.get('batch_size')}; pass the same options")
     try:
-        epoch = int(state["epoch"])
+        epoch = state["epoch"]
+        job.load_state_json(state["job"])
         model_state = _load_tensors(state_dir / f"model-{epoch}.safetensors", device)
         job.model.load_state_dict(model_state, strict=True)
         extra = torch.load(state_dir / f"optim-{epoch}.pt", map_location=device, weights_only=True)
@@ -301,7 +343,6 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: t
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HarpError(f"--resume: saved state in {state_dir} does not fit this run "
                         f"(architecture or method mismatch?): {first}") from e
-    history = list(state.get("history", []))
-    job.adversarial_examples = int(history[-1].get("adversarial_examples", 0)) if history else 0
-    job.load_state_json(state.get("job", {}))
-    return int(state["epoch"]), history, dict(state.get("best", {"epoch": -1, "robust": -1.0}))
+    history = state["history"]
+    job.adversarial_examples = history[-1]["adversarial_examples"] if history else 0
+    return epoch, history, state["best"]

@@ -16,7 +16,7 @@ from ..models import build_model, default_arch
 from ..outdir import check_out_dir, make_out_dir
 from .distributed import init_distributed, resolve_device, shutdown_distributed
 from .losses import LossConfig, check_loss_kind
-from .runner import Job, RunConfig, run_job
+from .runner import STATE_DIR, Job, RunConfig, read_run_state, run_job
 
 VAL_FRACTION = 0.1
 
@@ -162,12 +162,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False, force: b
 
 
 def _check_resume_matches(out: Path, arch: str, spec: DatasetSpec) -> None:
-    import json
-
-    try:
-        saved = json.loads((out / "state" / "state.json").read_text()).get("meta", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise HarpError(f"--resume: {out}/state/state.json is corrupted ({e})") from e
+    saved = read_run_state(out / STATE_DIR)["meta"]
     if saved and (saved.get("architecture") != arch or saved.get("dataset") != spec.name):
         raise HarpError(f"--resume: {out} was started with --arch {saved.get('architecture')} "
                         f"--dataset {saved.get('dataset')}, not --arch {arch} --dataset {spec.name}")

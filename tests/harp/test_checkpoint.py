@@ -59,7 +59,6 @@ def test_architecture_mismatch_is_refused(digits_ckpt, tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda m: m.update(metrics=None), "field 'metrics' is not an object"),  # `harp info` and export had crashed
     (lambda m: m.update(pruning=[]), "field 'pruning' is not an object"),
-    (lambda m: m.update(pruning={}), "'pruning.granularity' is missing"),  # `harp finetune` had raised KeyError
     (lambda m: m.update(training="pgd"), "field 'training' is not an object"),
 ])
 def test_wrongly_typed_sections_of_meta_are_refused(digits_ckpt, tmp_path, edit, message):

@@ -11,7 +11,7 @@ from harp.cli import cli, run_cli
 
 
 def _run(capsys, *args):
-    code = run_cli(cli, list(args))
+    code = run_cli(cli, [str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -76,6 +76,18 @@ def test_eval_and_info_json(capsys, digits_ckpt):
     assert [layer["name"] for layer in info["layers"]] == [
         "net.features.0", "net.features.4", "net.features.8", "net.classifier.1", "net.classifier.4"]
     assert info["layers"][0] == {"name": "net.features.0", "shape": [32, 1, 3, 3], "density": 1.0}
+
+
+def test_finetune_of_a_checkpoint_without_its_granularity_is_one_line(capsys, digits_ckpt, tmp_path):
+    pruned = tmp_path / "pruned"
+    assert _run(capsys, "prune", digits_ckpt, "--out", pruned, "--sparsity", "0.9", "--method", "global-magnitude",
+                "--quiet")[0] == 0
+    meta = json.loads((pruned / "meta.json").read_text())
+    del meta["pruning"]["granularity"]  # `harp finetune` had raised KeyError
+    (pruned / "meta.json").write_text(json.dumps(meta))
+    code, _, err = _run(capsys, "finetune", pruned, "--out", tmp_path / "tuned", "--epochs", "1", "--quiet")
+    assert code == 2 and "'pruning.granularity' None is not one of weight, channel" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "tuned").exists()
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):

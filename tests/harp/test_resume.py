@@ -7,8 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+from harp.cli import cli, run_cli
 
 ARGS = ["train", "--dataset", "digits", "--epochs", "12", "--steps", "3", "--subset", "600", "--quiet"]
 
@@ -80,3 +83,26 @@ def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_p
     assert meta["metrics"]["adversarial_examples"] == 10 * 600
     assert meta["pruning"]["achieved_sparsity"] == json.loads((clean / "meta.json").read_text())["pruning"][
         "achieved_sparsity"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.update(history=None), "'history' is missing or not a JSON array"),
+    (lambda s: s.update(epoch=5), "'epoch' 5 does not count the 2 records of 'history'"),
+    (lambda s: s["history"].__setitem__(0, {}), "a 'history' record lacks epoch_seconds"),
+    (lambda s: s.update(best="x"), "'best' is missing or not a JSON object"),
+    (lambda s: s.update(epoch=1, history=s["history"][:1]), "model-1.safetensors are missing"),
+])
+def test_a_damaged_saved_state_is_one_line_and_exit_2(capsys, tmp_path, edit, message):
+    # Each of these had ended in a TypeError, KeyError or AttributeError traceback.
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--adv", "none", "--epochs", "2", "--subset", "200", "--quiet",
+            "--out", str(out)]
+    assert run_cli(cli, args) == 0
+    (out / "meta.json").unlink()  # as if interrupted after its last epoch
+    state = json.loads((out / "state" / "state.json").read_text())
+    edit(state)
+    (out / "state" / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert run_cli(cli, [*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -177,11 +177,37 @@ def check_onnx(path: str | os.PathLike[str], fmt: str) -> Any:
     import onnx
 
     try:
-        model = onnx.load(os.fspath(path))
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as e:  # DecodeError and others of protobuf's
+        raise ExportError(f"{fmt}: {path} is not an ONNX model: {e}") from e
+    external = _external_tensor(model.graph, [f.node for f in model.functions])
+    if external is not None:  # harp writes self-contained files, and only model.onnx's hash is pinned
+        raise ExportError(f"{fmt}: {path} keeps tensor {external!r} in another file; harp exports never do")
+    try:
         onnx.checker.check_model(model, full_check=fmt == "onnx")
-    except Exception as e:  # onnx raises ValidationError, DecodeError, InferenceError ...
+    except Exception as e:  # onnx raises ValidationError, InferenceError ...
         raise ExportError(f"{fmt}: {path} fails the ONNX checker: {e}") from e
     return model
+
+
+def _external_tensor(graph: Any, function_nodes: list[Any] = ()) -> str | None:
+    """The name of a tensor of `graph` (its initializers, node attributes, subgraphs) or of the
+    function bodies' nodes whose data lives outside the file, else None."""
+    from onnx import TensorProto
+
+    tensors = [*graph.initializer]
+    for sparse in graph.sparse_initializer:
+        tensors += [sparse.values, sparse.indices]
+    subgraphs = []
+    for node in [*graph.node, *(n for nodes in function_nodes for n in nodes)]:
+        for a in node.attribute:
+            tensors += [a.t, *a.tensors, a.sparse_tensor.values, a.sparse_tensor.indices]
+            tensors += [t for sparse in a.sparse_tensors for t in (sparse.values, sparse.indices)]
+            subgraphs += [a.g, *a.graphs] if a.HasField("g") else [*a.graphs]
+    for t in tensors:
+        if t.data_location == TensorProto.EXTERNAL:
+            return t.name
+    return next((name for g in subgraphs if (name := _external_tensor(g)) is not None), None)
 
 
 def stored_values_dtype(fmt: str, path: str | os.PathLike[str], onnx_model: Any = None) -> str:

@@ -46,10 +46,10 @@ def run_script(main: Callable[[], object], prog: str) -> int:
         click.echo(f"{prog}: aborted", err=True)
         return 130
     except click.ClickException as e:
-        click.echo(f"{prog}: error: {e.format_message()}", err=True)
+        click.echo(f"{prog}: error: {one_line(e.format_message())}", err=True)
         return 2
     except user_errors() as e:
-        click.echo(f"{prog}: error: {e}", err=True)
+        click.echo(f"{prog}: error: {one_line(str(e))}", err=True)
         return 2
     except ModuleNotFoundError as e:  # a package this command needs, e.g. torch on a device
         package = missing_package(e)
@@ -61,6 +61,13 @@ def run_script(main: Callable[[], object], prog: str) -> int:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
     return 0
+
+
+def one_line(message: str) -> str:
+    """The first line of a message, with a count of the rest: a library's error (onnx's checker
+    lists one line per node) must not turn a user error into a page."""
+    lines = message.strip().splitlines() or [""]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} [{len(lines) - 1} more lines]"
 
 
 def missing_package(error: ModuleNotFoundError) -> str | None:

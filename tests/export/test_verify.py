@@ -124,6 +124,24 @@ def test_crafted_parity_archive_is_one_line_and_exit_2(capsys, export_copy, edit
     assert re.search(message, err) and "Traceback" not in err, err
 
 
+def test_onnx_with_tensors_in_another_file_is_refused(capsys, export_copy):
+    # Only model.onnx's hash is pinned: weights read from a file beside it would escape the check.
+    import onnx
+
+    path = export_copy / "model.onnx"
+    model = onnx.load(path)
+    tensor = model.graph.initializer[0]
+    (export_copy / "weights.bin").write_bytes(onnx.numpy_helper.to_array(tensor).tobytes())
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="weights.bin")
+    onnx.save(model, path)
+    _rewrite_manifest(export_copy, lambda m: m["files"]["model.onnx"].update(
+        bytes=path.stat().st_size, sha256=sha256_file(path)))
+    code, _, err = _verify_cli(capsys, export_copy)
+    assert code == 2 and f"keeps tensor {tensor.name!r} in another file" in err
+
+
 def test_manifest_cannot_loosen_the_tolerance(export_copy):
     _rewrite_manifest(export_copy, lambda m: m["export"].update(values_dtype="float16"))
     with pytest.raises(VerifyError, match="float32 weight values"):

@@ -106,3 +106,14 @@ def test_a_command_that_imports_torch_exits_without_leak_reports(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "leaked" not in result.stderr, result.stderr[-500:]
+
+
+def test_a_multi_line_error_is_printed_as_one_line(capsys):
+    from harp.cli_errors import run_script
+    from harp.errors import HarpError
+
+    def fail():
+        raise HarpError("onnx checker: node 1 is wrong\nnode 2 is wrong\nnode 3 is wrong")
+
+    assert run_script(fail, "harp") == 2
+    assert capsys.readouterr().err == "harp: error: onnx checker: node 1 is wrong [2 more lines]\n"

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,5 +191,15 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
     ds = tvd.ImageFolder(str(folder), transform=lambda im: tf(im.convert("RGB")))
     if len(ds) == 0:
         raise HarpError(f"imagefolder {folder} holds no images")
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    images = torch.stack([_read_image(ds, i) for i in range(len(ds))])
     return ImageData(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+
+def _read_image(ds: Any, i: int) -> torch.Tensor:
+    """Image i of an ImageFolder; HarpError naming the file if it is not a readable image."""
+    from PIL import Image
+
+    try:
+        return ds[i][0]
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise HarpError(f"imagefolder image {ds.samples[i][0]} cannot be read: {e}") from e

@@ -33,12 +33,6 @@ sys.meta_path.insert(0, _NotInstalled())
 
 
 @pytest.fixture
-def not_on_device() -> tuple[str, ...]:
-    """The packages `device_python` blocks."""
-    return NOT_ON_DEVICE
-
-
-@pytest.fixture
 def device_python() -> Callable[..., subprocess.CompletedProcess]:
     """Run Python code in a fresh process where the packages a device lacks cannot be imported.
 

@@ -43,3 +43,16 @@ def test_mnist_loads_offline_from_shared_data():
     test = load_split("mnist", False, root=SHARED_DATA)
     assert len(test) == 10_000 and test.images.shape[1:] == (1, 28, 28)
     assert torch.bincount(test.labels).tolist()[:3] == [980, 1135, 1032]
+
+
+def test_an_unreadable_imagefolder_image_is_a_user_error_naming_it(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / split / label / "0.png")
+    assert len(load_split(f"imagefolder:{tmp_path}", train=True).labels) == 2
+    (tmp_path / "train" / "dog" / "1.png").write_bytes(b"not a png")  # PIL had raised a traceback
+    with pytest.raises(HarpError, match=r"imagefolder image \S+dog/1.png cannot be read"):
+        load_split(f"imagefolder:{tmp_path}", train=True)

@@ -12,6 +12,7 @@ import pytest
 from harp.bench.cli import COMMANDS as BENCH_COMMANDS
 from harp.cli import COMMANDS, run_cli
 from harp.lazy_group import LazyCommand, LazyGroup
+from tests.conftest import NOT_ON_DEVICE
 
 REGISTRIES = {"harp": ("harp.cli", COMMANDS), "harp-bench": ("harp.bench.cli", BENCH_COMMANDS)}
 
@@ -39,10 +40,10 @@ def test_help_imports_no_command(prog):
         list(REGISTRIES[prog][1])
 
 
-def test_commands_declared_torch_free_import_on_a_device(device_python, not_on_device):
+def test_commands_declared_torch_free_import_on_a_device(device_python):
     # A command whose declared needs a device has must not import a package it does not declare.
     free = [entry.module for registry in (COMMANDS, BENCH_COMMANDS) for entry in registry.values()
-            if not set(entry.needs) & set(not_on_device)]
+            if not set(entry.needs) & set(NOT_ON_DEVICE)]
     assert "harp.commands.run" in free and "harp.bench.latency_bench" in free
     result = device_python("import importlib\nfor m in sys.argv[1:]: importlib.import_module(m)", *free)
     assert result.returncode == 0, result.stderr

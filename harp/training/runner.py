@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -280,6 +282,20 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
         raise HarpError(f"saved weights {path} are missing or unreadable ({e})") from e
 
 
+def _load_optimizer_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """optim-N.pt as harp wrote it: tensors and plain containers only (torch's weights_only unpickler)."""
+    try:
+        with warnings.catch_warnings():  # its note on pickle protocols is noise next to the error below
+            warnings.simplefilter("ignore", UserWarning)
+            extra = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise HarpError(f"--resume: {path} is not an optimizer state written by harp (not unpickled: "
+                        f"torch.load with weights_only=True refused it)") from e
+    if not isinstance(extra, dict):
+        raise HarpError(f"--resume: {path} is not an optimizer state written by harp")
+    return extra
+
+
 def read_run_state(state_dir: Path) -> dict[str, Any]:
     """DIR/state/state.json of an interrupted run, checked for every field --resume reads; HarpError otherwise."""
     path = state_dir / "state.json"
@@ -330,12 +346,13 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: t
     if saved_run.get("epochs") != cfg.epochs or saved_run.get("batch_size") != cfg.batch_size:
         raise HarpError(f"--resume: the saved run used epochs={saved_run.get('epochs')} "
                         f"batch_size={saved_run.get('batch_size')}; pass the same options")
+    history, epoch = state["history"], state["epoch"]
+    job.adversarial_examples = history[-1]["adversarial_examples"] if history else 0
     try:
-        epoch = state["epoch"]
-        job.load_state_json(state["job"])
+        job.load_state_json(state["job"])  # after the count above: a job may keep its own (PwoA)
         model_state = _load_tensors(state_dir / f"model-{epoch}.safetensors", device)
         job.model.load_state_dict(model_state, strict=True)
-        extra = torch.load(state_dir / f"optim-{epoch}.pt", map_location=device, weights_only=True)
+        extra = _load_optimizer_state(state_dir / f"optim-{epoch}.pt", device)
         opt.load_state_dict(extra["optimizer"])
         sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"].cpu())
@@ -343,6 +360,4 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: t
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HarpError(f"--resume: saved state in {state_dir} does not fit this run "
                         f"(architecture or method mismatch?): {first}") from e
-    history = state["history"]
-    job.adversarial_examples = history[-1]["adversarial_examples"] if history else 0
     return epoch, history, state["best"]

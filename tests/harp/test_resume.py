@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -106,3 +107,24 @@ def test_a_damaged_saved_state_is_one_line_and_exit_2(capsys, tmp_path, edit, me
     assert run_cli(cli, [*args, "--resume"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+@pytest.mark.parametrize("content", [b"garbage", pickle.dumps(_RunsCode())])
+def test_a_foreign_optimizer_state_is_refused_without_unpickling_it(capsys, tmp_path, content):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--adv", "none", "--epochs", "1", "--subset", "200", "--quiet",
+            "--out", str(out)]
+    assert run_cli(cli, args) == 0
+    (out / "meta.json").unlink()
+    (out / "state" / "optim-1.pt").write_bytes(content)
+    capsys.readouterr()
+    assert run_cli(cli, [*args, "--resume"]) == 2
+    captured = capsys.readouterr()
+    assert "code ran" not in captured.out
+    assert captured.err == f"harp: error: --resume: {out}/state/optim-1.pt is not an optimizer state written by " \
+                           "harp (not unpickled: torch.load with weights_only=True refused it)\n"

@@ -37,7 +37,7 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,7 @@ def check_onnx(path: str | os.PathLike[str], fmt: str) -> Any:
     return model
 
 
-def _external_tensor(graph: Any, function_nodes: list[Any] = ()) -> str | None:
+def _external_tensor(graph: Any, function_nodes: Sequence[Any] = ()) -> str | None:
     """The name of a tensor of `graph` (its initializers, node attributes, subgraphs) or of the
     function bodies' nodes whose data lives outside the file, else None."""
     from onnx import TensorProto

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import HarpError
 from ..models import prunable_layers
 from .masks import keep_count, topk_mask
 
@@ -223,8 +224,13 @@ def make_masked(model: nn.Module, masks: dict[str, torch.Tensor], granularity: s
     """Swap every prunable layer for a fixed-mask twin (fine-tuning)."""
     layers = {}
     for name, layer in prunable_layers(model):
+        mask = masks.get(name)
+        if mask is None or mask.shape != layer.weight.shape:  # masks.safetensors is read from a checkpoint
+            found = "none" if mask is None else tuple(mask.shape)
+            raise HarpError(f"the masks do not fit the model: layer {name!r} has weights of shape "
+                            f"{tuple(layer.weight.shape)}, its mask {found}")
         new = _clone_as(layer, _subclass_for(layer, MaskedConv2d, MaskedLinear))
-        new._init_mask(masks[name].to(layer.weight.device), granularity)
+        new._init_mask(mask.to(layer.weight.device), granularity)
         _replace(model, name, new)
         layers[name] = new
     if granularity == "channel":

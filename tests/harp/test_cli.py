@@ -78,15 +78,36 @@ def test_eval_and_info_json(capsys, digits_ckpt):
     assert info["layers"][0] == {"name": "net.features.0", "shape": [32, 1, 3, 3], "density": 1.0}
 
 
-def test_finetune_of_a_checkpoint_without_its_granularity_is_one_line(capsys, digits_ckpt, tmp_path):
+def _shrink_first_mask(pruned):
+    from safetensors.torch import load_file, save_file
+
+    from harp.io import sha256_file
+
+    masks = load_file(str(pruned / "masks.safetensors"))
+    first = next(iter(masks))
+    save_file({**masks, first: masks[first][:1]}, str(pruned / "masks.safetensors"))
+    meta = json.loads((pruned / "meta.json").read_text())
+    meta["files"]["masks.safetensors"] = sha256_file(pruned / "masks.safetensors")
+    (pruned / "meta.json").write_text(json.dumps(meta))
+
+
+def _drop_granularity(pruned):
+    meta = json.loads((pruned / "meta.json").read_text())
+    del meta["pruning"]["granularity"]
+    (pruned / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_drop_granularity, "'pruning.granularity' None is not one of weight, channel"),  # had raised KeyError
+    (_shrink_first_mask, "the masks do not fit the model: layer"),  # had raised a RuntimeError in training
+])
+def test_finetune_of_a_damaged_pruned_checkpoint_is_one_line(capsys, digits_ckpt, tmp_path, damage, message):
     pruned = tmp_path / "pruned"
     assert _run(capsys, "prune", digits_ckpt, "--out", pruned, "--sparsity", "0.9", "--method", "global-magnitude",
                 "--quiet")[0] == 0
-    meta = json.loads((pruned / "meta.json").read_text())
-    del meta["pruning"]["granularity"]  # `harp finetune` had raised KeyError
-    (pruned / "meta.json").write_text(json.dumps(meta))
+    damage(pruned)
     code, _, err = _run(capsys, "finetune", pruned, "--out", tmp_path / "tuned", "--epochs", "1", "--quiet")
-    assert code == 2 and "'pruning.granularity' None is not one of weight, channel" in err
+    assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "tuned").exists()
 
 

@@ -107,6 +107,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if sha256_file(f) != digest:
             raise HarpError(f"checkpoint {path}: {name} does not match its SHA-256 in {META} (corrupted or tampered)")
     state = _load_tensors(path / MODEL)
+    _check_values(path, state)
     masks = {k: v.bool() for k, v in _load_tensors(path / MASKS).items()} if MASKS in files else {}
     return Checkpoint(path, meta, state, masks)
 
@@ -135,6 +136,16 @@ def _read_meta(path: Path) -> dict[str, Any]:
             or not isinstance(ds.get("classes"), int):
         raise HarpError(f"checkpoint {path}: {META} field 'dataset' lacks name/input_shape/classes")
     return meta
+
+
+def _check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """HarpError for weights no training run writes: NaN/inf, or a negative BatchNorm variance
+    (later stages would fail far from the cause: a NaN loss, a NaN sqrt in BatchNorm folding)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise HarpError(f"checkpoint {path}: tensor {name!r} holds NaN or infinite values")
+        if name.endswith("running_var") and (t < 0).any():
+            raise HarpError(f"checkpoint {path}: BatchNorm variance {name!r} is negative")
 
 
 def _load_tensors(f: Path) -> dict[str, torch.Tensor]:

@@ -72,3 +72,24 @@ def test_wrongly_typed_sections_of_meta_are_refused(digits_ckpt, tmp_path, edit,
     meta.pop("metrics"), meta.pop("pruning", None)
     (bad / "meta.json").write_text(json.dumps(meta))
     assert load_checkpoint(bad).meta["training"] is None
+
+
+@pytest.mark.parametrize("suffix,value,message", [
+    ("weight", float("nan"), "holds NaN or infinite values"),  # finetune had blamed the learning rate
+    ("running_var", -1.0, "BatchNorm variance .* is negative"),  # export had printed numpy's sqrt warning
+])
+def test_weights_no_training_writes_are_refused(digits_ckpt, tmp_path, suffix, value, message):
+    from safetensors.torch import load_file, save_file
+
+    from harp.io import sha256_file
+
+    bad = _copy(digits_ckpt, tmp_path / "values")
+    state = load_file(str(bad / "model.safetensors"))
+    name = next(k for k in state if k.endswith(suffix))
+    state[name] = torch.full_like(state[name], value)
+    save_file(state, str(bad / "model.safetensors"))
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["files"]["model.safetensors"] = sha256_file(bad / "model.safetensors")
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(HarpError, match=message):
+        load_checkpoint(bad)

@@ -7,6 +7,7 @@ Every adversarial example stays inside the eps-ball around x and inside [0, 1].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise HarpError(f"unknown norm {self.norm!r} (choose from {', '.join(NORMS)})")
-        if self.eps < 0 or self.step_size < 0 or self.steps < 0 or self.restarts < 1:
+        if not (math.isfinite(self.eps) and math.isfinite(self.step_size)) \
+                or self.eps < 0 or self.step_size < 0 or self.steps < 0 or self.restarts < 1:
             raise HarpError(f"attack budget must be non-negative with restarts >= 1, got {self}")
 
 

@@ -15,7 +15,7 @@ from . import options as o
 @o.eps
 @o.steps
 @click.option("--restarts", type=int, default=1, show_default=True)
-@click.option("--n", "n", type=int, default=None, help="Evaluate on the first N test examples.")
+@click.option("--n", "n", type=o.AT_LEAST_ONE, default=None, help="Evaluate on the first N test examples.")
 @o.data_root
 @o.download
 @o.device

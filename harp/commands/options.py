@@ -4,7 +4,27 @@ Torch-free, so that `harp verify` runs on a device; the options that list losses
 and attack norms import torch and live in `training_options`.
 """
 
+import math
+
 import click
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that also refuses nan and inf, which pass every range check (they compare False)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+FINITE = FiniteFloat()
+NON_NEGATIVE = FiniteFloat(min=0)
+POSITIVE = FiniteFloat(min=0, min_open=True)
+AT_LEAST_ONE = click.IntRange(min=1)
 
 quiet = click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 device = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -15,13 +35,13 @@ seed = click.option("--seed", type=int, default=0, show_default=True)
 force = click.option("--force", is_flag=True, help="Overwrite an existing output directory written by harp.")
 resume = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
 as_json = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-epochs = click.option("--epochs", type=int, default=None, help="Default: per dataset (see README).")
-eps = click.option("--eps", type=float, default=None, help="Attack budget in pixel space. Default: per dataset.")
+epochs = click.option("--epochs", type=AT_LEAST_ONE, default=None, help="Default: per dataset (see README).")
+eps = click.option("--eps", type=NON_NEGATIVE, default=None, help="Attack budget in pixel space. Default: per dataset.")
 steps = click.option("--steps", type=int, default=None, help="PGD steps. Default: per dataset.")
-step_size = click.option("--step-size", type=float, default=None, help="PGD step size. Default: 2.5*eps/steps.")
-subset = click.option("--subset", type=int, default=None, help="Use only the first N train/test examples (smoke runs).")
-batch_size = click.option("--batch-size", type=int, default=None, help="Default: per dataset.")
-lr = click.option("--lr", type=float, default=None, help="Peak learning rate. Default: per dataset.")
+step_size = click.option("--step-size", type=NON_NEGATIVE, default=None, help="PGD step size. Default: 2.5*eps/steps.")
+subset = click.option("--subset", type=AT_LEAST_ONE, default=None, help="Use only the first N train/test examples (smoke runs).")
+batch_size = click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Default: per dataset.")
+lr = click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate. Default: per dataset.")
 
 
 def split_formats(formats: str) -> list[str]:

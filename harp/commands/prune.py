@@ -24,25 +24,25 @@ def _with(options):
 
 
 _pwoa_options = [
-    click.option("--distill-temperature", type=float, default=None, help="PwoA: distillation temperature T."),
-    click.option("--lambda-x", type=float, default=None, help="PwoA: weight of HSIC(X, Z) (minimised)."),
-    click.option("--lambda-y", type=float, default=None, help="PwoA: weight of HSIC(Y, Z) (maximised)."),
-    click.option("--rho", type=float, default=None, help="PwoA: initial ADMM penalty."),
-    click.option("--mix-ratio", type=float, default=None, help="PwoA: share of batches made PGD (default 0)."),
+    click.option("--distill-temperature", type=o.FINITE, default=None, help="PwoA: distillation temperature T."),
+    click.option("--lambda-x", type=o.FINITE, default=None, help="PwoA: weight of HSIC(X, Z) (minimised)."),
+    click.option("--lambda-y", type=o.FINITE, default=None, help="PwoA: weight of HSIC(Y, Z) (maximised)."),
+    click.option("--rho", type=o.FINITE, default=None, help="PwoA: initial ADMM penalty."),
+    click.option("--mix-ratio", type=o.FINITE, default=None, help="PwoA: share of batches made PGD (default 0)."),
     click.option("--admm-epochs", type=int, default=None, help="PwoA: epochs of the ADMM phase."),
     click.option("--retrain-epochs", type=int, default=None, help="PwoA: epochs of masked retraining."),
-    click.option("--hsic-sigma", type=float, default=None, help="PwoA: fixed kernel width (default: median)."),
+    click.option("--hsic-sigma", type=o.FINITE, default=None, help="PwoA: fixed kernel width (default: median)."),
     click.option("--projection", type=click.Choice(list(PROJECTIONS)), default=None,
                  help="PwoA: ADMM projection per layer (default) or global."),
 ]
 _mrpf_options = [
     click.option("--sensitivity", type=click.Choice(list(SENSITIVITIES)), default=None,
                  help="MRPF: perturb each layer by pruning it (default) or by Gaussian noise."),
-    click.option("--temperature", type=float, default=None,
+    click.option("--temperature", type=o.FINITE, default=None,
                  help="MRPF: allocation proportional to sensitivity ** temperature (default 1)."),
     click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default=None,
                  help="MRPF: sensitivity sets each layer's kept weights (count, default) or kept fraction (density)."),
-    click.option("--noise-scale", type=float, default=None, help="MRPF: noise std / weight std (default 0.5)."),
+    click.option("--noise-scale", type=o.FINITE, default=None, help="MRPF: noise std / weight std (default 0.5)."),
     click.option("--mrs-examples", type=int, default=None, help="MRPF: held-out examples measured (default 256)."),
 ]
 _METHOD_KEYS = ("distill_temperature", "lambda_x", "lambda_y", "rho", "mix_ratio", "admm_epochs", "retrain_epochs",
@@ -59,13 +59,13 @@ def _report(metrics, out):
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Pruned checkpoint directory to create.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="harp", show_default=True)
-@click.option("--sparsity", type=float, default=0.99, show_default=True,
+@click.option("--sparsity", type=o.FINITE, default=0.99, show_default=True,
               help="Fraction of weights removed (channel granularity: fraction of FLOPs removed).")
 @click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default="weight", show_default=True)
-@click.option("--gamma0", type=float, default=None, help="HARP: step of the compression weight (default 0.1).")
-@click.option("--alpha", type=float, default=None, help="HARP: a_min = alpha * target density (default 0.1).")
+@click.option("--gamma0", type=o.FINITE, default=None, help="HARP: step of the compression weight (default 0.1).")
+@click.option("--alpha", type=o.FINITE, default=None, help="HARP: a_min = alpha * target density (default 0.1).")
 @click.option("--rate-init", type=click.Choice(list(RATE_INITS)), default=None, help="HARP: initial rates.")
-@click.option("--rate-lr", type=float, default=None, help="HARP: learning rate of the per-layer rates.")
+@click.option("--rate-lr", type=o.POSITIVE, default=None, help="HARP: learning rate of the per-layer rates.")
 @_with(_pwoa_options + _mrpf_options)
 @_with(_stage_options)
 def prune_command(checkpoint, out, method, sparsity, granularity, gamma0, alpha, rate_init, rate_lr,

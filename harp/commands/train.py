@@ -19,7 +19,7 @@ from . import training_options as t
 @o.steps
 @o.step_size
 @t.norm
-@click.option("--beta", type=float, default=None, help="TRADES/MART trade-off (defaults 6 / 5).")
+@click.option("--beta", type=o.NON_NEGATIVE, default=None, help="TRADES/MART trade-off (defaults 6 / 5).")
 @o.epochs
 @o.batch_size
 @o.lr

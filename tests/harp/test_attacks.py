@@ -1,8 +1,10 @@
+import pytest
 import torch
 
 from harp.attacks import AttackConfig, fgsm, pgd
 from harp.checkpoint import load_checkpoint
 from harp.data import load_split
+from harp.errors import HarpError
 from harp.evaluate import accuracy, make_attack
 
 
@@ -56,3 +58,10 @@ def test_restarts_never_hurt(digits_ckpt):
     torch.manual_seed(0)
     a3 = accuracy(model, test, torch.device("cpu"), attack=make_attack("pgd", three))
     assert a3 <= a1
+
+
+@pytest.mark.parametrize("field", ["eps", "step_size"])
+def test_a_non_finite_budget_is_refused(field):
+    # nan passed the sign checks (it compares False) and failed deep inside torch
+    with pytest.raises(HarpError, match="attack budget"):
+        AttackConfig(**{"eps": 0.1, "step_size": 0.01, "steps": 3, field: float("nan")})

@@ -26,6 +26,12 @@ def _run(capsys, *args):
     (["eval", "{tmp}/nowhere"], "does not exist"),
     (["info", "{tmp}/empty"], "not a harp checkpoint"),
     (["train", "--out", "{tmp}/file/o"], "is not a directory"),
+    # each of these had been a traceback (nan eps, negative lr) or silently accepted (a negative subset)
+    (["train", "--eps", "nan", "--out", "{tmp}/o"], "nan is not a finite number"),
+    (["train", "--lr", "-1", "--out", "{tmp}/o"], "'--lr': -1.0 is not in the range x>0"),
+    (["train", "--subset", "-1", "--out", "{tmp}/o"], "'--subset': -1 is not in the range x>=1"),
+    (["eval", "{tmp}/empty", "--n", "0"], "'--n': 0 is not in the range x>=1"),
+    (["prune", "{tmp}/empty", "--out", "{tmp}/o", "--gamma0", "inf"], "inf is not a finite number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
     (tmp_path / "empty").mkdir()

@@ -30,6 +30,7 @@ from typing import Any
 import click
 import numpy as np
 
+from harp.commands.options import NON_NEGATIVE
 from harp.errors import HarpError
 
 from .artifact import open_artifact
@@ -191,7 +192,7 @@ def kernels_markdown(result: dict[str, Any]) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=3), default=30, show_default=True,
               help="Runs of the whole model per runtime profile.")
-@click.option("--budget", "budget_s", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--budget", "budget_s", type=NON_NEGATIVE, default=0.1, show_default=True,
               help="Seconds of timed runs per torch/onnxruntime layer.")
 @json_out
 @md_out

@@ -28,6 +28,7 @@ from typing import Any
 
 import click
 
+from harp.commands.options import FINITE, POSITIVE
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 
@@ -207,13 +208,13 @@ def latency_text(result: dict[str, Any]) -> str:
               help="Untimed calls before timing.")
 @click.option("--iters", type=click.IntRange(min=MIN_ITERS), default=100, show_default=True,
               help="Timed calls per cell.")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--seconds", type=POSITIVE, default=None,
               help="Instead of --iters: time calls for about this long per cell.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--arch", default=None, help="What-if mode: benchmark this architecture with random weights.")
 @click.option("--input-shape", default="3,32,32", show_default=True, help="What-if mode: C,H,W.")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True, help="What-if mode.")
-@click.option("--sparsity", type=float, default=0.99, show_default=True, help="What-if mode.")
+@click.option("--sparsity", type=FINITE, default=0.99, show_default=True, help="What-if mode.")
 @click.option("--pruning", type=click.Choice(PRUNINGS), default="global-magnitude", show_default=True,
               help="What-if mode: one global magnitude threshold, or every layer at the same density.")
 @json_out

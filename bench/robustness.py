@@ -35,6 +35,7 @@ import click
 import numpy as np
 import torch
 
+from harp.commands.options import NON_NEGATIVE
 from harp.errors import HarpError
 
 from .artifact import Artifact, check_backend_packages, check_backends, open_artifact
@@ -365,8 +366,8 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
 @click.option("--attacks", type=CommaList(choices=ATTACKS), default=",".join(ATTACKS), show_default=True)
 @click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=",".join(BACKEND_ORDER),
               show_default=True, help="torch is required (white-box attacks run on it).")
-@click.option("--eps", type=float, default=None, help="L-inf budget. Default: the dataset's.")
-@click.option("--l2-eps", type=float, default=None, help="L2 budget. Default: the dataset's.")
+@click.option("--eps", type=NON_NEGATIVE, default=None, help="L-inf budget. Default: the dataset's.")
+@click.option("--l2-eps", type=NON_NEGATIVE, default=None, help="L2 budget. Default: the dataset's.")
 @click.option("--steps", type=int, default=None, help="PGD steps. Default: the dataset's `harp eval` steps.")
 @click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Square attack query budget.")

@@ -300,6 +300,7 @@ def _corrupt(artifact: Path, tmp_path: Path) -> Path:
     ("unknown_backend", "unknown value 'tvm'"),
     ("dataset_mismatch", "dataset mnist has 1x28x28 images"),
     ("missing_package", "needs the Python package 'onnxruntime'"),
+    ("nan_seconds", "'--seconds': nan is not a finite number"),  # had failed inside the timing loop
 ])
 def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatch, case, expected):
     args = {
@@ -309,6 +310,7 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
         "unknown_backend": ["latency", artifact, "--backends", "harp,tvm"],
         "dataset_mismatch": ["robustness", artifact, "--dataset", "mnist", "--n", "4"],
         "missing_package": ["latency", artifact, "--backends", "onnxruntime"],
+        "nan_seconds": ["latency", artifact, "--backends", "harp", "--seconds", "nan"],
     }[case]
     if case == "missing_package":
         import importlib.util

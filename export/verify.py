@@ -203,7 +203,9 @@ def _external_tensor(graph: Any, function_nodes: Sequence[Any] = ()) -> str | No
         for a in node.attribute:
             tensors += [a.t, *a.tensors, a.sparse_tensor.values, a.sparse_tensor.indices]
             tensors += [t for sparse in a.sparse_tensors for t in (sparse.values, sparse.indices)]
-            subgraphs += [a.g, *a.graphs] if a.HasField("g") else [*a.graphs]
+            if a.HasField("g"):
+                subgraphs.append(a.g)
+            subgraphs += a.graphs
     for t in tensors:
         if t.data_location == TensorProto.EXTERNAL:
             return t.name

@@ -45,8 +45,9 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def run_model(artifact: str | os.PathLike[str], x: np.ndarray, *, batch: int = DEFAULT_BATCH,
-              threads: int | None = None) -> np.ndarray:
-    """Logits (N, classes) of the bundle in `artifact` (artifact dir or .harpz file) on x, `batch` at a time.
+              threads: int | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Logits (N, classes) of the bundle in `artifact` (artifact dir or .harpz file) on x, `batch` at a
+    time, and the (min, max) of x, taken from each batch while it is in memory (see `pixel_range_warning`).
 
     Batches of 16 bound the runtime's buffers (23 MiB for ResNet18 on CIFAR, 14 GiB for
     all 10000 test images at once), and larger ones ran no faster per image here (HARP
@@ -67,7 +68,7 @@ def run_model(artifact: str | os.PathLike[str], x: np.ndarray, *, batch: int = D
         parts = [(0, x)]  # one call: the runtime names what is wrong with the whole input
     else:
         parts = [(start, x[start:start + batch]) for start in range(0, len(x), batch)]
-    logits = []
+    logits, lo, hi = [], np.inf, -np.inf
     for start, part in parts:
         try:
             logits.append(runtime.run(part))
@@ -75,19 +76,14 @@ def run_model(artifact: str | os.PathLike[str], x: np.ndarray, *, batch: int = D
             if e.first_bad is not None:  # its index counts from this batch's first image
                 e = non_finite_error((e.first_bad[0] + start, *e.first_bad[1:]))
             raise HarpError(str(e)) from e
-    return np.concatenate(logits)
+        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))  # finite: the runtime checked
+    return np.concatenate(logits), (lo, hi)
 
 
-def pixel_range_warning(x: np.ndarray, batch: int = DEFAULT_BATCH) -> str | None:
-    """A warning if finite input x strays outside the [0, 1] pixels the model expects (say 0-255 pixels), else None.
-
-    The exported model normalises its input itself, so such input runs but its predictions mean
-    little. Read `batch` images at a time, as `run_model` does, for memory-mapped input.
-    """
-    lo, hi = np.inf, -np.inf
-    for start in range(0, len(x), batch):
-        part = x[start:start + batch]
-        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+def pixel_range_warning(lo: float, hi: float) -> str | None:
+    """A warning if input spanning [lo, hi] strays outside the [0, 1] pixels the model expects (say
+    0-255 pixels), else None: the exported model normalises its input itself, so such input runs
+    but its predictions mean little."""
     if lo >= -PIXEL_SLACK and hi <= 1 + PIXEL_SLACK:
         return None
     hint = " (divide 8-bit pixels by 255)" if hi > 2 else ""
@@ -106,9 +102,8 @@ def pixel_range_warning(x: np.ndarray, batch: int = DEFAULT_BATCH) -> str | None
 @click.option("--json", "as_json", is_flag=True, help='Print {"predictions": [...], "logits": [[...], ...]}.')
 def run_command(artifact, input_path, batch, threads, as_json):
     """Run an exported model (artifact dir or model.harpz) on a batch with the numba runtime."""
-    x = load_input(input_path)
-    logits = run_model(artifact, x, batch=batch, threads=threads)
-    warning = pixel_range_warning(x, batch)  # after run_model, which rejects NaN and inf
+    logits, (lo, hi) = run_model(artifact, load_input(input_path), batch=batch, threads=threads)
+    warning = pixel_range_warning(lo, hi)
     if warning:
         click.echo(f"harp: warning: {warning}", err=True)
     predictions = logits.argmax(axis=1).tolist()

@@ -613,7 +613,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--passes", type=int, default=2, help="Sweeps over all models; each row keeps its best.")
-    parser.add_argument("--work", type=Path, default=None, help="Where artifacts are exported (kept, reused).")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="Where artifacts are exported (kept, reused); by default a temporary directory.")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS))
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -627,8 +628,19 @@ def main(argv: list[str] | None = None) -> None:
     _check_args(args)
     init_threads(args.threads, args.wait_policy)  # before any OpenMP pool starts
     os.environ["HARP_WAIT_POLICY"] = args.wait_policy  # the cold-start processes use it too
-    work = args.work or Path(tempfile.mkdtemp(prefix="harp-runtime-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    arguments = "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        write_report(args, arguments, args.work)
+        return
+    # Without --work the exported models (about 0.9 GB) are not kept.
+    with tempfile.TemporaryDirectory(prefix="harp-runtime-bench-") as work:
+        write_report(args, arguments, Path(work))
+
+
+def write_report(args: argparse.Namespace, arguments: str, work: Path) -> None:
+    """Export the models into `work`, time them and write the report (.md and .json) to `args.out`;
+    `arguments` is the command line the report names."""
     targets: list[tuple[str, str, float | None, Path]] = []
     for variant in args.variants:
         for arch in args.archs:
@@ -645,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                               "threads": args.threads, "iters": args.iters, "rounds": ROUNDS,
                               "wait_policy": args.wait_policy,
-                              "arguments": "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
+                              "arguments": arguments,
                               "latency": []}
     # Whole sweeps, repeated: a burst of load on the shared host lasts long enough to hit every
     # round of one row, but rarely the same row in two passes minutes apart.

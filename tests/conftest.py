@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,9 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# Layers compiled by `harp.kernels.unrolled` go to a fresh directory: the tests compile
-# them (as a first load does) and leave the user's cache alone.
-os.environ["HARP_CACHE_DIR"] = tempfile.mkdtemp(prefix="harp-test-unrolled-")
 
 # What a device lacks: it has numpy, numba and click (and may have onnxruntime, which is blocked too).
 NOT_ON_DEVICE = ("torch", "torchvision", "onnx", "onnxruntime", "scipy", "sklearn")
@@ -30,6 +26,16 @@ class _NotInstalled:
             raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)
 sys.meta_path.insert(0, _NotInstalled())
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unrolled_cache(tmp_path_factory) -> Path:
+    """Layers compiled by `harp.kernels.unrolled` go to a fresh directory under pytest's temporary
+    root (which pytest prunes): the tests compile them as a first load does and leave the user's
+    cache alone. Subprocesses inherit the variable."""
+    cache = tmp_path_factory.mktemp("unrolled-cache")
+    os.environ["HARP_CACHE_DIR"] = str(cache)
+    return cache
 
 
 @pytest.fixture

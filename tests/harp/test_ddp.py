@@ -8,7 +8,9 @@ import sys
 
 def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     out = tmp_path / "ddp"
+    # torchrun's own logs go under tmp_path: by default it leaves a torchelastic_* directory in /tmp.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--log-dir", str(tmp_path / "torchrun-logs"),
            "-m", "harp", "train", "--dataset", "digits", "--epochs", "4", "--steps", "2",
            "--device", "cpu", "--quiet", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,

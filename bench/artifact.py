@@ -135,12 +135,32 @@ BACKEND_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+def missing_package(backend: str) -> str | None:
+    """The first Python package `backend` imports that is not installed here (found without importing it)."""
+    from harp.lazy_group import is_installed
+
+    return next((m for m in BACKEND_MODULES.get(backend, ()) if not is_installed(m)), None)
+
+
 def check_backend_packages(backends: list[str]) -> None:
     """HarpError naming the missing package of the first backend that cannot be imported here."""
-    import importlib.util
-
     for name in backends:
-        for module in BACKEND_MODULES.get(name, ()):
-            if importlib.util.find_spec(module) is None:
-                raise HarpError(f"backend {name} needs the Python package {module!r}, which is not installed "
-                                f"(pip install {module}, or leave {name} out of --backends)")
+        module = missing_package(name)
+        if module is not None:
+            raise HarpError(f"backend {name} needs the Python package {module!r}, which is not installed "
+                            f"(pip install {module}, or leave {name} out of --backends)")
+
+
+def runnable_backends(artifact: Artifact) -> tuple[list[str], dict[str, str]]:
+    """The backends (in BACKEND_FILES order) this artifact and machine can run, and why each other one
+    cannot: a device has no torch, and `harp export --formats csr` writes no ONNX."""
+    runnable, skipped = [], {}
+    for name, file in BACKEND_FILES.items():
+        module = missing_package(name)
+        if not artifact.has_backend_file(name):
+            skipped[name] = f"the artifact has no {file}"
+        elif module is not None:
+            skipped[name] = f"Python package {module!r} not installed"
+        else:
+            runnable.append(name)
+    return runnable, skipped

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from harp.commands.options import FINITE, POSITIVE
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 
-from .artifact import BACKEND_FILES, Artifact, check_backend_packages, check_backends, open_artifact
+from .artifact import (BACKEND_FILES, Artifact, check_backend_packages, check_backends, open_artifact,
+                       runnable_backends)
 from .latency import DEFAULT_WARMUP, MIN_ITERS
 from .machine import machine_info
 from .options import CommaList, json_out, md_out, shape
@@ -198,8 +199,9 @@ def latency_text(result: dict[str, Any]) -> str:
 
 @click.command("latency")
 @click.argument("artifact", required=False, type=click.Path())
-@click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=",".join(BACKEND_ORDER),
-              show_default=True, help="Comma-separated backends.")
+@click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=None,
+              help=f"Comma-separated backends ({', '.join(BACKEND_ORDER)}). Default: every one that the artifact "
+                   "and this machine can run.")
 @click.option("--batch", "batches", type=CommaList(int, minimum=1), default="1,16", show_default=True,
               help="Comma-separated batch sizes.")
 @click.option("--threads", type=CommaList(int, minimum=1), default="1", show_default=True,
@@ -223,18 +225,32 @@ def latency_text(result: dict[str, Any]) -> str:
 def latency_command(artifact, backends, batches, threads, warmup, iters, seconds, seed, arch, input_shape, classes,
                     sparsity, pruning, json_path, md_path, plot_path):
     """Latency, throughput and memory of every backend on ARTIFACT (or on a what-if --arch)."""
-    options = LatencyOptions(tuple(backends), tuple(batches), tuple(threads), warmup, iters, seconds, seed)
+    options = LatencyOptions(tuple(backends or BACKEND_ORDER), tuple(batches), tuple(threads), warmup, iters,
+                             seconds, seed)
+    options.check()  # before a what-if export
     if (artifact is None) == (arch is None):
         raise click.UsageError("give either ARTIFACT or --arch (what-if mode), not both")
     if arch is None:
-        result = run_latency(artifact, options)
+        result = run_latency(artifact, options if backends else with_runnable_backends(artifact, options))
     else:
         with tempfile.TemporaryDirectory(prefix="harp-bench-whatif-") as work:
             click.echo(f"what-if: exporting {arch} {input_shape} with random weights at {sparsity:.2%} "
                        f"({pruning}) ...", err=True)
             out = build_whatif_artifact(arch, shape(input_shape), classes, sparsity, pruning, Path(work) / arch)
-            result = run_latency(out, options)
+            result = run_latency(out, options if backends else with_runnable_backends(out, options))
     emit(result, json_path, md_path, plot_path)
+
+
+def with_runnable_backends(path: str | os.PathLike[str], options: LatencyOptions) -> LatencyOptions:
+    """`options` timing the backends that the artifact at `path` and this machine can run; a note on stderr
+    names the others (`--backends` makes a missing one an error instead)."""
+    runnable, skipped = runnable_backends(open_artifact(path))
+    if skipped:
+        click.echo("harp-bench: note: not timing " + "; ".join(f"{b} ({why})" for b, why in skipped.items()),
+                   err=True)
+    if not runnable:
+        raise HarpError("no backend can run here: " + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
+    return replace(options, backends=tuple(runnable))
 
 
 def emit(result: dict[str, Any], json_path: str | None, md_path: str | None, plot_path: str | None) -> None:

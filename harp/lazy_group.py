@@ -32,7 +32,7 @@ class LazyCommand(NamedTuple):
 
     def missing(self) -> list[str]:
         """The packages in `needs` that are not installed, found without importing them."""
-        return [package for package in self.needs if not _installed(package)]
+        return [package for package in self.needs if not is_installed(package)]
 
 
 class LazyGroup(click.Group):
@@ -72,7 +72,8 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-def _installed(package: str) -> bool:
+def is_installed(package: str) -> bool:
+    """Whether `package` can be imported here, found without importing it."""
     try:
         return importlib.util.find_spec(package) is not None
     except ModuleNotFoundError:  # an import hook that refuses the package

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -79,6 +80,33 @@ def test_latency_what_if_mode_exports_and_times_a_random_model(capsys):
     assert result["artifact"]["architecture"] == "small_cnn"
     assert result["artifact"]["sparsity"] == pytest.approx(0.9, abs=0.01)
     assert [r["backend"] for r in result["results"]] == ["harp"] and result["results"][0]["p50_ms"] > 0
+
+
+def test_latency_by_default_times_what_the_artifact_and_machine_can_run(artifact, tmp_path, capsys, monkeypatch):
+    # As on a device without torch, with an artifact exported without the sparse ONNX graph.
+    from harp.export.exporter import export_checkpoint
+
+    export_checkpoint(artifact.parent / "pruned", tmp_path / "art", formats=("onnx", "csr"), n_parity=8,
+                      n_adversarial=0)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    code, out, err = bench(["latency", tmp_path / "art", "--batch", "1", "--iters", "50", "--warmup", "1",
+                            "--json", "-"], capsys)
+    assert code == 0, err
+    assert [r["backend"] for r in json.loads(out)["results"]] == ["onnxruntime", "harp"]
+    assert ("note: not timing torch (Python package 'torch' not installed); onnxruntime-sparse (the artifact has "
+            "no model.sparse.onnx)") in err
+    # Named explicitly, a backend that cannot run is an error.
+    code, _, err = bench(["latency", tmp_path / "art", "--backends", "onnxruntime-sparse"], capsys)
+    assert code == 2 and "needs model.sparse.onnx" in err
+
+
+def test_latency_on_a_device_times_the_harp_runtime_by_default(artifact, device_python):
+    code = "from harp.bench.cli import main\nsys.argv = ['harp-bench', *sys.argv[1:]]\nmain()\n"
+    done = device_python(code, "latency", artifact, "--batch", "1", "--iters", "50", "--warmup", "1", "--json", "-")
+    assert done.returncode == 0, done.stderr
+    assert [r["backend"] for r in json.loads(done.stdout)["results"]] == ["harp"]
+    assert "not timing torch (Python package 'torch' not installed)" in done.stderr
 
 
 def test_latency_options_are_checked(artifact):
@@ -313,8 +341,6 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
         "nan_seconds": ["latency", artifact, "--backends", "harp", "--seconds", "nan"],
     }[case]
     if case == "missing_package":
-        import importlib.util
-
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec",
                             lambda name, *a: None if name == "onnxruntime" else real(name, *a))

@@ -32,8 +32,8 @@ import numpy as np
 
 from harp.commands.options import NON_NEGATIVE
 from harp.errors import HarpError
+from harp.export.artifact import open_artifact
 
-from .artifact import open_artifact
 from .options import CommaList, json_out, md_out
 from .tables import fmt, markdown_table, text_table
 

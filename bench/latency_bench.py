@@ -30,10 +30,10 @@ import click
 
 from harp.commands.options import FINITE, POSITIVE
 from harp.errors import HarpError
+from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json
 
-from .artifact import (BACKEND_FILES, Artifact, check_backend_packages, check_backends, open_artifact,
-                       runnable_backends)
+from .artifact import BACKEND_FILES, check_backend_packages, check_backends, runnable_backends
 from .latency import DEFAULT_WARMUP, MIN_ITERS
 from .machine import machine_info
 from .options import CommaList, json_out, md_out, shape
@@ -124,7 +124,7 @@ def _result_row(art: Artifact, backend: str, stats: dict[str, Any], memory: dict
         "p50_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "p99_ms": stats["p99_ms"],
         "mean_ms": stats["mean_ms"], "min_ms": stats["min_ms"], "iters": stats["iters"], "warmup": stats["warmup"],
         "throughput": stats["batch"] / (stats["median_ms"] / 1e3),
-        "size_bytes": art.size_bytes(backend), "size_file": BACKEND_FILES[backend],
+        "size_bytes": art.file(BACKEND_FILES[backend]).stat().st_size, "size_file": BACKEND_FILES[backend],
         "peak_rss_mb": stats["peak_rss_mb"], "base_rss_mb": memory["base_rss_mb"],
         "model_rss_mb": stats["peak_rss_mb"] - memory["base_rss_mb"], "load_s": memory["load_s"],
         "load_before": stats["load_before"], "busy": stats["busy"], "speedup_vs_onnxruntime": None,

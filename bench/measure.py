@@ -73,7 +73,7 @@ def build_backend(artifact: str, backend: str, threads: int) -> Backend:
     if backend == "onnxruntime-sparse":
         return onnxruntime_sparse_backend(artifact, threads)
     if backend == "torch":
-        from .artifact import open_artifact
+        from harp.export.artifact import open_artifact
         from .torch_graph import load_torch_model
 
         return torch_backend(load_torch_model(open_artifact(artifact)), threads)

@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
+from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json
 
-from .artifact import Artifact, open_artifact
 from .latency_bench import BACKEND_ORDER, LatencyOptions, latency_markdown, run_latency
 from .machine import describe, machine_info
 from .options import CommaList, data_root

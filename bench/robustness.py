@@ -37,8 +37,9 @@ import torch
 
 from harp.commands.options import NON_NEGATIVE
 from harp.errors import HarpError
+from harp.export.artifact import Artifact, open_artifact
 
-from .artifact import Artifact, check_backend_packages, check_backends, open_artifact
+from .artifact import check_backend_packages, check_backends
 from .curves import BATCH, robustness_curves, torch_accuracy
 from .latency_bench import BACKEND_ORDER, write_outputs
 from .options import CommaList, data_root, json_out, md_out

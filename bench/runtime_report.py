@@ -128,7 +128,7 @@ def describe(artifact: Path) -> dict[str, Any]:
 
 def given_source(artifact: Path) -> dict[str, Any]:
     """How a given artifact was made, from its checked manifest: label, pruning, accuracy, layer densities."""
-    from .artifact import open_artifact
+    from harp.export.artifact import open_artifact
 
     art = open_artifact(artifact)
     dataset = art.dataset or "?"

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from harp.errors import HarpError
+from harp.export.artifact import Artifact
 from harp.export.csr import CSRTensor
 from harp.export.graph import Graph, Node
-
-from .artifact import Artifact
 
 Handler = Callable[[Node, list[torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 

@@ -309,7 +309,7 @@ def _read_npy_member(archive: zipfile.ZipFile, name: str) -> np.ndarray:
     return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except FileNotFoundError:
@@ -327,7 +327,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_files(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def check_files(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     files = manifest["files"]
     allowed = set(FORMAT_FILES.values()) | {PARITY_FILE}
     for name, entry in files.items():
@@ -364,8 +364,8 @@ def verify_artifact(directory: str | os.PathLike[str], *, executor: str = "auto"
     root = Path(directory)
     if not root.is_dir():
         raise VerifyError(f"{root} does not exist or is not a directory")
-    manifest = _read_manifest(root)
-    files = _check_files(root, manifest)
+    manifest = read_manifest(root)
+    files = check_files(root, manifest)
     export = manifest["export"]
     exported, values_dtype = export.get("formats"), export.get("values_dtype")
     if not isinstance(exported, list) or not exported or \

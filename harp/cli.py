@@ -30,7 +30,8 @@ COMMANDS: dict[str, LazyCommand] = {
     "eval": LazyCommand("harp.commands.eval", "eval_command",
                         "Natural and robust accuracy (PGD at the dataset's default budget unless overridden).", TORCH),
     "info": LazyCommand("harp.commands.info", "info_command",
-                        "Architecture, dataset, sparsity and per-layer densities of a checkpoint.", TORCH),
+                        "Architecture, dataset, sparsity and per-layer densities of a checkpoint or an exported "
+                        "artifact."),
     "export": LazyCommand("harp.commands.export", "export_command",
                           "Export CHECKPOINT to --out and check every format against the torch model's logits.",
                           ("torch", "onnx")),

@@ -1,14 +1,24 @@
-"""`harp info`: what a checkpoint holds: architecture, sparsity, per-layer densities."""
+"""`harp info`: what a checkpoint or an exported artifact holds: architecture, sparsity, per-layer densities.
+
+An artifact is read from its checked manifest without torch, so `harp info` works on a
+device; a checkpoint needs torch (its model is rebuilt to count the nonzeros).
+"""
 
 import json
+from pathlib import Path
+from typing import Any
 
 import click
 
-from ..checkpoint import load_checkpoint
-from ..sparsity import layer_densities, model_sparsity
+from ..errors import HarpError
+from ..lazy_group import is_installed
+from .artifact_lines import human_size
 
 
-def checkpoint_info(path: str) -> dict:
+def checkpoint_info(path: str) -> dict[str, Any]:
+    from ..checkpoint import load_checkpoint
+    from ..sparsity import layer_densities, model_sparsity
+
     ckpt = load_checkpoint(path)
     model = ckpt.build_model()
     layers = layer_densities(model)
@@ -18,18 +28,45 @@ def checkpoint_info(path: str) -> dict:
             "layers": [{"name": lay["name"], "shape": lay["shape"], "density": lay["density"]} for lay in layers]}
 
 
+def artifact_info(path: str) -> dict[str, Any]:
+    """The same facts from an export directory's manifest (files checked against their hashes), plus its files."""
+    from ..export.artifact import open_artifact
+
+    art = open_artifact(path)
+    return {"path": str(path), "architecture": art.architecture, "dataset": art.dataset, "sparsity": art.sparsity,
+            "pruning": art.model.get("pruning"),
+            "metrics": {k: v for k, v in art.metrics.items() if not isinstance(v, dict)},
+            "layers": [{"name": lay["name"], "shape": lay["shape"], "density": lay["density"]} for lay in art.layers],
+            "files": {name: entry["bytes"] for name, entry in art.manifest["files"].items()}}
+
+
+def read_info(path: str) -> dict[str, Any]:
+    """`checkpoint_info` or `artifact_info`, by what the directory holds."""
+    root = Path(path)
+    if (root / "manifest.json").is_file():
+        return artifact_info(path)
+    if root.is_dir() and not (root / "meta.json").exists():
+        raise HarpError(f"{root} is neither a harp checkpoint (no meta.json) nor an export (no manifest.json)")
+    if not is_installed("torch"):
+        raise HarpError(f"{root}: reading a checkpoint needs torch, which is not installed here "
+                        "(an exported artifact does not)")
+    return checkpoint_info(path)  # load_checkpoint says what is wrong with anything else
+
+
 @click.command("info")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def info_command(checkpoint, as_json):
-    """Architecture, dataset, sparsity and per-layer densities of a checkpoint."""
-    info = checkpoint_info(checkpoint)
+def info_command(path, as_json):
+    """Architecture, dataset, sparsity and per-layer densities of a checkpoint or an exported artifact."""
+    info = read_info(path)
     if as_json:
         click.echo(json.dumps(info))
         return
     click.echo(f"{info['architecture']} on {info['dataset']}: sparsity {info['sparsity']:.4%}")
     for k, v in info["metrics"].items():
         click.echo(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    if "files" in info:
+        click.echo("  files: " + ", ".join(f"{name} {human_size(n)}" for name, n in info["files"].items()))
     click.echo(f"  {'layer':<32} {'shape':<20} density")
     for layer in info["layers"]:
         click.echo(f"  {layer['name']:<32} {str(layer['shape']):<20} {layer['density']:.4%}")

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from harp.bench import sanity
-from harp.bench.artifact import open_artifact
 from harp.bench.cli import cli
-from harp.cli_errors import run_cli
 from harp.bench.latency_bench import LatencyOptions, run_latency
 from harp.bench.robustness import RobustnessOptions, run_robustness
 from harp.bench.sparse_attack import greedy_pixel_attack
 from harp.bench.torch_graph import HANDLERS, load_torch_model
+from harp.cli_errors import run_cli
+from harp.export.artifact import open_artifact
 
 
 @pytest.fixture(scope="module")

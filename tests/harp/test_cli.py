@@ -24,7 +24,7 @@ def _run(capsys, *args):
     (["train", "--arch", "torchvision:nonet", "--out", "{tmp}/o"], "unknown torchvision model"),
     (["train", "--out", "{tmp}/o", "--resume"], "no interrupted run"),
     (["eval", "{tmp}/nowhere"], "does not exist"),
-    (["info", "{tmp}/empty"], "not a harp checkpoint"),
+    (["info", "{tmp}/empty"], "neither a harp checkpoint (no meta.json) nor an export"),
     (["train", "--out", "{tmp}/file/o"], "is not a directory"),
     # each of these had been a traceback (nan eps, negative lr) or silently accepted (a negative subset)
     (["train", "--eps", "nan", "--out", "{tmp}/o"], "nan is not a finite number"),

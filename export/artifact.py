@@ -1,0 +1,128 @@
+"""An export directory as a reader sees it: the manifest, checked files, and what the model is.
+
+`open_artifact(path)` reads manifest.json and checks every file it lists against
+the recorded size and SHA-256 (`verify`), so a truncated or corrupted file is one
+clear error before anything loads it. `harp info` and every harp-bench command
+read artifacts through it. NumPy only: it runs on a device without torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harp.errors import HarpError
+
+from .verify import MANIFEST, check_files, read_manifest
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A checked export directory and the facts about its model that reports use."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest["model"]
+
+    @property
+    def name(self) -> str:
+        """A short label: the directory's name, or its parent's for a pipeline's `OUT/artifact`."""
+        return self.root.parent.name if self.root.name == "artifact" and self.root.parent.name else self.root.name
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.model["input_shape"])  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> int:
+        return int(self.model["classes"])
+
+    @property
+    def architecture(self) -> str:
+        return str(self.model.get("architecture", "?"))
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset name the model was trained on, None when the manifest does not say."""
+        ds = self.model.get("dataset")
+        if isinstance(ds, dict):
+            return ds.get("name")
+        return ds if isinstance(ds, str) else None
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.model.get("sparsity", 0.0))
+
+    @property
+    def method(self) -> str:
+        pruning = self.model.get("pruning")
+        return str(pruning.get("method", "?")) if isinstance(pruning, dict) else "none"
+
+    @property
+    def target_sparsity(self) -> float | None:
+        """The sparsity the model was pruned to (`harp prune --sparsity`), None when the manifest does not say."""
+        pruning = self.model.get("pruning")
+        if not isinstance(pruning, dict):
+            return None
+        value = pruning.get("target_sparsity", pruning.get("sparsity"))  # checkpoints / bench-built models
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The checkpoint's recorded accuracy (natural_accuracy, robust_accuracy, test_examples), {} if none."""
+        metrics = self.model.get("metrics")
+        return metrics if isinstance(metrics, dict) else {}
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """Per prunable layer of the source model: name, shape, params, nonzero, density.
+
+        HarpError for an entry that lacks them: the manifest's hash pins the other files, not itself."""
+        layers = self.model.get("layers", [])
+        if not isinstance(layers, list):
+            raise HarpError(f"{self.root / MANIFEST}: model.layers is not a list")
+        for i, layer in enumerate(layers):
+            if not (isinstance(layer, dict) and isinstance(layer.get("name"), str)
+                    and isinstance(layer.get("shape"), list) and all(_count(d) for d in layer["shape"])
+                    and _count(layer.get("params")) and _count(layer.get("nonzero"))
+                    and _number(layer.get("density")) and 0 <= layer["density"] <= 1):
+                raise HarpError(f"{self.root / MANIFEST}: model.layers[{i}] is not a layer "
+                                "(name, shape, params, nonzero, density)")
+        return list(layers)
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+    def has_file(self, name: str) -> bool:
+        """Whether the export wrote `name` (model.onnx, model.sparse.onnx, model.harpz, parity.npz)."""
+        return name in self.manifest["files"]
+
+
+def open_artifact(path: str | os.PathLike[str]) -> Artifact:
+    """The checked artifact at `path`; HarpError (or VerifyError) naming the file for anything wrong."""
+    root = Path(path)
+    if not root.is_dir():
+        raise HarpError(f"{root} is not an artifact directory (expected the folder `harp export` wrote)")
+    manifest = read_manifest(root)
+    check_files(root, manifest)
+    model = manifest["model"]
+    shape, classes = model.get("input_shape"), model.get("classes")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise HarpError(f"{root / MANIFEST}: model.input_shape {shape!r} is not [C, H, W]")
+    if not isinstance(classes, int) or classes < 1:
+        raise HarpError(f"{root / MANIFEST}: model.classes {classes!r} is not a positive int")
+    return Artifact(root.resolve(), manifest)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

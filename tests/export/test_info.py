@@ -1,0 +1,61 @@
+"""`harp info` on an exported artifact: the checkpoint's facts from the checked manifest, on a device too."""
+
+import json
+import shutil
+
+import pytest
+
+from harp.cli import cli, run_cli
+from harp.export.verify import MANIFEST
+
+
+def _info(capsys, *args) -> tuple[int, str, str]:
+    code = run_cli(cli, ["info", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_artifact_info_matches_the_checkpoint_it_was_exported_from(capsys, digits_export, pruned_digits_ckpt):
+    code, out, err = _info(capsys, digits_export, "--json")
+    assert code == 0, err
+    artifact = json.loads(out)
+    code, out, err = _info(capsys, pruned_digits_ckpt, "--json")
+    assert code == 0, err
+    checkpoint = json.loads(out)
+    for key in ("architecture", "dataset", "metrics"):
+        assert artifact[key] == checkpoint[key], key
+    assert artifact["sparsity"] == pytest.approx(checkpoint["sparsity"])
+    assert [(a["name"], a["shape"]) for a in artifact["layers"]] == [(c["name"], c["shape"])
+                                                                     for c in checkpoint["layers"]]
+    assert [a["density"] for a in artifact["layers"]] == pytest.approx([c["density"] for c in checkpoint["layers"]])
+    manifest = json.loads((digits_export / MANIFEST).read_text())
+    assert artifact["files"] == {name: entry["bytes"] for name, entry in manifest["files"].items()}
+
+
+def test_artifact_info_runs_on_a_device_and_a_checkpoint_there_is_one_line(digits_export, pruned_digits_ckpt,
+                                                                           device_harp):
+    done = device_harp("info", digits_export)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("small_cnn on digits: sparsity ")
+    assert any(line.strip().startswith("files: model.onnx ") for line in lines)
+    assert sum(line.strip().startswith("net.") for line in lines) == 5
+    done = device_harp("info", pruned_digits_ckpt)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().endswith("reading a checkpoint needs torch, which is not installed here "
+                                        "(an exported artifact does not)")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["model"]["layers"][0].update(density="high"), "model.layers[0] is not a layer"),
+    (lambda m: m["model"].update(layers={"net.features.0": 0.5}), "model.layers is not a list"),
+])
+def test_a_malformed_manifest_layer_is_one_line(capsys, digits_export, tmp_path, edit, message):
+    art = tmp_path / "art"
+    shutil.copytree(digits_export, art)
+    manifest = json.loads((art / MANIFEST).read_text())
+    edit(manifest)
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    code, out, err = _info(capsys, art)
+    assert code == 2 and out == ""
+    assert err.startswith("harp: error: ") and message in err and len(err.strip().splitlines()) == 1

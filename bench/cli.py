@@ -10,12 +10,11 @@ missing). Bad input is one line on stderr and exit status 2, as for `harp`.
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import click
 
-from harp.cli_errors import run_cli
+from harp.cli_errors import print_warnings_as_one_line, run_cli
 from harp.lazy_group import LazyCommand, LazyGroup
 
 DEMO_RUN = Path("runs/demo")
@@ -70,9 +69,5 @@ def demo_latency() -> None:
 
 
 def main() -> None:
-    warnings.showwarning = _one_line_warning
+    print_warnings_as_one_line("harp-bench")
     sys.exit(run_cli(cli, prog="harp-bench"))
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"harp-bench: warning: {message}", err=True)

@@ -1,6 +1,7 @@
 """Trace an eval-mode torch classifier into a harp `Graph` with torch.fx.
 
-`trace_model` is the only public entry point. It works on a deep copy of the
+`trace_model` is the public entry point (`export_problem` asks whether it would
+succeed). It works on a deep copy of the
 model in eval mode, so the caller's model is never touched:
 
 1. symbolic tracing (`Normalize` and the torch.nn layers are leaves; custom
@@ -64,6 +65,15 @@ def trace_model(model: nn.Module, input_shape: tuple[int, int, int]) -> Graph:
     except GraphError as e:
         raise ExportError(f"traced graph of {type(model).__name__} is invalid: {e}") from e
     return graph
+
+
+def export_problem(model: nn.Module, input_shape: tuple[int, int, int]) -> str | None:
+    """Why `trace_model` would refuse `model` (the ExportError's message), None when it can be exported."""
+    try:
+        trace_model(model, input_shape)
+    except ExportError as e:
+        return str(e)
+    return None
 
 
 # ---------------------------------------------------------------------------

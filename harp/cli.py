@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from .cli_errors import exit_without_collecting, run_cli
+from .cli_errors import exit_without_collecting, print_warnings_as_one_line, run_cli
 from .lazy_group import LazyCommand, LazyGroup
 
 # In the order of the workflow; each summary is the first line of its command's help.
@@ -49,6 +49,7 @@ def cli() -> None:
 
 
 def main() -> None:
+    print_warnings_as_one_line("harp")
     code = run_cli(cli)
     exit_without_collecting()
     sys.exit(code)

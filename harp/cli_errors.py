@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -61,6 +62,16 @@ def run_script(main: Callable[[], object], prog: str) -> int:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
     return 0
+
+
+def print_warnings_as_one_line(prog: str) -> None:
+    """Show Python warnings (harp's own and its libraries') as `prog: warning: message`, without the
+    file, line and source that the default format adds."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        click.echo(f"{prog}: warning: {one_line(str(message))}", err=True)
+
+    warnings.showwarning = show
 
 
 def one_line(message: str) -> str:

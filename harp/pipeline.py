@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint
+from .data import dataset_spec
 from .errors import HarpError
 from .io import atomic_write_json
+from .models import build_model, check_model_runs, default_arch
 from .outdir import check_out_dir, make_out_dir
 from .pruning.finetune import finetune_checkpoint
 from .pruning.methods import PruneOptions, make_config, prune_checkpoint
@@ -58,6 +60,8 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
                  log=print) -> dict[str, Any]:
     """Run every stage whose output is missing; returns {stage: metrics}."""
     out = Path(out)
+    if opts.export:
+        _check_exportable(opts)
     config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity)
     if force:
         check_out_dir(out, force=True, resume=False)
@@ -90,6 +94,19 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": {
         k: v for k, v in results.items() if k != "artifact"}})
     return results
+
+
+def _check_exportable(opts: PipelineOptions) -> None:
+    """HarpError before any training when the last stage could not export the architecture."""
+    from .export.trace import export_problem
+
+    spec = dataset_spec(opts.dataset)
+    arch = opts.arch or default_arch(spec)
+    model = build_model(arch, spec)
+    check_model_runs(model, arch, spec)
+    problem = export_problem(model, spec.input_shape)
+    if problem:
+        raise HarpError(f"harp cannot export --arch {arch}: {problem} (--no-export runs the other stages)")
 
 
 def _export(ckpt: Path, dest: Path, opts: PipelineOptions, log) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..data import DatasetSpec
@@ -39,6 +40,25 @@ def build_model(arch: str, spec: DatasetSpec) -> nn.Sequential:
     else:
         raise HarpError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
     return nn.Sequential(OrderedDict(normalize=Normalize(spec.mean, spec.std), net=body))
+
+
+def check_model_runs(model: nn.Module, arch: str, spec: DatasetSpec) -> None:
+    """HarpError unless `model` maps a batch of `spec`'s images to one logit per class: a torchvision
+    network made for 224-pixel images can pool 8x8 digits down to nothing."""
+    shape = "x".join(map(str, spec.input_shape))
+    was_training = model.training
+    model.eval()  # BatchNorm statistics stay as they are
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *spec.input_shape))
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise HarpError(f"--arch {arch} cannot run on the {shape} images of {spec.name}: {first}") from e
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape) != (2, spec.classes):
+        raise HarpError(f"--arch {arch} maps the {shape} images of {spec.name} to outputs of shape "
+                        f"{tuple(logits.shape)[1:]}, not {spec.classes} logits")
 
 
 def _torchvision(name: str, spec: DatasetSpec) -> nn.Module:

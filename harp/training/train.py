@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from torch import nn
 from ..attacks import AttackConfig
 from ..data import DatasetSpec, ImageData, dataset_spec, load_split
 from ..errors import HarpError
-from ..models import build_model, default_arch
+from ..export.trace import export_problem
+from ..models import build_model, check_model_runs, default_arch
 from ..outdir import check_out_dir, make_out_dir
 from .distributed import init_distributed, resolve_device, shutdown_distributed
 from .losses import LossConfig, check_loss_kind
@@ -142,6 +144,10 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False, force: b
     attack = train_attack(spec, opts.eps, opts.steps, opts.step_size, opts.norm)
     torch.manual_seed(opts.seed)  # the initial weights are part of the seeded run
     model = build_model(arch, spec)
+    check_model_runs(model, arch, spec)
+    problem = export_problem(model, spec.input_shape)
+    if problem:  # training it is fine; hours later, `harp export` would stop at this
+        warnings.warn(f"--arch {arch} trains, but harp cannot export it: {problem}", stacklevel=2)
     check_out_dir(out, force=force, resume=resume)
     if resume:
         _check_resume_matches(out, arch, spec)

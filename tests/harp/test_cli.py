@@ -32,6 +32,12 @@ def _run(capsys, *args):
     (["train", "--subset", "-1", "--out", "{tmp}/o"], "'--subset': -1 is not in the range x>=1"),
     (["eval", "{tmp}/empty", "--n", "0"], "'--n': 0 is not in the range x>=1"),
     (["prune", "{tmp}/empty", "--out", "{tmp}/o", "--gamma0", "inf"], "inf is not a finite number"),
+    # an ImageNet network pools 8x8 digits away: had been a traceback from the first PGD step, leaving o/state
+    (["train", "--arch", "torchvision:squeezenet1_0", "--out", "{tmp}/o"],
+     "--arch torchvision:squeezenet1_0 cannot run on the 1x8x8 images of digits: Given input size"),
+    # the pipeline ends by exporting: an architecture harp cannot export stops it before any training
+    (["pipeline", "--arch", "torchvision:efficientnet_b0", "--out", "{tmp}/o"],
+     "harp cannot export --arch torchvision:efficientnet_b0: unsupported layer 'net.features.0.2' (SiLU)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -40,6 +46,27 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_training_an_architecture_harp_cannot_export_warns_first(tmp_path):
+    from harp.training.train import TrainOptions, train
+
+    with pytest.warns(UserWarning, match=r"--arch torchvision:mobilenet_v3_small trains, but harp cannot export "
+                                         r"it: unsupported layer '.*' \(Hardswish\)"):
+        train(TrainOptions(arch="torchvision:mobilenet_v3_small", adv="none", epochs=1, subset=32), tmp_path / "o",
+              quiet=True)
+    assert (tmp_path / "o" / "meta.json").is_file()  # a warning, not an error: training it is fine
+
+
+def test_warnings_print_as_one_line(capsys, monkeypatch):
+    import warnings
+
+    from harp.cli_errors import print_warnings_as_one_line
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    print_warnings_as_one_line("harp")
+    warnings.warn_explicit("first line\nsecond line", UserWarning, "somewhere.py", 1)
+    assert capsys.readouterr().err == "harp: warning: first line [1 more lines]\n"
 
 
 def test_missing_parents_of_the_output_are_created(capsys, tmp_path):

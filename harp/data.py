@@ -7,7 +7,6 @@ layer (`harp.models.normalize.Normalize`), so attack budgets are in pixel space.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +76,13 @@ class ImageData:
         return self if n is None or n >= len(self) else ImageData(self.images[:n], self.labels[:n])
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                rank: int = 0, world_size: int = 1, augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield float [0, 1] batches; with world_size > 1 each rank gets an equal, disjoint shard."""
+                rank: int = 0, world_size: int = 1, augment: bool = False,
+                drop_single: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield float [0, 1] batches; with world_size > 1 each rank gets an equal, disjoint shard.
+
+        drop_single: leave out a last batch of one example (training: BatchNorm cannot normalise
+        a single value per channel, and a set of k * batch_size + 1 examples would fail there).
+        """
         n = len(self)
         if shuffle:
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -91,13 +95,17 @@ class ImageData:
         aug_gen = torch.Generator().manual_seed(seed * 7_919 + epoch * 31 + rank)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            if drop_single and len(idx) == 1:
+                break
             x = self.images[idx].float().div_(255.0)
             if augment:
                 x = _crop_flip(x, aug_gen)
             yield x, self.labels[idx]
 
-    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
-        return math.ceil((len(self) // world_size if world_size > 1 else len(self)) / batch_size)
+    def num_batches(self, batch_size: int, world_size: int = 1, drop_single: bool = False) -> int:
+        """How many batches `batches` yields with these arguments."""
+        n = len(self) // world_size if world_size > 1 else len(self)
+        return n // batch_size + (n % batch_size > (1 if drop_single else 0))
 
 
 def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

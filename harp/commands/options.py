@@ -40,7 +40,8 @@ eps = click.option("--eps", type=NON_NEGATIVE, default=None, help="Attack budget
 steps = click.option("--steps", type=int, default=None, help="PGD steps. Default: per dataset.")
 step_size = click.option("--step-size", type=NON_NEGATIVE, default=None, help="PGD step size. Default: 2.5*eps/steps.")
 subset = click.option("--subset", type=AT_LEAST_ONE, default=None, help="Use only the first N train/test examples (smoke runs).")
-batch_size = click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Default: per dataset.")
+batch_size = click.option("--batch-size", type=click.IntRange(min=2), default=None,
+                          help="Training batch size (BatchNorm needs 2 or more). Default: per dataset.")
 lr = click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate. Default: per dataset.")
 
 

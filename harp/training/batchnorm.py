@@ -27,7 +27,7 @@ def recalibrate_batchnorm(model: nn.Module, data: ImageData, device: torch.devic
     was_training = model.training
     model.train()
     try:
-        for x, _ in data.subset(max_examples).batches(batch_size):
+        for x, _ in data.subset(max_examples).batches(batch_size, drop_single=True):  # BatchNorm needs >= 2
             model(x.to(device))
     finally:
         for m, momentum in saved:

@@ -152,7 +152,9 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     if dist.enabled:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(cfg, job.parameter_groups())
-    steps_per_epoch = train.num_batches(cfg.batch_size, dist.world_size)
+    if cfg.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise HarpError("--batch-size 1: the model's BatchNorm layers need at least 2 examples per training batch")
+    steps_per_epoch = train.num_batches(cfg.batch_size, dist.world_size, drop_single=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(1, cfg.epochs * steps_per_epoch),
         pct_start=0.15, anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
@@ -175,7 +177,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         t0 = time.perf_counter()
         total_loss, seen = 0.0, 0
         batches = train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                rank=dist.rank, world_size=dist.world_size, augment=augment)
+                                rank=dist.rank, world_size=dist.world_size, augment=augment, drop_single=True)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"{job.kind} {epoch + 1}/{cfg.epochs}",
                    disable=quiet or not dist.is_main, leave=False)
         for i, (x, y) in enumerate(bar):

@@ -31,6 +31,7 @@ def _run(capsys, *args):
     (["train", "--lr", "-1", "--out", "{tmp}/o"], "'--lr': -1.0 is not in the range x>0"),
     (["train", "--subset", "-1", "--out", "{tmp}/o"], "'--subset': -1 is not in the range x>=1"),
     (["eval", "{tmp}/empty", "--n", "0"], "'--n': 0 is not in the range x>=1"),
+    (["train", "--batch-size", "1", "--out", "{tmp}/o"], "'--batch-size': 1 is not in the range x>=2"),
     (["prune", "{tmp}/empty", "--out", "{tmp}/o", "--gamma0", "inf"], "inf is not a finite number"),
     # an ImageNet network pools 8x8 digits away: had been a traceback from the first PGD step, leaving o/state
     (["train", "--arch", "torchvision:squeezenet1_0", "--out", "{tmp}/o"],

@@ -24,6 +24,31 @@ def test_batches_are_pixels_in_unit_range_and_shards_are_disjoint():
     assert len(seen[0]) == len(seen[1]) == len(data) // 2
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_training_batches_never_hold_a_single_example_and_num_batches_counts_them(world_size):
+    data = load_split("digits", True)
+    for n in (1, 2, 9, 10, 11, 12, 17):
+        part = data.subset(n)
+        for batch_size in (2, 3, 4, 8):
+            for drop_single in (False, True):
+                sizes = [len(y) for _, y in part.batches(batch_size, shuffle=True, world_size=world_size,
+                                                          drop_single=drop_single)]
+                assert len(sizes) == part.num_batches(batch_size, world_size, drop_single=drop_single)
+                shard = n // world_size
+                assert sum(sizes) == shard - (drop_single and shard % batch_size == 1)
+                assert not drop_single or 1 not in sizes
+
+
+def test_a_training_set_one_past_a_multiple_of_the_batch_size_trains(tmp_path):
+    # The last batch holds one example, on which BatchNorm cannot train: a ValueError traceback at the
+    # end of the first epoch, for 1 in batch_size dataset sizes.
+    from harp.training.train import TrainOptions, train
+
+    n_train = len(load_data(dataset_spec("digits"), "data", False, seed=0, subset=60).train)
+    metrics = train(TrainOptions(adv="none", epochs=1, subset=60, batch_size=n_train - 1), tmp_path / "o", quiet=True)
+    assert 0 <= metrics["natural_accuracy"] <= 1
+
+
 def test_validation_split_is_disjoint_from_training():
     split = load_data(dataset_spec("digits"), "data", False, seed=0)
     train_px = {bytes(x.numpy()) for x in split.train.images}

@@ -208,7 +208,8 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
 
     if cfg.select == "best":
         if best["epoch"] < 0:
-            raise HarpError(f"{job.kind}: no epoch met the target; raise --epochs or --gamma0")
+            raise HarpError(f"{job.kind}: no epoch met the target; raise --epochs or --gamma0 and run again "
+                            f"with --force ({out} holds the finished epochs' state)")
         best_state = _load_tensors(state_dir / f"best-{best['epoch']}.safetensors", device)
         job.model.load_state_dict(best_state)
     final_model, masks, extra_meta = job.finalize()

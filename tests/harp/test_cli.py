@@ -49,6 +49,15 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_harp_prune_that_never_meets_the_target_says_how_to_run_again(capsys, digits_ckpt, tmp_path):
+    args = ["prune", digits_ckpt, "--method", "harp", "--sparsity", "0.9", "--epochs", "1", "--subset", "21",
+            "--batch-size", "4", "--adv", "none", "--out", tmp_path / "o", "--quiet"]
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "no epoch met the target; raise --epochs or --gamma0 and run again with --force" in err
+    code, _, err = _run(capsys, *args[:7], "3", *args[8:], "--gamma0", "10", "--force")  # as the message says
+    assert code == 0, err
+
+
 def test_training_an_architecture_harp_cannot_export_warns_first(tmp_path):
     from harp.training.train import TrainOptions, train
 

@@ -181,9 +181,13 @@ def _imagefolder_dirs(path: Path) -> tuple[Path, Path]:
     return train, test
 
 
+def _imagefolder_classes(train: Path) -> list[str]:
+    return sorted(d.name for d in train.iterdir() if d.is_dir())
+
+
 def _imagefolder_spec(path: Path) -> DatasetSpec:
     train, _ = _imagefolder_dirs(path)
-    classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+    classes = _imagefolder_classes(train)
     if len(classes) < 2:
         raise HarpError(f"imagefolder {train} has {len(classes)} class folders, need at least 2")
     return DatasetSpec(f"imagefolder:{path}", 3, (IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), len(classes),
@@ -194,9 +198,22 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
     import torchvision.datasets as tvd
     import torchvision.transforms as T
 
-    folder = _imagefolder_dirs(path)[0 if train else 1]
+    train_dir, test_dir = _imagefolder_dirs(path)
+    folder = train_dir if train else test_dir
+    # Labels are the class's index among train/'s folders, in both splits: a test folder that
+    # lacks a class must not shift the labels of the classes after it.
+    classes = _imagefolder_classes(train_dir)
+    unknown = sorted(set(_imagefolder_classes(folder)) - set(classes))
+    if unknown:
+        raise HarpError(f"imagefolder {folder} has class folders that {train_dir} lacks: {', '.join(unknown)}")
+
+    class Folder(tvd.ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            present = set(_imagefolder_classes(Path(directory)))
+            return classes, {c: i for i, c in enumerate(classes) if c in present}
+
     tf = T.Compose([T.Resize(spec.size[0]), T.CenterCrop(spec.size), T.PILToTensor()])
-    ds = tvd.ImageFolder(str(folder), transform=lambda im: tf(im.convert("RGB")))
+    ds = Folder(str(folder), transform=lambda im: tf(im.convert("RGB")))
     if len(ds) == 0:
         raise HarpError(f"imagefolder {folder} holds no images")
     images = torch.stack([_read_image(ds, i) for i in range(len(ds))])

@@ -81,3 +81,21 @@ def test_an_unreadable_imagefolder_image_is_a_user_error_naming_it(tmp_path):
     (tmp_path / "train" / "dog" / "1.png").write_bytes(b"not a png")  # PIL had raised a traceback
     with pytest.raises(HarpError, match=r"imagefolder image \S+dog/1.png cannot be read"):
         load_split(f"imagefolder:{tmp_path}", train=True)
+
+
+def test_imagefolder_labels_follow_the_training_classes_when_the_test_split_lacks_one(tmp_path):
+    from PIL import Image
+
+    colours = {"cat": (200, 0, 0), "dog": (0, 200, 0), "fox": (0, 0, 200)}
+    for split, classes in (("train", ("cat", "dog", "fox")), ("val", ("cat", "fox"))):
+        for label in classes:
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8), colours[label]).save(tmp_path / split / label / "0.png")
+    test = load_split(f"imagefolder:{tmp_path}", train=False)
+    # fox is class 2, as in train/; ImageFolder alone had labelled it 1 (dog's index), silently
+    assert sorted(test.labels.tolist()) == [0, 2]
+    assert test.images[test.labels == 2][0, 2].float().mean() > 150  # the blue image
+    (tmp_path / "val" / "owl").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "owl" / "0.png")
+    with pytest.raises(HarpError, match=r"imagefolder \S+val has class folders that \S+train lacks: owl"):
+        load_split(f"imagefolder:{tmp_path}", train=False)

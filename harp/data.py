@@ -181,8 +181,9 @@ def _imagefolder_dirs(path: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def _imagefolder_classes(train: Path) -> list[str]:
-    return sorted(d.name for d in train.iterdir() if d.is_dir())
+def _imagefolder_classes(folder: Path) -> list[str]:
+    """The class folders, sorted; hidden ones (.ipynb_checkpoints, ...) are not classes."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _imagefolder_spec(path: Path) -> DatasetSpec:
@@ -213,7 +214,11 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
             return classes, {c: i for i, c in enumerate(classes) if c in present}
 
     tf = T.Compose([T.Resize(spec.size[0]), T.CenterCrop(spec.size), T.PILToTensor()])
-    ds = Folder(str(folder), transform=lambda im: tf(im.convert("RGB")))
+    try:
+        # every training class needs images; the test split may leave one empty
+        ds = Folder(str(folder), transform=lambda im: tf(im.convert("RGB")), allow_empty=not train)
+    except FileNotFoundError as e:  # "Found no valid file for the classes ..."
+        raise HarpError(f"imagefolder {folder}: {e}") from e
     if len(ds) == 0:
         raise HarpError(f"imagefolder {folder} holds no images")
     images = torch.stack([_read_image(ds, i) for i in range(len(ds))])

@@ -99,3 +99,19 @@ def test_imagefolder_labels_follow_the_training_classes_when_the_test_split_lack
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "owl" / "0.png")
     with pytest.raises(HarpError, match=r"imagefolder \S+val has class folders that \S+train lacks: owl"):
         load_split(f"imagefolder:{tmp_path}", train=False)
+
+
+def test_imagefolder_skips_hidden_folders_and_refuses_an_empty_training_class(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / label / "0.png")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # not a third class
+    (tmp_path / "val" / "dog" / "0.png").unlink()  # a test class may be empty
+    assert dataset_spec(f"imagefolder:{tmp_path}").classes == 2
+    assert load_split(f"imagefolder:{tmp_path}", train=False).labels.tolist() == [0]
+    (tmp_path / "train" / "eel").mkdir()  # had been a FileNotFoundError traceback
+    with pytest.raises(HarpError, match=r"imagefolder \S+train: Found no valid file for the classes eel"):
+        load_split(f"imagefolder:{tmp_path}", train=True)

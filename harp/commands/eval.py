@@ -14,7 +14,8 @@ from . import options as o
               help="Attack behind robust_accuracy; 'all' also reports FGSM and PGD-L2.")
 @o.eps
 @o.steps
-@click.option("--restarts", type=int, default=1, show_default=True)
+@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="PGD runs from random starts.")
 @click.option("--n", "n", type=o.AT_LEAST_ONE, default=None, help="Evaluate on the first N test examples.")
 @o.data_root
 @o.download

@@ -37,9 +37,11 @@ resume = click.option("--resume", is_flag=True, help="Continue an interrupted ru
 as_json = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 epochs = click.option("--epochs", type=AT_LEAST_ONE, default=None, help="Default: per dataset (see README).")
 eps = click.option("--eps", type=NON_NEGATIVE, default=None, help="Attack budget in pixel space. Default: per dataset.")
-steps = click.option("--steps", type=int, default=None, help="PGD steps. Default: per dataset.")
+steps = click.option("--steps", type=click.IntRange(min=0), default=None,
+                     help="PGD steps. Default: per dataset.")
 step_size = click.option("--step-size", type=NON_NEGATIVE, default=None, help="PGD step size. Default: 2.5*eps/steps.")
-subset = click.option("--subset", type=AT_LEAST_ONE, default=None, help="Use only the first N train/test examples (smoke runs).")
+subset = click.option("--subset", type=AT_LEAST_ONE, default=None,
+                      help="Use only the first N train/test examples (smoke runs).")
 batch_size = click.option("--batch-size", type=click.IntRange(min=2), default=None,
                           help="Training batch size (BatchNorm needs 2 or more). Default: per dataset.")
 lr = click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate. Default: per dataset.")

@@ -32,6 +32,8 @@ def _run(capsys, *args):
     (["train", "--subset", "-1", "--out", "{tmp}/o"], "'--subset': -1 is not in the range x>=1"),
     (["eval", "{tmp}/empty", "--n", "0"], "'--n': 0 is not in the range x>=1"),
     (["train", "--batch-size", "1", "--out", "{tmp}/o"], "'--batch-size': 1 is not in the range x>=2"),
+    (["eval", "{tmp}/empty", "--steps", "-1"], "'--steps': -1 is not in the range x>=0"),
+    (["eval", "{tmp}/empty", "--restarts", "0"], "'--restarts': 0 is not in the range x>=1"),
     (["prune", "{tmp}/empty", "--out", "{tmp}/o", "--gamma0", "inf"], "inf is not a finite number"),
     # an ImageNet network pools 8x8 digits away: had been a traceback from the first PGD step, leaving o/state
     (["train", "--arch", "torchvision:squeezenet1_0", "--out", "{tmp}/o"],

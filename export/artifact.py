@@ -57,7 +57,10 @@ class Artifact:
 
     @property
     def sparsity(self) -> float:
-        return float(self.model.get("sparsity", 0.0))
+        value = self.model.get("sparsity", 0.0)
+        if not (_number(value) and 0 <= value <= 1):
+            raise HarpError(f"{self.root / MANIFEST}: model.sparsity {value!r} is not a fraction")
+        return float(value)
 
     @property
     def method(self) -> str:

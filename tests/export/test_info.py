@@ -49,6 +49,7 @@ def test_artifact_info_runs_on_a_device_and_a_checkpoint_there_is_one_line(digit
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["model"]["layers"][0].update(density="high"), "model.layers[0] is not a layer"),
     (lambda m: m["model"].update(layers={"net.features.0": 0.5}), "model.layers is not a list"),
+    (lambda m: m["model"].update(sparsity="99%"), "model.sparsity '99%' is not a fraction"),
 ])
 def test_a_malformed_manifest_layer_is_one_line(capsys, digits_export, tmp_path, edit, message):
     art = tmp_path / "art"

@@ -18,6 +18,7 @@ from typing import Any
 from .checkpoint import load_checkpoint
 from .data import dataset_spec
 from .errors import HarpError
+from .export.trace import export_problem
 from .io import atomic_write_json
 from .models import build_model, check_model_runs, default_arch
 from .outdir import check_out_dir, make_out_dir
@@ -98,8 +99,6 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
 
 def _check_exportable(opts: PipelineOptions) -> None:
     """HarpError before any training when the last stage could not export the architecture."""
-    from .export.trace import export_problem
-
     spec = dataset_spec(opts.dataset)
     arch = opts.arch or default_arch(spec)
     model = build_model(arch, spec)

@@ -95,12 +95,12 @@ def run_kernels(artifact: str | os.PathLike[str], *, batches: tuple[int, ...] = 
 def _baselines(threads: int) -> dict[str, Any]:
     """label -> make(node, dense weight, bias, x, pooled) -> a no-argument callable, for each library installed
     here; `pooled`: a 2x2 stride-2 max pooling follows the conv (the runtime fused one)."""
-    import importlib.util
+    from harp.lazy_group import is_installed
 
     out: dict[str, Any] = {}
-    if importlib.util.find_spec("torch") is not None:
+    if is_installed("torch"):
         out["torch"] = lambda node, w, b, x, pooled: _torch_layer(node, w, b, x, threads, pooled)
-    if importlib.util.find_spec("onnxruntime") is not None:
+    if is_installed("onnxruntime") and is_installed("onnx"):  # onnx builds the one-node model
         out["onnxruntime"] = lambda node, w, b, x, pooled: _ort_layer(node, w, b, x, threads, pooled)
     return out
 
@@ -170,7 +170,8 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
              fmt(r["dense_us"], ".1f"), fmt(r.get("winograd_us"), ".1f"), fmt(r.get("unrolled_us"), ".1f"),
              fmt(r["torch_us"], ".1f"),
              fmt(r["onnxruntime_us"], ".1f"),
-             r["auto_kernel"] or "-", fmt(r["speedup_vs_fastest_baseline"], ".2f") + "x"]
+             r["auto_kernel"] or "-", fmt(r["speedup_vs_fastest_baseline"], ".2f") + "x"
+             if r["speedup_vs_fastest_baseline"] is not None else "-"]
             for r in result["rows"]]
 
 

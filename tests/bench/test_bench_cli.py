@@ -101,9 +101,12 @@ def test_latency_by_default_times_what_the_artifact_and_machine_can_run(artifact
     assert code == 2 and "needs model.sparse.onnx" in err
 
 
+DEVICE_BENCH = "from harp.bench.cli import main\nsys.argv = ['harp-bench', *sys.argv[1:]]\nmain()\n"
+
+
 def test_latency_on_a_device_times_the_harp_runtime_by_default(artifact, device_python):
-    code = "from harp.bench.cli import main\nsys.argv = ['harp-bench', *sys.argv[1:]]\nmain()\n"
-    done = device_python(code, "latency", artifact, "--batch", "1", "--iters", "50", "--warmup", "1", "--json", "-")
+    done = device_python(DEVICE_BENCH, "latency", artifact, "--batch", "1", "--iters", "50", "--warmup", "1",
+                         "--json", "-")
     assert done.returncode == 0, done.stderr
     assert [r["backend"] for r in json.loads(done.stdout)["results"]] == ["harp"]
     assert "not timing torch (Python package 'torch' not installed)" in done.stderr
@@ -244,6 +247,14 @@ def test_runtime_report_cold_start_times_the_runtime_and_harp_run_in_both_settin
     section = runtime_report.render(report).split("## Cold start")[1]
     assert f"measured {cold['date']}" in section and "| `harp run` wall |" in section
     assert f"**{cold['device']['harp_run_wall_s'][0]:.3f} s**" in section
+
+
+def test_kernels_on_a_device_leave_out_the_libraries_it_lacks(artifact, device_python):
+    # The torch and onnxruntime columns need those packages (and onnx, to build the one-node model).
+    done = device_python(DEVICE_BENCH, "kernels", artifact, "--budget", "0.01", "--json", "-")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert rows and all(r["sparse_us"] > 0 and r["torch_us"] is None and r["onnxruntime_us"] is None for r in rows)
 
 
 def test_kernels_table(artifact):

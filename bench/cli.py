@@ -2,7 +2,7 @@
 
 Commands live one per module and are registered in COMMANDS below; each maps its
 options to a typed function that tests call directly. With no command,
-`harp-bench` times runs/demo/artifact on all four backends (building it with
+`harp-bench` times runs/demo/artifact on every backend installed (building it with
 `harp pipeline --dataset digits --sparsity 0.99 --out runs/demo` first if it is
 missing). Bad input is one line on stderr and exit status 2, as for `harp`.
 """
@@ -45,7 +45,7 @@ COMMANDS: dict[str, LazyCommand] = {
 def cli(ctx: click.Context) -> None:
     """harp-bench: latency, per-layer kernels and robustness of exported harp artifacts.
 
-    With no command: time runs/demo/artifact on torch, onnxruntime, onnxruntime-sparse and harp.
+    With no command: time runs/demo/artifact on torch, onnxruntime, onnxruntime-sparse and harp (those installed).
     """
     from harp.kernels.threads import env_wait_policy
 
@@ -56,7 +56,7 @@ def cli(ctx: click.Context) -> None:
 
 def demo_latency() -> None:
     """Build runs/demo/artifact if missing, then print its latency table (batch 1 and 16, one thread)."""
-    from .latency_bench import LatencyOptions, emit, run_latency
+    from .latency_bench import LatencyOptions, emit, run_latency, with_runnable_backends
 
     if not (DEMO_ARTIFACT / "manifest.json").is_file():
         click.echo(f"{DEMO_ARTIFACT} is missing: running harp pipeline --dataset digits --sparsity 0.99 "
@@ -65,7 +65,8 @@ def demo_latency() -> None:
 
         run_pipeline(PipelineOptions(dataset="digits", sparsity=0.99), DEMO_RUN, quiet=True,
                      log=lambda *a, **k: None)
-    emit(run_latency(DEMO_ARTIFACT, LatencyOptions(iters=DEMO_ITERS, warmup=5)), None, None, None)
+    options = with_runnable_backends(DEMO_ARTIFACT, LatencyOptions(iters=DEMO_ITERS, warmup=5))
+    emit(run_latency(DEMO_ARTIFACT, options), None, None, None)
 
 
 def main() -> None:

@@ -10,8 +10,16 @@ from .errors import HarpError
 _OURS = ("meta.json", "state", "model.safetensors", "manifest.json", "pipeline.json")
 
 
-def check_out_dir(out: Path, *, force: bool, resume: bool) -> None:
-    """Validate --out before any work; nothing is created here."""
+def check_out_dir(out: Path, *, force: bool, resume: bool, source: str | Path | None = None) -> None:
+    """Validate --out before any work; nothing is created here.
+
+    source: the checkpoint the command reads, which --out may neither be nor hold (--force would delete it).
+    """
+    if source is not None:
+        src, dest = Path(source).resolve(), out.resolve()
+        if src == dest or dest in src.parents:
+            raise HarpError(f"--out {out} {'is' if src == dest else 'holds'} the input checkpoint {source}; "
+                            "write to another directory")
     if resume:
         if not (out / "state" / "state.json").is_file():
             raise HarpError(f"--resume: {out} holds no interrupted run (no state/state.json)")

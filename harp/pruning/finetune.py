@@ -31,7 +31,7 @@ def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = P
     spec = ckpt.spec
     device = resolve_device(opts.device)
     loss = _loss(ckpt, opts)
-    check_out_dir(out, force=force, resume=resume)
+    check_out_dir(out, force=force, resume=resume, source=src)
     budget = stage_budget(FINETUNE_DEFAULTS, spec.name)
     run = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget_for(spec).batch_size,
                     optimizer=budget.optimizer, lr=opts.lr or budget.lr, seed=opts.seed,

@@ -345,7 +345,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOption
     name = method_name(config)
     check_loss_kind(opts.adv)
     resolve_device(opts.device)
-    check_out_dir(out, force=force, resume=resume)
+    check_out_dir(out, force=force, resume=resume, source=src)
     meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
             "training": ckpt.meta.get("training"), "source": _source(ckpt), "_force": force}
     handler = METHODS[name][1]

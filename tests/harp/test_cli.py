@@ -98,6 +98,17 @@ def test_existing_output_needs_force(capsys, tmp_path):
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
 
 
+def test_out_may_not_be_or_hold_the_input_checkpoint(capsys, digits_ckpt, tmp_path):
+    # With --force, finetune X --out X had replaced the pruned checkpoint it was reading.
+    ckpt = tmp_path / "runs" / "dense"
+    shutil.copytree(digits_ckpt, ckpt)
+    before = {f: f.read_bytes() for f in ckpt.rglob("*") if f.is_file()}
+    for out, verb in ((ckpt, "is"), (tmp_path / "runs", "holds")):
+        code, _, err = _run(capsys, "prune", ckpt, "--method", "global-magnitude", "--out", out, "--force")
+        assert code == 2 and f"--out {out} {verb} the input checkpoint {ckpt}" in err
+    assert {f: f.read_bytes() for f in ckpt.rglob("*") if f.is_file()} == before
+
+
 def test_tampered_checkpoint_exits_2(capsys, digits_ckpt, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(digits_ckpt, bad)

@@ -27,7 +27,7 @@ POSITIVE = FiniteFloat(min=0, min_open=True)
 AT_LEAST_ONE = click.IntRange(min=1)
 
 quiet = click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-device = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+device = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 data_root = click.option("--data-root", default="data", show_default=True,
                          help="Folder holding torchvision datasets (MNIST: ../shared/data).")
 download = click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-root.")

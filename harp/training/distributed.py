@@ -86,10 +86,17 @@ def resolve_device(name: str) -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HarpError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise HarpError(f"unknown device {name!r} (choose from auto, cpu, cuda)")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise HarpError(f"unknown device {name!r} (choose from auto, cpu, cuda, cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise HarpError(f"--device {name}: no CUDA device is available")
+    if index:
+        if int(index) >= torch.cuda.device_count():
+            raise HarpError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if "LOCAL_RANK" in os.environ:  # every rank would share that one GPU
+            raise HarpError(f"--device {name}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
+        return torch.device("cuda", int(index))
+    if kind == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)

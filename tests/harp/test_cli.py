@@ -1,6 +1,7 @@
 """Every bad input gives one line on stderr, exit status 2, and writes nothing."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -194,3 +195,32 @@ def test_a_multi_line_error_is_printed_as_one_line(capsys):
 
     assert run_script(fail, "harp") == 2
     assert capsys.readouterr().err == "harp: error: onnx checker: node 1 is wrong [2 more lines]\n"
+
+
+@pytest.mark.parametrize("name, gpus, local_rank, expected", [
+    ("cuda:1", 2, None, "cuda:1"),
+    ("cuda:2", 2, None, "--device cuda:2: this machine has 2 CUDA device(s)"),
+    ("cuda:1", 0, None, "--device cuda:1: no CUDA device is available"),
+    ("cuda:1", 2, "0", "under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda"),
+    ("cuda", 2, "1", "cuda:1"),
+    ("cuda:x", 2, None, "unknown device 'cuda:x' (choose from auto, cpu, cuda, cuda:N)"),
+    ("cpu:0", 2, None, "unknown device 'cpu:0'"),
+])
+def test_device_names(monkeypatch, name, gpus, local_rank, expected):
+    import torch
+
+    from harp.errors import HarpError
+    from harp.training.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    if expected.startswith("cuda:"):
+        assert resolve_device(name) == torch.device(expected)
+    else:
+        with pytest.raises(HarpError, match=re.escape(expected)):
+            resolve_device(name)
+

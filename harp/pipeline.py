@@ -5,12 +5,16 @@
     OUT/finetuned/  fine-tuned pruned checkpoint
     OUT/artifact/   exported ONNX + CSR bundle + manifest (when harp.export is available)
 
-Each stage that already finished (its checkpoint loads) is skipped, so re-running
-the pipeline after an interruption continues where it stopped.
+Each stage that already finished (its checkpoint loads) is skipped, and a stage
+that was interrupted resumes from its last finished epoch, so re-running the
+pipeline after an interruption continues where it stopped. It continues only the
+run --out holds: other options (what is trained, not where or on which device)
+are refused rather than mixed in; --force starts over.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,8 @@ from .io import atomic_write_json
 from .models import build_model, check_model_runs, default_arch
 from .outdir import check_out_dir, make_out_dir
 from .pruning.finetune import finetune_checkpoint
-from .pruning.methods import PruneOptions, make_config, prune_checkpoint
+from .pruning.methods import RESUMABLE, PruneOptions, make_config, prune_checkpoint
+from .training.runner import STATE_DIR
 from .training.train import TrainOptions, train
 
 
@@ -67,6 +72,8 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     if force:
         check_out_dir(out, force=True, resume=False)
         make_out_dir(out, force=True, resume=False)
+    else:
+        _check_continues(out, opts)
     out.mkdir(parents=True, exist_ok=True)
     # marks the directory as a pipeline's (so a later --force may clear it) and records the run
     atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": None})
@@ -75,26 +82,72 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     results: dict[str, Any] = {}
     dense, pruned, tuned = out / "dense", out / "pruned", out / "finetuned"
     if not stage_done(dense):
-        log(f"[1/4] adversarial training ({opts.adv}) on {opts.dataset} -> {dense}")
+        resume = interrupted(dense)
+        log(f"[1/4] adversarial training ({opts.adv}) on {opts.dataset} -> {dense}{_resuming(resume)}")
         train(TrainOptions(dataset=opts.dataset, arch=opts.arch, adv=opts.adv, epochs=opts.train_epochs,
                            seed=opts.seed, data_root=opts.data_root, download=opts.download, device=opts.device),
-              dense, force=dense.exists(), quiet=quiet)
+              dense, resume=resume, force=dense.exists() and not resume, quiet=quiet)
     results["dense"] = load_checkpoint(dense).meta["metrics"]
     if not stage_done(pruned):
-        log(f"[2/4] pruning with {opts.method} to {opts.sparsity:.2%} {opts.granularity} sparsity -> {pruned}")
+        resume = interrupted(pruned) and opts.method in RESUMABLE
+        log(f"[2/4] pruning with {opts.method} to {opts.sparsity:.2%} {opts.granularity} sparsity -> {pruned}"
+            f"{_resuming(resume)}")
         prune_checkpoint(dense, pruned, config, replace(stage_opts, epochs=opts.prune_epochs),
-                         force=pruned.exists(), quiet=quiet)
+                         resume=resume, force=pruned.exists() and not resume, quiet=quiet)
     results["pruned"] = load_checkpoint(pruned).meta["metrics"]
     if not stage_done(tuned):
-        log(f"[3/4] adversarial fine-tuning -> {tuned}")
+        resume = interrupted(tuned)
+        log(f"[3/4] adversarial fine-tuning -> {tuned}{_resuming(resume)}")
         finetune_checkpoint(pruned, tuned, replace(stage_opts, epochs=opts.finetune_epochs),
-                            force=tuned.exists(), quiet=quiet)
+                            resume=resume, force=tuned.exists() and not resume, quiet=quiet)
     results["finetuned"] = load_checkpoint(tuned).meta["metrics"]
     if opts.export:
         results["artifact"] = _export(tuned, out / "artifact", opts, log)
     atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": {
         k: v for k, v in results.items() if k != "artifact"}})
     return results
+
+
+def interrupted(stage: Path) -> bool:
+    """Whether a stage's directory holds the saved state of an unfinished run (`--resume` continues it)."""
+    return (stage / STATE_DIR / "state.json").is_file()
+
+
+def _resuming(resume: bool) -> str:
+    return " (resuming the interrupted run)" if resume else ""
+
+
+# Options that say where data and results live and what runs them, not what is trained: a run may
+# continue with other values.
+_SETTINGS = ("data_root", "download", "device", "export")
+
+
+def _check_continues(out: Path, opts: PipelineOptions) -> None:
+    """HarpError unless `out` is new, empty, or a pipeline run made with the same options."""
+    if out.exists() and not out.is_dir():
+        raise HarpError(f"output {out} exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    record = out / PIPELINE_FILE
+    if not record.is_file():
+        raise HarpError(f"{out} exists and is not a harp pipeline's output ({PIPELINE_FILE} is missing); "
+                        "choose another --out")
+    try:
+        saved = json.loads(record.read_text())["options"]
+        if not isinstance(saved, dict):
+            raise TypeError("options is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HarpError(f"{record} is not readable ({e}); pass --force to start over") from e
+    changed = [k for k, v in asdict(opts).items() if k not in _SETTINGS and k in saved and saved[k] != v]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {_shown(saved[k])} (now {_shown(getattr(opts, k))})"
+                        for k in changed)
+        raise HarpError(f"{out} holds a run made with {was}; pass the same options to continue it, "
+                        "or --force to start over")
+
+
+def _shown(value: Any) -> str:
+    return "default" if value is None else str(value)
 
 
 def _check_exportable(opts: PipelineOptions) -> None:

@@ -1,6 +1,18 @@
 """The whole job: every stage runs once, and a re-run reuses the stages that finished."""
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
 from harp.checkpoint import load_checkpoint
+from harp.errors import HarpError
 from harp.pipeline import PipelineOptions, run_pipeline, stage_done
 
 
@@ -22,3 +34,49 @@ def test_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path):
     assert not stage_done(out / "finetuned")
     run_pipeline(opts, out, quiet=True, log=logged.append)
     assert len(logged) == 1 and "fine-tuning" in logged[0] and stage_done(out / "finetuned")
+
+
+def test_a_rerun_with_other_options_is_refused_and_settings_may_change(tmp_path):
+    opts = PipelineOptions(dataset="digits", method="global-magnitude", sparsity=0.5, adv="none",
+                           train_epochs=2, finetune_epochs=1, export=False)
+    out = tmp_path / "run"
+    run_pipeline(opts, out, quiet=True, log=lambda _: None)
+    # had reused the 50% stages silently, and recorded 60% in pipeline.json
+    with pytest.raises(HarpError, match=re.escape(f"{out} holds a run made with --sparsity 0.5 (now 0.6), "
+                                                  "--finetune-epochs 1 (now default); pass the same options")):
+        run_pipeline(replace(opts, sparsity=0.6, finetune_epochs=None), out, quiet=True, log=lambda _: None)
+    logged = []
+    run_pipeline(replace(opts, device="cpu", data_root="elsewhere"), out, quiet=True, log=logged.append)
+    assert logged == []  # where and on what it runs may change: every stage was reused
+    assert json.loads((out / "pipeline.json").read_text())["options"]["sparsity"] == 0.5
+
+
+def test_an_out_that_is_not_a_pipeline_run_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(HarpError, match="is not a harp pipeline's output"):
+        run_pipeline(PipelineOptions(export=False), tmp_path, quiet=True, log=lambda _: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_an_interrupted_stage_resumes_from_its_last_epoch(tmp_path):
+    args = [sys.executable, "-m", "harp", "pipeline", "--dataset", "digits", "--method", "global-magnitude",
+            "--sparsity", "0.5", "--adv", "none", "--train-epochs", "40", "--finetune-epochs", "1", "--no-export",
+            "--quiet", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    state = tmp_path / "run" / "dense" / "state" / "state.json"
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 3:
+            break
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert 3 <= killed_at < 40, "the run must be killed mid-way"
+
+    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert "(resuming the interrupted run)" in second.stdout.splitlines()[0]
+    history = load_checkpoint(tmp_path / "run" / "dense").meta["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 41))

@@ -37,7 +37,8 @@ def artifact_info(path: str) -> dict[str, Any]:
             "pruning": art.model.get("pruning"),
             "metrics": {k: v for k, v in art.metrics.items() if not isinstance(v, dict)},
             "layers": [{"name": lay["name"], "shape": lay["shape"], "density": lay["density"]} for lay in art.layers],
-            "files": {name: entry["bytes"] for name, entry in art.manifest["files"].items()}}
+            "files": {name: entry["bytes"] for name, entry in art.manifest["files"].items()},
+            "export": art.manifest["export"]}
 
 
 def read_info(path: str) -> dict[str, Any]:
@@ -67,6 +68,9 @@ def info_command(path, as_json):
         click.echo(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
     if "files" in info:
         click.echo("  files: " + ", ".join(f"{name} {human_size(n)}" for name, n in info["files"].items()))
+        export = info["export"]
+        click.echo(f"  export: values {export.get('values_dtype')}, opset {export.get('opset')}, "
+                   f"dead channels {'trimmed' if export.get('channel_trimming') else 'kept'}")
     click.echo(f"  {'layer':<32} {'shape':<20} density")
     for layer in info["layers"]:
         click.echo(f"  {layer['name']:<32} {str(layer['shape']):<20} {layer['density']:.4%}")

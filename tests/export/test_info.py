@@ -30,6 +30,7 @@ def test_artifact_info_matches_the_checkpoint_it_was_exported_from(capsys, digit
     assert [a["density"] for a in artifact["layers"]] == pytest.approx([c["density"] for c in checkpoint["layers"]])
     manifest = json.loads((digits_export / MANIFEST).read_text())
     assert artifact["files"] == {name: entry["bytes"] for name, entry in manifest["files"].items()}
+    assert artifact["export"]["values_dtype"] == "float32" and artifact["export"]["channel_trimming"] is True
 
 
 def test_artifact_info_runs_on_a_device_and_a_checkpoint_there_is_one_line(digits_export, pruned_digits_ckpt,
@@ -39,6 +40,7 @@ def test_artifact_info_runs_on_a_device_and_a_checkpoint_there_is_one_line(digit
     lines = done.stdout.splitlines()
     assert lines[0].startswith("small_cnn on digits: sparsity ")
     assert any(line.strip().startswith("files: model.onnx ") for line in lines)
+    assert "  export: values float32, opset 17, dead channels trimmed" in lines
     assert sum(line.strip().startswith("net.") for line in lines) == 5
     done = device_harp("info", pruned_digits_ckpt)
     assert done.returncode == 2 and done.stdout == ""

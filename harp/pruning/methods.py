@@ -136,29 +136,37 @@ def stage_budget(table: dict[str, StageBudget], dataset: str) -> StageBudget:
 
 # -- one-shot mask rules ------------------------------------------------------------------
 
-def _channel_fraction_for_flops(model: nn.Module, input_shape, target_density: float) -> float:
-    """The uniform kept-channel fraction whose FLOPs density is the target."""
+def _channel_counts_for_flops(model: nn.Module, input_shape, target_density: float) -> tuple[float, dict[str, int]]:
+    """The largest uniform kept-channel fraction whose whole channels keep at most the target FLOPs
+    density, and the channels each layer then keeps (the classifier keeps all its outputs).
+
+    Counted in whole channels: a fraction whose rounded-up counts overshoot the target (a
+    64-channel layer rounds by up to 1/64) would leave a fixed-rate job (HYDRA) above it for good.
+    """
     costs = layer_costs(model, input_shape)
-    last = prunable_layers(model)[-1][0]
+    layers = prunable_layers(model)
+    rows = {n: m.weight.shape[0] for n, m in layers}
+    last = layers[-1][0]
+
+    def counts(fraction: float) -> dict[str, int]:
+        return {n: rows[n] if n == last else keep_count(rows[n], fraction) for n in rows}
+
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        kept = {n: 1.0 if n == last else mid for n in costs}
-        if channel_flops_density(costs, kept) > target_density:
+        if channel_flops_density(costs, {n: k / rows[n] for n, k in counts(mid).items()}) > target_density:
             hi = mid
         else:
             lo = mid
-    return lo
+    return lo, counts(lo)
 
 
-def _channel_masks(model: nn.Module, fraction: float, rank: Callable[[nn.Module], torch.Tensor]) -> Masks:
-    """Keep the top `fraction` of output channels of every layer but the classifier."""
-    layers = prunable_layers(model)
+def _channel_masks(model: nn.Module, keep: dict[str, int], rank: Callable[[nn.Module], torch.Tensor]) -> Masks:
+    """Keep the top `keep[name]` output channels of every layer by `rank`."""
     masks = {}
-    for name, m in layers:
+    for name, m in prunable_layers(model):
         rows = m.weight.shape[0]
-        keep = rows if name == layers[-1][0] else keep_count(rows, fraction)
-        chosen = torch.topk(rank(m), keep).indices
+        chosen = torch.topk(rank(m), keep[name]).indices
         row_mask = torch.zeros(rows, dtype=torch.bool)
         row_mask[chosen] = True
         masks[name] = row_mask.view(-1, *[1] * (m.weight.dim() - 1)).expand_as(m.weight).clone()
@@ -171,14 +179,14 @@ def _one_shot(rule: str) -> Handler:
         density = 1.0 - config.sparsity
         gen = torch.Generator().manual_seed(getattr(config, "seed", 0))
         if config.granularity == "channel":
-            frac = _channel_fraction_for_flops(model, ckpt.spec.input_shape, density)
+            _, keep = _channel_counts_for_flops(model, ckpt.spec.input_shape, density)
             if rule == "random":
                 rank = lambda m: torch.rand(m.weight.shape[0], generator=gen)  # noqa: E731
             elif rule == "global":
                 raise HarpError("global-magnitude prunes weights only; use --granularity weight")
             else:
                 rank = lambda m: m.weight.detach().flatten(1).abs().sum(1)  # noqa: E731
-            masks = _channel_masks(model, frac, rank)
+            masks = _channel_masks(model, keep, rank)
         elif rule == "global":
             masks = global_magnitude_masks(model, config.sparsity)
         elif rule == "layer":
@@ -225,16 +233,16 @@ def score_job(ckpt: Checkpoint, config, opts: PruneOptions, learn_rate: bool) ->
     model = ckpt.build_model()
     density = 1.0 - config.sparsity
     if config.granularity == "channel":
-        frac = _channel_fraction_for_flops(model, spec.input_shape, density)
-        densities = {n: frac for n, _ in prunable_layers(model)}
+        frac, keep = _channel_counts_for_flops(model, spec.input_shape, density)
+        # half a channel below each count: the rate's float32 round trip cannot round it up a channel
+        densities = {n: (keep[n] - 0.5) / m.weight.shape[0] for n, m in prunable_layers(model)}
     elif learn_rate:
         # HARP starts above the target (a functional network) and gamma drives it down
         start = config.init_density or math.sqrt(density)
         densities = initial_densities(model, max(start, density), config.rate_init)
     else:
         densities = initial_densities(model, density, "uniform")
-    a_min = getattr(config, "alpha", 0.0) * (densities[next(iter(densities))] if config.granularity == "channel"
-                                             else density)
+    a_min = getattr(config, "alpha", 0.0) * (frac if config.granularity == "channel" else density)
     job = ScoreJob(model, _loss(ckpt, opts), target_density=density, granularity=config.granularity,
                    densities=densities, a_min=a_min, learn_rate=learn_rate,
                    gamma0=getattr(config, "gamma0", 0.0), score_lr=opts.lr or budget.lr,

@@ -29,6 +29,16 @@ def test_every_method_hits_the_target_sparsity(digits_robust_ckpt, tmp_path, met
     assert set(ckpt.masks) == {layer["name"] for layer in ckpt.meta["pruning"]["layers"]}
 
 
+@pytest.mark.parametrize("method", ["hydra", "lwm", "random"])
+def test_channel_pruning_at_a_fixed_rate_meets_the_flops_target(digits_robust_ckpt, tmp_path, method):
+    # Whole channels: the uniform fraction's rounded-up counts had kept 50.7% of the FLOPs at a 50%
+    # target, so HYDRA (whose rates do not move) never had an eligible epoch and always failed.
+    prune_checkpoint(digits_robust_ckpt, tmp_path / method,
+                     make_config(method, sparsity=0.5, granularity="channel"), FAST, quiet=True)
+    removed = load_checkpoint(tmp_path / method).meta["pruning"]["flops_reduction"]
+    assert 0.5 <= removed < 0.55
+
+
 def test_harp_learns_non_uniform_rates(digits_robust_ckpt, tmp_path):
     prune_checkpoint(digits_robust_ckpt, tmp_path / "h", make_config("harp", sparsity=0.99, gamma0=0.5), HARP_FAST,
                      quiet=True)

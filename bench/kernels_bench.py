@@ -170,9 +170,12 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
              fmt(r["dense_us"], ".1f"), fmt(r.get("winograd_us"), ".1f"), fmt(r.get("unrolled_us"), ".1f"),
              fmt(r["torch_us"], ".1f"),
              fmt(r["onnxruntime_us"], ".1f"),
-             r["auto_kernel"] or "-", fmt(r["speedup_vs_fastest_baseline"], ".2f") + "x"
-             if r["speedup_vs_fastest_baseline"] is not None else "-"]
+             r["auto_kernel"] or "-", _times(r["speedup_vs_fastest_baseline"])]
             for r in result["rows"]]
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def kernels_markdown(result: dict[str, Any]) -> str:

@@ -64,6 +64,13 @@ def spec_from_json(obj: dict[str, Any]) -> DatasetSpec:
     if list(spec.input_shape) != obj["input_shape"] or spec.classes != obj["classes"]:
         raise HarpError(f"checkpoint dataset {obj['name']!r} has shape {obj['input_shape']} and "
                         f"{obj['classes']} classes, the dataset now has {list(spec.input_shape)} and {spec.classes}")
+    # Same count, other folders (renamed or replaced classes): every label would mean another class.
+    saved = obj.get("class_names")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(c, str) for c in saved)):
+        raise HarpError(f"checkpoint dataset {obj['name']!r}: class_names {saved!r} is not a list of names")
+    if saved is not None and spec.class_names is not None and list(spec.class_names) != saved:
+        raise HarpError(f"checkpoint dataset {obj['name']!r} was trained on classes {', '.join(map(str, saved))}; "
+                        f"the folder now has {', '.join(spec.class_names)}")
     return spec
 
 

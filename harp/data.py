@@ -37,14 +37,16 @@ class DatasetSpec:
     eval_step_size: float
     augment: bool  # random crop + flip (natural images only)
     l2_eps: float = 0.5  # default L2 budget for `harp eval --attack pgd-l2`
+    class_names: tuple[str, ...] | None = None  # imagefolder: label i is train/'s i-th class folder
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, *self.size)
 
     def to_json(self) -> dict:
+        names = {} if self.class_names is None else {"class_names": list(self.class_names)}
         return {"name": self.name, "input_shape": list(self.input_shape), "classes": self.classes,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), **names}
 
 
 _SPECS: dict[str, DatasetSpec] = {
@@ -192,7 +194,8 @@ def _imagefolder_spec(path: Path) -> DatasetSpec:
     if len(classes) < 2:
         raise HarpError(f"imagefolder {train} has {len(classes)} class folders, need at least 2")
     return DatasetSpec(f"imagefolder:{path}", 3, (IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), len(classes),
-                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 8 / 255, 10, 10, 2 / 255, True)
+                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 8 / 255, 10, 10, 2 / 255, True,
+                       class_names=tuple(classes))
 
 
 def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:

@@ -115,3 +115,22 @@ def test_imagefolder_skips_hidden_folders_and_refuses_an_empty_training_class(tm
     (tmp_path / "train" / "eel").mkdir()  # had been a FileNotFoundError traceback
     with pytest.raises(HarpError, match=r"imagefolder \S+train: Found no valid file for the classes eel"):
         load_split(f"imagefolder:{tmp_path}", train=True)
+
+
+def test_a_checkpoint_refuses_an_imagefolder_whose_classes_changed(tmp_path):
+    # Same number of classes, another folder: every label would silently mean another class.
+    from PIL import Image
+
+    from harp.checkpoint import spec_from_json
+
+    for label in ("cat", "dog", "fox"):
+        for split in ("train", "val"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / label / "0.png")
+    saved = dataset_spec(f"imagefolder:{tmp_path}").to_json()  # what a checkpoint's meta.json records
+    assert saved["class_names"] == ["cat", "dog", "fox"]
+    assert spec_from_json(saved).class_names == ("cat", "dog", "fox")
+    (tmp_path / "train" / "fox").rename(tmp_path / "train" / "wolf")
+    with pytest.raises(HarpError, match="was trained on classes cat, dog, fox; the folder now has cat, dog, wolf"):
+        spec_from_json(saved)
+    assert "class_names" not in dataset_spec("digits").to_json()  # built-in datasets: checkpoints unchanged

@@ -56,6 +56,16 @@ class Artifact:
         return ds if isinstance(ds, str) else None
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The class each prediction index names (imagefolder datasets record them), None when not recorded."""
+        ds = self.model.get("dataset")
+        names = ds.get("class_names") if isinstance(ds, dict) else None
+        if names is not None and not (isinstance(names, list) and len(names) == self.classes
+                                      and all(isinstance(n, str) for n in names)):
+            raise HarpError(f"{self.root / MANIFEST}: model.dataset.class_names is not {self.classes} names")
+        return names
+
+    @property
     def sparsity(self) -> float:
         value = self.model.get("sparsity", 0.0)
         if not (_number(value) and 0 <= value <= 1):

@@ -51,6 +51,7 @@ from .verify import (
 )
 
 DEFAULT_FORMATS = ("onnx", "onnx-sparse", "csr")
+DEFAULT_PARITY, DEFAULT_ADVERSARIAL = 256, 64  # test images and PGD examples in the parity check
 RANDOM_PARITY_INPUTS = 16  # used when export_model gets no parity inputs
 ADVERSARIAL_STEPS = 10  # PGD steps for the adversarial parity inputs (the dataset's eps)
 TORCH_BATCH = 64
@@ -129,13 +130,16 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | os
 
 def export_checkpoint(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                       formats: Sequence[str] = DEFAULT_FORMATS, opset: int = DEFAULT_OPSET,
-                      values_dtype: str = "float32", n_parity: int = 256, n_adversarial: int = 64,
-                      data_root: str | os.PathLike[str] = "data", force: bool = False) -> dict[str, Any]:
+                      values_dtype: str = "float32", n_parity: int | None = None,
+                      n_adversarial: int | None = None, data_root: str | os.PathLike[str] = "data",
+                      force: bool = False) -> dict[str, Any]:
     """Export a checkpoint directory (see harp.checkpoint) to `out_dir`; return the manifest.
 
     Parity inputs: the first `n_parity` test images, and PGD examples (dataset eps, 10 steps, seeded)
-    crafted on the torch model from the first `n_adversarial` of them. Raises HarpError for a bad
-    checkpoint or missing dataset, ExportError as `export_model` does; nothing is written on error.
+    crafted on the torch model from the first `n_adversarial` of them. None means 256 and 64, or the
+    whole test split where it is smaller (a small imagefolder); a number is required in full.
+    Raises HarpError for a bad checkpoint or missing dataset, ExportError as `export_model` does;
+    nothing is written on error.
     """
     from harp.attacks import AttackConfig, pgd
     from harp.checkpoint import META, load_checkpoint
@@ -145,9 +149,9 @@ def export_checkpoint(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     _check_values_dtype(values_dtype)
     _check_opset(opset)
     for name, n in (("n_parity", n_parity), ("n_adversarial", n_adversarial)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ExportError(f"{name} must be a non-negative integer, got {n!r}")
-    if n_parity + n_adversarial == 0:
+    if n_parity == 0 and n_adversarial == 0:
         raise ExportError("n_parity and n_adversarial are both 0: there would be no parity check")
     _check_out_dir(Path(out_dir), force)  # before loading data or crafting attacks
     ckpt = load_checkpoint(ckpt_dir)
@@ -155,9 +159,12 @@ def export_checkpoint(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     spec = ckpt.spec
 
     test = load_split(spec.name, False, root=data_root)
+    n_parity = min(DEFAULT_PARITY, len(test)) if n_parity is None else n_parity
+    n_adversarial = min(DEFAULT_ADVERSARIAL, len(test)) if n_adversarial is None else n_adversarial
     count = max(n_parity, n_adversarial)
     if len(test) < count:
-        raise ExportError(f"test split of {spec.name} has {len(test)} images, fewer than the {count} requested")
+        raise ExportError(f"test split of {spec.name} has {len(test)} images, fewer than the {count} requested "
+                          "(--n-parity, --n-adversarial)")
     x, y = next(test.subset(count).batches(count))  # float [0, 1], first `count` test images
     attack = AttackConfig(eps=spec.eps, step_size=2.5 * spec.eps / ADVERSARIAL_STEPS, steps=ADVERSARIAL_STEPS)
     with torch.random.fork_rng(devices=[]):

@@ -18,9 +18,11 @@ VALUES = {"fp32": "float32", "fp16": "float16"}
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
 @click.option("--values", type=click.Choice(list(VALUES)), default="fp32", show_default=True,
               help="Precision of stored conv/linear weights (arithmetic stays fp32).")
-@click.option("--n-parity", type=int, default=256, show_default=True, help="Test images in the parity check.")
-@click.option("--n-adversarial", type=int, default=64, show_default=True,
-              help="PGD examples (crafted on the torch model) in the parity check.")
+@click.option("--n-parity", type=click.IntRange(min=0), default=None,
+              help="Test images in the parity check. Default: 256, or all of a smaller test split.")
+@click.option("--n-adversarial", type=click.IntRange(min=0), default=None,
+              help="PGD examples (crafted on the torch model) in the parity check. Default: 64, or all of a "
+                   "smaller test split.")
 @o.data_root
 @o.force
 @o.as_json

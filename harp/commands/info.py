@@ -22,7 +22,9 @@ def checkpoint_info(path: str) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     model = ckpt.build_model()
     layers = layer_densities(model)
+    names = ckpt.spec.class_names
     return {"path": str(path), "architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"]["name"],
+            "class_names": None if names is None else list(names),
             "sparsity": model_sparsity(model), "pruning": ckpt.meta.get("pruning"),
             "metrics": {k: v for k, v in ckpt.meta.get("metrics", {}).items() if not isinstance(v, dict)},
             "layers": [{"name": lay["name"], "shape": lay["shape"], "density": lay["density"]} for lay in layers]}
@@ -33,8 +35,8 @@ def artifact_info(path: str) -> dict[str, Any]:
     from ..export.artifact import open_artifact
 
     art = open_artifact(path)
-    return {"path": str(path), "architecture": art.architecture, "dataset": art.dataset, "sparsity": art.sparsity,
-            "pruning": art.model.get("pruning"),
+    return {"path": str(path), "architecture": art.architecture, "dataset": art.dataset,
+            "class_names": art.class_names, "sparsity": art.sparsity, "pruning": art.model.get("pruning"),
             "metrics": {k: v for k, v in art.metrics.items() if not isinstance(v, dict)},
             "layers": [{"name": lay["name"], "shape": lay["shape"], "density": lay["density"]} for lay in art.layers],
             "files": {name: entry["bytes"] for name, entry in art.manifest["files"].items()},
@@ -64,6 +66,8 @@ def info_command(path, as_json):
         click.echo(json.dumps(info))
         return
     click.echo(f"{info['architecture']} on {info['dataset']}: sparsity {info['sparsity']:.4%}")
+    if info["class_names"]:
+        click.echo("  classes (prediction 0, 1, ...): " + ", ".join(info["class_names"]))
     for k, v in info["metrics"].items():
         click.echo(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
     if "files" in info:

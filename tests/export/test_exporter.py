@@ -169,12 +169,32 @@ def test_bad_arguments_are_exit_2_and_write_nothing(capsys, pruned_digits_ckpt, 
     out = tmp_path / "o"
     for args, message in ((["--formats", "onnx,tflite"], "unknown format 'tflite'"),
                           (["--opset", "5"], "opset 5 is not supported"),
-                          (["--n-parity", "0", "--n-adversarial", "0"], "no parity check")):
+                          (["--n-parity", "0", "--n-adversarial", "0"], "no parity check"),
+                          (["--n-parity", "451"], "test split of digits has 450 images, fewer than the 451 "
+                                                  "requested (--n-parity, --n-adversarial)")):
         code, _, err = _run(capsys, "export", str(pruned_digits_ckpt), "--out", str(out), *args)
         assert code == 2 and message in err, err
         assert not out.exists() and _siblings(out) == []
     code, _, err = _run(capsys, "export", str(tmp_path / "nowhere"), "--out", str(out))
     assert code == 2 and "does not exist" in err and not out.exists()
+
+
+def test_the_default_parity_set_is_capped_at_a_small_test_split(tmp_path):
+    # An imagefolder with 12 test images: the default 256 + 64 had stopped the export (and a pipeline
+    # at its last stage, after all the training).
+    from PIL import Image
+
+    from harp.training.train import TrainOptions, train
+
+    for split, n in (("train", 20), ("val", 6)):
+        for label, colour in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), colour).save(tmp_path / "data" / split / label / f"{i}.png")
+    train(TrainOptions(dataset=f"imagefolder:{tmp_path / 'data'}", arch="small_cnn", adv="none", epochs=1),
+          tmp_path / "ckpt", quiet=True)
+    manifest = export_checkpoint(tmp_path / "ckpt", tmp_path / "art")
+    assert manifest["parity"]["inputs"]["clean"] == manifest["parity"]["inputs"]["adversarial"] == 12
 
 
 def test_unsupported_layer_is_named_and_nothing_is_written(tmp_path):

@@ -195,6 +195,11 @@ def test_the_default_parity_set_is_capped_at_a_small_test_split(tmp_path):
           tmp_path / "ckpt", quiet=True)
     manifest = export_checkpoint(tmp_path / "ckpt", tmp_path / "art")
     assert manifest["parity"]["inputs"]["clean"] == manifest["parity"]["inputs"]["adversarial"] == 12
+    # `harp info` names the class behind each prediction index, from the checkpoint and from the artifact
+    from harp.commands.info import read_info
+
+    assert read_info(str(tmp_path / "ckpt"))["class_names"] == read_info(str(tmp_path / "art"))["class_names"] \
+        == ["cat", "dog"]
 
 
 def test_unsupported_layer_is_named_and_nothing_is_written(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from harp.errors import HarpError
 from harp.export.artifact import Artifact
+from harp.lazy_group import is_installed
 
 # Backend name -> the file it loads. torch runs the bundle's graph rebuilt as torch ops (`torch_graph`).
 BACKEND_FILES: dict[str, str] = {
@@ -37,8 +38,6 @@ BACKEND_MODULES: dict[str, tuple[str, ...]] = {
 
 def missing_package(backend: str) -> str | None:
     """The first Python package `backend` imports that is not installed here (found without importing it)."""
-    from harp.lazy_group import is_installed
-
     return next((m for m in BACKEND_MODULES.get(backend, ()) if not is_installed(m)), None)
 
 

@@ -56,6 +56,8 @@ def cli(ctx: click.Context) -> None:
 
 def demo_latency() -> None:
     """Build runs/demo/artifact if missing, then print its latency table (batch 1 and 16, one thread)."""
+    from harp.export.artifact import open_artifact
+
     from .latency_bench import LatencyOptions, emit, run_latency, with_runnable_backends
 
     if not (DEMO_ARTIFACT / "manifest.json").is_file():
@@ -65,8 +67,8 @@ def demo_latency() -> None:
 
         run_pipeline(PipelineOptions(dataset="digits", sparsity=0.99), DEMO_RUN, quiet=True,
                      log=lambda *a, **k: None)
-    options = with_runnable_backends(DEMO_ARTIFACT, LatencyOptions(iters=DEMO_ITERS, warmup=5))
-    emit(run_latency(DEMO_ARTIFACT, options), None, None, None)
+    art = open_artifact(DEMO_ARTIFACT)
+    emit(run_latency(art, with_runnable_backends(art, LatencyOptions(iters=DEMO_ITERS, warmup=5))), None, None, None)
 
 
 def main() -> None:

@@ -231,20 +231,22 @@ def latency_command(artifact, backends, batches, threads, warmup, iters, seconds
     if (artifact is None) == (arch is None):
         raise click.UsageError("give either ARTIFACT or --arch (what-if mode), not both")
     if arch is None:
-        result = run_latency(artifact, options if backends else with_runnable_backends(artifact, options))
+        art = open_artifact(artifact)  # once: opening checks every file's hash
+        result = run_latency(art, options if backends else with_runnable_backends(art, options))
     else:
         with tempfile.TemporaryDirectory(prefix="harp-bench-whatif-") as work:
             click.echo(f"what-if: exporting {arch} {input_shape} with random weights at {sparsity:.2%} "
                        f"({pruning}) ...", err=True)
             out = build_whatif_artifact(arch, shape(input_shape), classes, sparsity, pruning, Path(work) / arch)
-            result = run_latency(out, options if backends else with_runnable_backends(out, options))
+            art = open_artifact(out)
+            result = run_latency(art, options if backends else with_runnable_backends(art, options))
     emit(result, json_path, md_path, plot_path)
 
 
-def with_runnable_backends(path: str | os.PathLike[str], options: LatencyOptions) -> LatencyOptions:
-    """`options` timing the backends that the artifact at `path` and this machine can run; a note on stderr
+def with_runnable_backends(art: Artifact, options: LatencyOptions) -> LatencyOptions:
+    """`options` timing the backends that the artifact and this machine can run; a note on stderr
     names the others (`--backends` makes a missing one an error instead)."""
-    runnable, skipped = runnable_backends(open_artifact(path))
+    runnable, skipped = runnable_backends(art)
     if skipped:
         click.echo("harp-bench: note: not timing " + "; ".join(f"{b} ({why})" for b, why in skipped.items()),
                    err=True)

@@ -8,13 +8,13 @@ read artifacts through it. NumPy only: it runs on a device without torch.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harp.errors import HarpError
+from harp.values import is_int, is_number
 
 from .verify import MANIFEST, check_files, read_manifest
 
@@ -68,7 +68,7 @@ class Artifact:
     @property
     def sparsity(self) -> float:
         value = self.model.get("sparsity", 0.0)
-        if not (_number(value) and 0 <= value <= 1):
+        if not (is_number(value) and 0 <= value <= 1):
             raise HarpError(f"{self.root / MANIFEST}: model.sparsity {value!r} is not a fraction")
         return float(value)
 
@@ -104,7 +104,7 @@ class Artifact:
             if not (isinstance(layer, dict) and isinstance(layer.get("name"), str)
                     and isinstance(layer.get("shape"), list) and all(_count(d) for d in layer["shape"])
                     and _count(layer.get("params")) and _count(layer.get("nonzero"))
-                    and _number(layer.get("density")) and 0 <= layer["density"] <= 1):
+                    and is_number(layer.get("density")) and 0 <= layer["density"] <= 1):
                 raise HarpError(f"{self.root / MANIFEST}: model.layers[{i}] is not a layer "
                                 "(name, shape, params, nonzero, density)")
         return list(layers)
@@ -133,9 +133,5 @@ def open_artifact(path: str | os.PathLike[str]) -> Artifact:
     return Artifact(root.resolve(), manifest)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0

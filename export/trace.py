@@ -39,6 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from harp.export.errors import ExportError
 from harp.export.graph import Graph, GraphError, Node
 from harp.models.normalize import Normalize
+from harp.values import is_int
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -247,7 +248,7 @@ class _Converter:
 
     def _call_function(self, fxnode: fx.Node) -> Any:
         args = [self._resolve(a) for a in fxnode.args]
-        if fxnode.target in _INT_OPS and args and all(_is_int(a) for a in args):
+        if fxnode.target in _INT_OPS and args and all(is_int(a) for a in args):
             return _INT_OPS[fxnode.target](*args)  # shape arithmetic, e.g. x.size(1) * x.size(2)
         handler = _FUNCTION_HANDLERS.get(fxnode.target)  # type: ignore[arg-type]
         if handler is None:
@@ -692,7 +693,7 @@ def _reshape(cv: _Converter, fxnode: fx.Node, dims: Sequence[Any]) -> _Value:
     if not dims:
         raise cv._error("reshape to a scalar is not supported")
     head, rest = dims[0], dims[1:]
-    if not all(_is_int(d) for d in rest):
+    if not all(is_int(d) for d in rest):
         raise cv._error(f"reshape to {dims} mixes the batch size into per-sample dimensions")
     if head is BATCH:
         if rest.count(-1) > 1:
@@ -842,7 +843,7 @@ def _m_size(cv: _Converter, fxnode: fx.Node) -> Any:
     shape = _shape_of(cv, a["input"])
     if a["dim"] is None:
         return shape
-    if not _is_int(a["dim"]) or not -len(shape) <= a["dim"] < len(shape):
+    if not is_int(a["dim"]) or not -len(shape) <= a["dim"] < len(shape):
         raise cv._error(f"size({a['dim']!r}) is out of range for {len(shape)} dims")
     return shape[a["dim"]]
 
@@ -859,10 +860,6 @@ def _function_label(target: Any) -> str:
     if getattr(torch, name, None) is target:
         return f"torch.{name}"
     return f"{module}.{name}" if module else name
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 _INT_OPS: dict[Any, Callable[[int, int], int]] = {

@@ -204,17 +204,18 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
 
     train_dir, test_dir = _imagefolder_dirs(path)
     folder = train_dir if train else test_dir
-    # Labels are the class's index among train/'s folders, in both splits: a test folder that
-    # lacks a class must not shift the labels of the classes after it.
-    classes = _imagefolder_classes(train_dir)
-    unknown = sorted(set(_imagefolder_classes(folder)) - set(classes))
+    # Labels are the class's index among train/'s folders (spec.class_names), in both splits: a
+    # test folder that lacks a class must not shift the labels of the classes after it.
+    classes = list(spec.class_names or ())
+    present = set(_imagefolder_classes(folder))
+    unknown = sorted(present - set(classes))
     if unknown:
         raise HarpError(f"imagefolder {folder} has class folders that {train_dir} lacks: {', '.join(unknown)}")
+    class_to_idx = {c: i for i, c in enumerate(classes) if c in present}
 
     class Folder(tvd.ImageFolder):
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            present = set(_imagefolder_classes(Path(directory)))
-            return classes, {c: i for i, c in enumerate(classes) if c in present}
+            return classes, class_to_idx
 
     tf = T.Compose([T.Resize(spec.size[0]), T.CenterCrop(spec.size), T.PILToTensor()])
     try:

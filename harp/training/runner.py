@@ -35,6 +35,7 @@ from ..data import ImageData
 from ..errors import HarpError
 from ..evaluate import accuracy, make_attack
 from ..io import atomic_save_tensors, atomic_torch_save, atomic_write_json
+from ..values import is_int, is_number
 from .batchnorm import recalibrate_batchnorm
 from .distributed import DistContext, world_size
 from .losses import LossConfig, adversarial_loss
@@ -322,23 +323,15 @@ def _state_problem(state: Any) -> str | None:
         if not isinstance(state.get(key), kind):
             return f"{key!r} is missing or not a JSON {name}"
     epoch, history = state.get("epoch"), state["history"]
-    if not _is_int(epoch) or len(history) != epoch:  # one record per finished epoch
+    if not is_int(epoch) or len(history) != epoch:  # one record per finished epoch
         return f"'epoch' {epoch!r} does not count the {len(history)} records of 'history'"
     for record in history:
-        if not isinstance(record, dict) or not _is_number(record.get("epoch_seconds")) \
-                or not _is_int(record.get("adversarial_examples")):
+        if not isinstance(record, dict) or not is_number(record.get("epoch_seconds")) \
+                or not is_int(record.get("adversarial_examples")):
             return "a 'history' record lacks epoch_seconds or adversarial_examples"
-    if not _is_int(state["best"].get("epoch")) or not _is_number(state["best"].get("robust")):
+    if not is_int(state["best"].get("epoch")) or not is_number(state["best"].get("robust")):
         return "'best' lacks epoch or robust"
     return None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: torch.device):

@@ -231,8 +231,8 @@ def tile_vectors(l_pix: int, tile_pix: int, group: int, wq: int, wo: int) -> tup
                      for e in range(0, max(c1 - c0, 0) * group, LANES)]
         lists.append(rows if len(rows) < len(straight) else straight)
     vectors = np.zeros((len(lists), max(map(len, lists)), 2), np.int64)
-    for t, cut in enumerate(lists):
-        vectors[t, :len(cut)] = cut
+    for t, cut in enumerate(lists):  # a tile of garbage columns only (large image groups) has no vectors
+        vectors[t, :len(cut)] = np.reshape(cut, (-1, 2))
     return vectors, np.array([len(cut) for cut in lists], np.int64)
 
 

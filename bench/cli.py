@@ -61,6 +61,12 @@ def demo_latency() -> None:
     from .latency_bench import LatencyOptions, emit, run_latency, with_runnable_backends
 
     if not (DEMO_ARTIFACT / "manifest.json").is_file():
+        from harp.errors import HarpError
+        from harp.pipeline import PIPELINE_FILE
+
+        if DEMO_RUN.is_dir() and any(DEMO_RUN.iterdir()) and not (DEMO_RUN / PIPELINE_FILE).is_file():
+            raise HarpError(f"{DEMO_RUN} holds neither an artifact nor a harp pipeline run; move it away to let "
+                            "harp-bench build the demo there, or time an artifact: harp-bench latency ARTIFACT")
         click.echo(f"{DEMO_ARTIFACT} is missing: running harp pipeline --dataset digits --sparsity 0.99 "
                    f"--out {DEMO_RUN} (about 2 minutes) ...", err=True)
         from harp.pipeline import PipelineOptions, run_pipeline

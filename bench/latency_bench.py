@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from harp.commands.options import FINITE, POSITIVE
+from harp.commands.options import POSITIVE, FiniteFloat
 from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json
@@ -36,7 +36,7 @@ from harp.io import atomic_write_bytes, atomic_write_json
 from .artifact import BACKEND_FILES, check_backend_packages, check_backends, runnable_backends
 from .latency import DEFAULT_WARMUP, MIN_ITERS
 from .machine import machine_info
-from .options import CommaList, json_out, md_out, shape
+from .options import CommaList, json_out, md_out, plot_out, shape
 from .tables import fmt
 from .whatif import PRUNINGS, build_whatif_artifact
 
@@ -75,9 +75,7 @@ def run_latency(artifact: str | os.PathLike[str] | Artifact, options: LatencyOpt
                 *, warn_busy: bool = True) -> dict[str, Any]:
     """Time every (backend, batch, threads) of `options` on the artifact; see the module doc."""
     art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
-    options.check()
-    check_backends(art, list(options.backends))
-    check_backend_packages(list(options.backends))
+    check_latency(art, options)
     machine = machine_info(max(options.threads), warn=warn_busy)
     results = []
     for threads in options.threads:
@@ -88,9 +86,17 @@ def run_latency(artifact: str | os.PathLike[str] | Artifact, options: LatencyOpt
     _add_speedups(results)
     return {"artifact": {"path": str(art.root), "name": art.name, "architecture": art.architecture,
                          "dataset": art.dataset, "sparsity": art.sparsity, "input_shape": list(art.input_shape)},
-            "machine": machine, "protocol": asdict(options) | {"isolation": "one process per backend and "
-                                                                             "thread count"},
+            "machine": machine, "protocol": asdict(options) | {
+                "iters": None if options.seconds else options.iters,  # with --seconds, each row counts its own
+                "isolation": "one process per backend and thread count"},
             "results": results}
+
+
+def check_latency(art: Artifact, options: LatencyOptions) -> None:
+    """HarpError for what `run_latency` would refuse: bad options, a backend the artifact or machine lacks."""
+    options.check()
+    check_backends(art, list(options.backends))
+    check_backend_packages(list(options.backends))
 
 
 def run_isolated(art: Artifact, backend: str, threads: int, options: LatencyOptions) -> dict[str, Any]:
@@ -197,6 +203,9 @@ def latency_text(result: dict[str, Any]) -> str:
                                                                                           table_rows(result))
 
 
+WHATIF_OPTIONS = ("input_shape", "classes", "sparsity", "pruning")  # latency_command's what-if mode only
+
+
 @click.command("latency")
 @click.argument("artifact", required=False, type=click.Path())
 @click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=None,
@@ -216,20 +225,30 @@ def latency_text(result: dict[str, Any]) -> str:
 @click.option("--arch", default=None, help="What-if mode: benchmark this architecture with random weights.")
 @click.option("--input-shape", default="3,32,32", show_default=True, help="What-if mode: C,H,W.")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True, help="What-if mode.")
-@click.option("--sparsity", type=FINITE, default=0.99, show_default=True, help="What-if mode.")
+@click.option("--sparsity", type=FiniteFloat(min=0, max=1, max_open=True), default=0.99, show_default=True,
+              help="What-if mode.")
 @click.option("--pruning", type=click.Choice(PRUNINGS), default="global-magnitude", show_default=True,
               help="What-if mode: one global magnitude threshold, or every layer at the same density.")
 @json_out
 @md_out
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG plot.")
-def latency_command(artifact, backends, batches, threads, warmup, iters, seconds, seed, arch, input_shape, classes,
-                    sparsity, pruning, json_path, md_path, plot_path):
+@plot_out
+@click.pass_context
+def latency_command(ctx, artifact, backends, batches, threads, warmup, iters, seconds, seed, arch, input_shape,
+                    classes, sparsity, pruning, json_path, md_path, plot_path):
     """Latency, throughput and memory of every backend on ARTIFACT (or on a what-if --arch)."""
     options = LatencyOptions(tuple(backends or BACKEND_ORDER), tuple(batches), tuple(threads), warmup, iters,
                              seconds, seed)
     options.check()  # before a what-if export
-    if (artifact is None) == (arch is None):
+    if artifact is None and arch is None:
+        raise click.UsageError("give an ARTIFACT to time, or --arch to time a random model (what-if mode)")
+    if artifact is not None and arch is not None:
         raise click.UsageError("give either ARTIFACT or --arch (what-if mode), not both")
+    if artifact is not None:  # the what-if options describe a random model; ARTIFACT has its own
+        given = [f"--{name.replace('_', '-')}" for name in WHATIF_OPTIONS
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --arch (what-if mode); ARTIFACT is timed "
+                                   "as exported")
     if arch is None:
         art = open_artifact(artifact)  # once: opening checks every file's hash
         result = run_latency(art, options if backends else with_runnable_backends(art, options))
@@ -240,6 +259,7 @@ def latency_command(artifact, backends, batches, threads, warmup, iters, seconds
             out = build_whatif_artifact(arch, shape(input_shape), classes, sparsity, pruning, Path(work) / arch)
             art = open_artifact(out)
             result = run_latency(art, options if backends else with_runnable_backends(art, options))
+        result["artifact"]["path"] = f"what-if {arch} (random weights, exported to a temporary folder)"
     emit(result, json_path, md_path, plot_path)
 
 

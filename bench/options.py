@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 import click
 
+from harp.errors import HarpError
+from harp.io import check_output_file
+
 
 class CommaList(click.ParamType):
     """'a,b,c' -> tuple of items, each converted by `item` and, with `choices`, one of them."""
@@ -48,9 +51,29 @@ def shape(value: str) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-json_out = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+class OutputFile(click.ParamType):
+    """A file written at the end of a run: its folder must exist and be writable when the command
+    starts, so a typo fails at once instead of after the measurements. '-' is stdout where allowed."""
+
+    name = "file"
+
+    def __init__(self, stdout: bool = False):
+        self.stdout = stdout
+
+    def convert(self, value, param, ctx):
+        if value == "-" and self.stdout:
+            return value
+        try:
+            check_output_file(value)
+        except HarpError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
+json_out = click.option("--json", "json_path", type=OutputFile(stdout=True), default=None,
                         help="Write the results as JSON to this file ('-' for stdout).")
-md_out = click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None,
+md_out = click.option("--md", "md_path", type=OutputFile(), default=None,
                       help="Write the results as Markdown to this file.")
+plot_out = click.option("--plot", "plot_path", type=OutputFile(), default=None, help="Write a PNG plot.")
 data_root = click.option("--data-root", default="data", show_default=True,
                          help="Folder holding torchvision datasets (MNIST: ../shared/data).")

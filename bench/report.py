@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json
 
-from .latency_bench import BACKEND_ORDER, LatencyOptions, latency_markdown, run_latency
+from .latency_bench import (BACKEND_ORDER, LatencyOptions, check_latency, latency_markdown, run_latency,
+                            with_runnable_backends)
 from .machine import describe, machine_info
 from .options import CommaList, data_root
-from .robustness import ATTACKS, RobustnessOptions, robustness_markdown, run_robustness
-from .tables import fmt, markdown_table
+from .robustness import ATTACKS, RobustnessOptions, checked_options, robustness_markdown, run_robustness
+from .tables import distinct, fmt, markdown_table
 
 REPORT = "report.md"
 
@@ -35,6 +38,7 @@ REPORT = "report.md"
 class ReportOptions:
     latency: LatencyOptions = field(default_factory=LatencyOptions)
     robustness: RobustnessOptions | None = field(default_factory=RobustnessOptions)  # None: no robustness section
+    runnable_backends: bool = False  # time each artifact on the backends it and this machine can run
 
 
 def model_card(art: Artifact, sparsity_png: str) -> str:
@@ -69,32 +73,32 @@ def model_card(art: Artifact, sparsity_png: str) -> str:
 
 
 def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike[str],
-                 options: ReportOptions = ReportOptions(), *, log=lambda s: None) -> Path:
+                 options: ReportOptions = ReportOptions(), *, log: Callable[[str], None] = lambda s: None,
+                 note: Callable[[str], None] = lambda s: None) -> Path:
     """Benchmark every artifact and write out/report.md, its PNGs and report.json; returns the report's path."""
     from .plots import curves_plot, latency_plot, sparsity_plot
 
-    opened = [open_artifact(a) for a in artifacts]  # every artifact checked before anything runs
-    options.latency.check()
-    if options.robustness is not None:
-        options.robustness.check()
+    opened = [open_artifact(a) for a in artifacts]
+    checked = [_checked(art, options, note) for art in opened]  # everything refused before anything runs
+    slugs = distinct([re.sub(r"[^A-Za-z0-9_.-]+", "-", art.name).strip("-") or "artifact" for art in opened])
     out = Path(out)
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(max(options.latency.threads))
     sections, raw = [], {"machine": machine, "artifacts": []}
     robust_runs = []
-    for art in opened:
-        slug = _slug(art.name, [a["name"] for a in raw["artifacts"]])
+    for art, slug, (latency_options, robustness_options) in zip(opened, slugs, checked):
         log(f"{art.name}: latency")
-        latency = run_latency(art, options.latency, warn_busy=False)
+        latency = run_latency(art, latency_options, warn_busy=False)
         latency_plot(latency, out / f"{slug}-latency.png")
         sparsity_plot(art.layers, art.sparsity, f"{art.name}: density per layer", out / f"{slug}-sparsity.png")
         entry: dict[str, Any] = {"name": slug, "path": str(art.root), "latency": latency}
-        parts = [f"## {art.name}", "", f"`{art.root}`", "", "### Model card", "",
+        parts = [f"## {slug}", "", f"`{art.root}`", "", "### Model card", "",
                  model_card(art, f"{slug}-sparsity.png"), "### Latency", "", latency_markdown(latency),
                  f"![latency]({slug}-latency.png)", ""]
-        if options.robustness is not None:
+        if robustness_options is not None:
             log(f"{art.name}: robustness")
-            run = run_robustness(art, options.robustness, log=log)
+            run = run_robustness(art, robustness_options, label=slug, log=log)
             robust_runs.append(run)
             entry["robustness"] = run
         raw["artifacts"].append(entry)
@@ -107,7 +111,7 @@ def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike
         curves_png = None
         if any(run["curves"] for run in robust_runs):
             curves_png = "robustness-curves.png"
-            curves_plot({run["artifact"]["name"]: run["curves"] for run in robust_runs}, out / curves_png)
+            curves_plot({run["artifact"]["label"]: run["curves"] for run in robust_runs}, out / curves_png)
         text += ["## Robustness", "", robustness_markdown({"machine": machine, "runs": robust_runs}, curves_png)]
     path = out / REPORT
     atomic_write_bytes(path, ("\n".join(text) + "\n").encode())
@@ -115,19 +119,32 @@ def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike
     return path
 
 
-def _slug(name: str, taken: list[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "artifact"
-    slug, i = base, 2
-    while slug in taken:
-        slug, i = f"{base}-{i}", i + 1
-    return slug
+def _checked(art: Artifact, options: ReportOptions, note: Callable[[str], None]
+             ) -> tuple[LatencyOptions, RobustnessOptions | None]:
+    """The latency and robustness options for `art`, after everything either would refuse was checked."""
+    latency = with_runnable_backends(art, options.latency) if options.runnable_backends else options.latency
+    check_latency(art, latency)
+    robustness = None if options.robustness is None else checked_options(art, options.robustness, note=note)
+    return latency, robustness
+
+
+def check_out_folder(out: Path) -> None:
+    """HarpError unless OUT is, or can be made, a folder (checked before the benchmarks run)."""
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise HarpError(f"cannot create {out}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise HarpError(f"cannot write to {ancestor}: permission denied")
 
 
 @click.command("report")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.md and its PNGs.")
-@click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=",".join(BACKEND_ORDER),
-              show_default=True)
+@click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=None,
+              help=f"Comma-separated backends ({', '.join(BACKEND_ORDER)}). Default: every one that each artifact "
+                   "and this machine can run.")
 @click.option("--batch", "batches", type=CommaList(int, minimum=1), default="1,16", show_default=True)
 @click.option("--threads", type=CommaList(int, minimum=1), default="1", show_default=True)
 @click.option("--iters", type=click.IntRange(min=50), default=100, show_default=True)
@@ -142,10 +159,11 @@ def _slug(name: str, taken: list[str]) -> str:
 def report_command(artifacts, out, backends, batches, threads, iters, dataset, data_root, n, attacks, queries,
                    no_robustness, robust_threads, seed):
     """Write OUT/report.md: model card, latency, robustness, curves and sanity checks of each ARTIFACT."""
-    latency = LatencyOptions(tuple(backends), tuple(batches), tuple(threads), iters=iters, seed=seed)
+    latency = LatencyOptions(tuple(backends or BACKEND_ORDER), tuple(batches), tuple(threads), iters=iters, seed=seed)
     robustness = None if no_robustness else RobustnessOptions(
         dataset=dataset, data_root=data_root, n=n, attacks=tuple(attacks), queries=queries, threads=robust_threads,
-        seed=seed, backends=tuple(dict.fromkeys(("torch", *backends))))
-    path = write_report(list(artifacts), out, ReportOptions(latency, robustness),
-                        log=lambda s: click.echo(s, err=True))
+        seed=seed, backends=backends and tuple(dict.fromkeys(("torch", *backends))))
+    path = write_report(list(artifacts), out, ReportOptions(latency, robustness, runnable_backends=not backends),
+                        log=lambda s: click.echo(s, err=True),
+                        note=lambda s: click.echo(f"harp-bench: note: {s}", err=True))
     click.echo(f"wrote {path}")

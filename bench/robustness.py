@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +35,16 @@ import click
 import numpy as np
 import torch
 
-from harp.commands.options import NON_NEGATIVE
+from harp.commands.options import POSITIVE
 from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 
-from .artifact import check_backend_packages, check_backends
+from .artifact import check_backend_packages, check_backends, runnable_backends
 from .curves import BATCH, robustness_curves, torch_accuracy
 from .latency_bench import BACKEND_ORDER, write_outputs
-from .options import CommaList, data_root, json_out, md_out
+from .options import CommaList, OutputFile, data_root, json_out, md_out
 from .sanity import LARGE_EPS, sanity_checks
-from .tables import fmt, markdown_table, text_table
+from .tables import distinct, fmt, markdown_table, text_table
 
 WHITE_BOX = ("fgsm", "pgd", "pgd-l2", "autoattack")
 ATTACKS = (*WHITE_BOX, "square")
@@ -62,7 +62,7 @@ class RobustnessOptions:
     data_root: str = "data"
     n: int = 1000
     attacks: tuple[str, ...] = ATTACKS
-    backends: tuple[str, ...] = BACKEND_ORDER
+    backends: tuple[str, ...] | None = None  # default: those the artifact and this machine can run
     eps: float | None = None  # L-inf budget; default: the dataset's
     l2_eps: float | None = None  # default: the dataset's
     steps: int | None = None  # PGD steps; default: the dataset's `harp eval` steps
@@ -79,11 +79,18 @@ class RobustnessOptions:
         unknown = [c for c in self.curves if c not in CURVES]
         if unknown:
             raise HarpError(f"unknown curve {unknown[0]!r} (choose from {', '.join(CURVES)})")
-        if "torch" not in self.backends:
-            raise HarpError("backend torch is required: white-box attacks are crafted on it")
+        if self.backends is not None:
+            if "torch" not in self.backends:
+                raise HarpError("backend torch is required: white-box attacks are crafted on it")
+            if "square" in self.attacks and not set(self.backends) & set(BLACK_BOX_TARGETS):
+                raise HarpError(f"attack square runs on the exported runtimes ({', '.join(BLACK_BOX_TARGETS)}); "
+                                "--backends names none of them")
         if self.n < 1 or self.queries < 1 or self.threads < 1:
             raise HarpError(f"--n, --queries and --threads must be >= 1, got {self.n}, {self.queries}, "
                             f"{self.threads}")
+        cores = os.cpu_count() or 1
+        if self.threads > cores:
+            raise HarpError(f"--threads {self.threads} exceeds the {cores} cores of this machine")
         for name, v in (("--eps", self.eps), ("--l2-eps", self.l2_eps)):
             if v is not None and v <= 0:
                 raise HarpError(f"{name} must be > 0, got {v}")
@@ -95,9 +102,9 @@ class RobustnessOptions:
 # ---------------------------------------------------------------- inputs and backends
 
 
-def evaluation_data(art: Artifact, options: RobustnessOptions):
-    """(dataset spec, x float32 (n, C, H, W) in [0, 1], y int64) after checking the dataset fits the model."""
-    from harp.data import dataset_spec, load_split
+def evaluation_spec(art: Artifact, options: RobustnessOptions):
+    """The spec of the dataset the artifact is evaluated on, after checking it fits the model."""
+    from harp.data import dataset_spec
 
     name = options.dataset or art.dataset
     if name is None:
@@ -113,9 +120,45 @@ def evaluation_data(art: Artifact, options: RobustnessOptions):
         raise HarpError(f"dataset {name} has {'x'.join(map(str, spec.input_shape))} images in {spec.classes} "
                         f"classes, but {art.name} takes {'x'.join(map(str, art.input_shape))} inputs and outputs "
                         f"{art.classes} classes")
-    test = load_split(name, False, root=options.data_root).subset(options.n)
+    return spec
+
+
+def evaluation_data(art: Artifact, options: RobustnessOptions):
+    """(dataset spec, x float32 (n, C, H, W) in [0, 1], y int64) after checking the dataset fits the model."""
+    from harp.data import load_split
+
+    spec = evaluation_spec(art, options)
+    test = load_split(spec.name, False, root=options.data_root).subset(options.n)
     x = test.images.float().div(255.0).contiguous()
     return spec, x, test.labels.clone()
+
+
+def checked_options(art: Artifact, options: RobustnessOptions, *, note: Callable[[str], None] = lambda s: None
+                    ) -> RobustnessOptions:
+    """`options` with the backends to run on `art`, after everything `run_robustness` would refuse
+    was checked: backends (by default those the artifact and machine can run; `note` names the others),
+    packages, threads and the dataset's fit."""
+    options.check()
+    backends = options.backends
+    if backends is None:
+        runnable, skipped = runnable_backends(art)
+        if "torch" not in runnable:
+            raise HarpError(f"backend torch cannot run here ({skipped['torch']}): white-box attacks are crafted on it")
+        if skipped:
+            note(f"{art.name}: not evaluating " + "; ".join(f"{b} ({why})" for b, why in skipped.items()))
+        backends = tuple(runnable)
+        options = replace(options, backends=backends)
+        options.check()  # square needs a runtime besides torch
+    check_backends(art, list(backends))
+    check_backend_packages(list(backends))
+    if "harp" in backends:
+        from harp.kernels.threads import max_threads
+
+        if options.threads > max_threads():
+            raise HarpError(f"--threads {options.threads} exceeds the {max_threads()} threads numba may use "
+                            "(NUMBA_NUM_THREADS)")
+    evaluation_spec(art, options)
+    return options
 
 
 def build_predictors(art: Artifact, model: torch.nn.Module, names: tuple[str, ...], threads: int) -> dict[str, Predict]:
@@ -210,20 +253,16 @@ def _max_perturbation(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> float:
 
 
 def run_robustness(artifact: str | os.PathLike[str] | Artifact, options: RobustnessOptions = RobustnessOptions(),
-                   *, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Clean, white-box, black-box accuracy, curves and sanity checks of one artifact (module doc)."""
+                   *, label: str | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Clean, white-box, black-box accuracy, curves and sanity checks of one artifact (module doc).
+
+    label: the artifact's name in tables and plots (default its name; `run_robustness_many` numbers repeats).
+    """
     from .torch_graph import load_torch_model
 
-    options.check()
     art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
-    check_backends(art, list(options.backends))
-    check_backend_packages(list(options.backends))
-    if "harp" in options.backends:
-        from harp.kernels.threads import max_threads
-
-        if options.threads > max_threads():
-            raise HarpError(f"--threads {options.threads} exceeds the {max_threads()} threads numba may use "
-                            "(NUMBA_NUM_THREADS)")
+    options = checked_options(art, options, note=log)
+    label = label or art.name
     spec, x, y = evaluation_data(art, options)
     torch.set_num_threads(options.threads)
     model = load_torch_model(art)
@@ -231,12 +270,12 @@ def run_robustness(artifact: str | os.PathLike[str] | Artifact, options: Robustn
     eps = options.eps if options.eps is not None else spec.eps
     clean = on_backends(predictors, x, y)
     result: dict[str, Any] = {
-        "artifact": {"path": str(art.root), "name": art.name, "architecture": art.architecture,
+        "artifact": {"path": str(art.root), "name": art.name, "label": label, "architecture": art.architecture,
                      "sparsity": art.sparsity, "method": art.method},
         "dataset": spec.name, "n": len(y), "eps": eps, "options": asdict(options),
         "clean": clean, "attacks": {}, "blackbox": {}, "curves": {},
     }
-    log(f"{art.name}: clean " + ", ".join(f"{b} {r['accuracy']:.2%}" for b, r in clean.items()))
+    log(f"{label}: clean " + ", ".join(f"{b} {r['accuracy']:.2%}" for b, r in clean.items()))
     for name in (a for a in WHITE_BOX if a in options.attacks):
         start = time.perf_counter()
         x_adv, settings = white_box(name, model, x, y, spec, options)
@@ -244,7 +283,7 @@ def run_robustness(artifact: str | os.PathLike[str] | Artifact, options: Robustn
         result["attacks"][name] = {**settings, "torch_accuracy": backends["torch"]["accuracy"], "backends": backends,
                                    "max_perturbation": _max_perturbation(x_adv, x, settings["norm"]),
                                    "seconds": time.perf_counter() - start}
-        log(f"{art.name}: {name} " + ", ".join(f"{b} {r['accuracy']:.2%}" for b, r in backends.items()))
+        log(f"{label}: {name} " + ", ".join(f"{b} {r['accuracy']:.2%}" for b, r in backends.items()))
     if "square" in options.attacks:
         targets = [b for b in options.backends if b in BLACK_BOX_TARGETS]
         result["blackbox"] = {"attack": "square", "norm": "linf", "eps": eps, "queries": options.queries,
@@ -255,13 +294,13 @@ def run_robustness(artifact: str | os.PathLike[str] | Artifact, options: Robustn
             acc = float((predict(predictors[backend], x_adv.numpy()).argmax(1) == y.numpy()).mean())
             result["blackbox"]["backends"][backend] = {"accuracy": acc, "seconds": time.perf_counter() - start,
                                                        "max_perturbation": _max_perturbation(x_adv, x, "linf")}
-            log(f"{art.name}: square on {backend} {acc:.2%}")
+            log(f"{label}: square on {backend} {acc:.2%}")
     if options.curves:
         steps = options.curve_steps or options.steps or spec.eval_steps
         l2_eps = options.l2_eps if options.l2_eps is not None else spec.l2_eps
         result["curves"] = robustness_curves(model, x, y, eps=eps, l2_eps=l2_eps, steps=steps, seed=options.seed,
                                              kinds=tuple(options.curves))
-        log(f"{art.name}: curves done")
+        log(f"{label}: curves done")
     result["sanity"] = [c.to_json() for c in _sanity(result, model, predictors, x, y, options)]
     return result
 
@@ -284,14 +323,17 @@ def _sanity(result: dict[str, Any], model, predictors: dict[str, Predict], x: to
 
 
 def run_robustness_many(artifacts: list[str | os.PathLike[str]], options: RobustnessOptions = RobustnessOptions(),
-                        *, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                        *, log: Callable[[str], None] = lambda s: None,
+                        note: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """run_robustness on each artifact (all checked before any runs), with the machine block once."""
     from .machine import machine_info
 
     opened = [open_artifact(a) for a in artifacts]
-    options.check()
+    checked = [checked_options(art, options, note=note) for art in opened]
+    labels = distinct([art.name for art in opened])
     machine = machine_info(options.threads, warn=False)
-    return {"machine": machine, "runs": [run_robustness(a, options, log=log) for a in opened]}
+    return {"machine": machine, "runs": [run_robustness(art, opts, label=label, log=log)
+                                         for art, opts, label in zip(opened, checked, labels)]}
 
 
 # ---------------------------------------------------------------- rendering
@@ -316,7 +358,7 @@ def attack_rows(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def curve_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     headers = ["artifact", "curve", "budget: accuracy"]
-    rows = [[run["artifact"]["name"], kind, ", ".join(f"{b:.3g}: {a:.1%}" for b, a in zip(c["budgets"], c["accuracy"]))]
+    rows = [[run["artifact"]["label"], kind, ", ".join(f"{b:.3g}: {a:.1%}" for b, a in zip(c["budgets"], c["accuracy"]))]
             for run in runs for kind, c in run["curves"].items()]
     return headers, rows
 
@@ -330,7 +372,7 @@ def robustness_text(result: dict[str, Any]) -> str:
     if any(run["curves"] for run in result["runs"]):
         out += [text_table(*curve_rows(result["runs"])), ""]
     for run in result["runs"]:
-        out.append(f"sanity checks ({run['artifact']['name']}):")
+        out.append(f"sanity checks ({run['artifact']['label']}):")
         out += [f"  {c['status']:<4}  {c['name']}: {c['detail']}" for c in run["sanity"]]
     return "\n".join(out)
 
@@ -341,11 +383,12 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
     out = [f"Machine: {describe(result['machine'])}.", ""]
     for run in result["runs"]:
         o = run["options"]
-        out += [f"### {run['artifact']['name']} ({run['artifact']['architecture']}, {run['artifact']['method']}, "
+        square_note = (f"; Square runs on each runtime itself ({o['queries']} queries)"
+                       if (run.get("blackbox") or {}).get("backends") else "")
+        out += [f"### {run['artifact']['label']} ({run['artifact']['architecture']}, {run['artifact']['method']}, "
                 f"sparsity {run['artifact']['sparsity']:.2%})", "",
                 f"{run['dataset']} test set, first {run['n']} images; white-box attacks crafted on the torch model "
-                f"rebuilt from the bundle and fed to every backend; Square runs on each runtime itself "
-                f"({o['queries']} queries). Seed {o['seed']}.", "",
+                f"rebuilt from the bundle and fed to every backend{square_note}. Seed {o['seed']}.", "",
                 markdown_table(*attack_rows(run)), ""]
     if any(run["curves"] for run in result["runs"]):
         out += ["Robustness curves (accuracy of the torch model):", "", markdown_table(*curve_rows(result["runs"])),
@@ -353,7 +396,7 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
         if curves_png:
             out += [f"![robustness curves]({curves_png})", ""]
     for run in result["runs"]:
-        out += [f"Sanity checks ({run['artifact']['name']}):", ""]
+        out += [f"Sanity checks ({run['artifact']['label']}):", ""]
         out += [f"- **{c['status']}** {c['name']}: {c['detail']}" for c in run["sanity"]]
         out.append("")
     return "\n".join(out)
@@ -365,35 +408,42 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
 @data_root
 @click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Test images.")
 @click.option("--attacks", type=CommaList(choices=ATTACKS), default=",".join(ATTACKS), show_default=True)
-@click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=",".join(BACKEND_ORDER),
-              show_default=True, help="torch is required (white-box attacks run on it).")
-@click.option("--eps", type=NON_NEGATIVE, default=None, help="L-inf budget. Default: the dataset's.")
-@click.option("--l2-eps", type=NON_NEGATIVE, default=None, help="L2 budget. Default: the dataset's.")
-@click.option("--steps", type=int, default=None, help="PGD steps. Default: the dataset's `harp eval` steps.")
+@click.option("--backends", type=CommaList(choices=BACKEND_ORDER), default=None,
+              help=f"Comma-separated backends ({', '.join(BACKEND_ORDER)}); torch is required (white-box attacks run "
+                   "on it). Default: every one that the artifact and this machine can run.")
+@click.option("--eps", type=POSITIVE, default=None, help="L-inf budget. Default: the dataset's.")
+@click.option("--l2-eps", type=POSITIVE, default=None, help="L2 budget. Default: the dataset's.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="PGD steps. Default: the dataset's `harp eval` steps.")
 @click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Square attack query budget.")
 @click.option("--curves", type=CommaList(choices=CURVES), default=",".join(CURVES), show_default=True,
               help="Robustness curves to draw (linf, l2, l0).")
 @click.option("--no-curves", is_flag=True, help="Skip the robustness curves.")
-@click.option("--curve-steps", type=int, default=None, help="PGD steps per curve point. Default: --steps.")
+@click.option("--curve-steps", type=click.IntRange(min=1), default=None,
+              help="PGD steps per curve point. Default: --steps.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_out
 @md_out
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=OutputFile(), default=None,
               help="Write the robustness curves (all artifacts overlaid) as a PNG.")
 def robustness_command(artifacts, dataset, data_root, n, attacks, backends, eps, l2_eps, steps, queries, curves,
                        no_curves, curve_steps, threads, seed, json_path, md_path, plot_path):
     """Clean and adversarial accuracy of every backend of each ARTIFACT, curves and sanity checks."""
-    options = RobustnessOptions(dataset, data_root, n, tuple(attacks), tuple(backends), eps, l2_eps, steps, queries,
+    if plot_path and no_curves:
+        raise click.UsageError("--plot draws the robustness curves; drop it or --no-curves")
+    options = RobustnessOptions(dataset, data_root, n, tuple(attacks), backends and tuple(backends), eps, l2_eps,
+                                steps, queries,
                                 () if no_curves else tuple(curves), curve_steps, threads, seed)
     quiet = json_path == "-"
-    result = run_robustness_many(list(artifacts), options, log=lambda s: None if quiet else click.echo(s, err=True))
+    result = run_robustness_many(list(artifacts), options, log=lambda s: None if quiet else click.echo(s, err=True),
+                                 note=lambda s: click.echo(f"harp-bench: note: {s}", err=True))
     if not quiet:
         click.echo(robustness_text(result))
     if plot_path:
         from .plots import curves_plot
 
-        curves_plot({run["artifact"]["name"]: run["curves"] for run in result["runs"]}, plot_path)
+        curves_plot({run["artifact"]["label"]: run["curves"] for run in result["runs"]}, plot_path)
     png = os.path.relpath(plot_path, Path(md_path).parent) if plot_path and md_path else None
     write_outputs(result, json_path, md_path, lambda r: robustness_markdown(r, png))

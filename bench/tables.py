@@ -25,3 +25,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 def fmt(value: float | None, spec: str = ".3f", none: str = "-") -> str:
     """format(value, spec), or `none` for a missing value."""
     return none if value is None else format(value, spec)
+
+
+def distinct(names: Sequence[str]) -> list[str]:
+    """The names with repeats numbered ('demo', 'demo-2'): labels in one table, plot or folder stay apart."""
+    out: list[str] = []
+    for name in names:
+        label, i = name, 2
+        while label in out:
+            label, i = f"{name}-{i}", i + 1
+        out.append(label)
+    return out

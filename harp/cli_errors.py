@@ -61,7 +61,17 @@ def run_script(main: Callable[[], object], prog: str) -> int:
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
+    except OSError as e:  # the file system refused: a full disk, a read-only or missing folder
+        click.echo(f"{prog}: error: {os_error_line(e)}", err=True)
+        return 2
     return 0
+
+
+def os_error_line(error: OSError) -> str:
+    """'No space left on device: out.md' rather than '[Errno 28] No space left on device: ...'."""
+    if error.strerror is None:
+        return one_line(str(error))
+    return error.strerror if error.filename is None else f"{error.strerror}: {error.filename}"
 
 
 def print_warnings_as_one_line(prog: str) -> None:

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import HarpError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -40,10 +42,34 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+def check_output_file(path: str | Path) -> None:
+    """HarpError unless `atomic_writer` can write `path`: an existing, writable folder, and not a folder
+    itself. Commands check their output files before the work, not after minutes of it."""
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise HarpError(f"{path} is a folder, not a file")
+    if target.exists() and not target.is_file():  # /dev/null, a fifo: written in place
+        if not os.access(target, os.W_OK):
+            raise HarpError(f"cannot write to {path}: permission denied")
+        return
+    if not target.parent.is_dir():
+        raise HarpError(f"cannot write {path}: folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise HarpError(f"cannot write {path}: permission denied")
+
+
 @contextmanager
 def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
-    """A binary file that appears at `path` only if the block completes (temp file, fsync, rename)."""
-    path = Path(path)
+    """A binary file that appears at `path` only if the block completes (temp file, fsync, rename).
+
+    A symlink keeps pointing where it did: the file it names is replaced. A device or fifo
+    (/dev/null, a pipe) is written in place; renaming over it would replace a /dev node.
+    """
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "wb") as f:
+            yield f
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)

@@ -41,6 +41,16 @@ def artifact(digits_ckpt, tmp_path_factory) -> Path:
     return work / "artifact"
 
 
+@pytest.fixture(scope="module")
+def csr_artifact(artifact) -> Path:
+    """The same pruned model exported as a CSR bundle only (no ONNX files)."""
+    from harp.export.exporter import export_checkpoint
+
+    export_checkpoint(artifact.parent / "pruned", artifact.parent / "csr-only", formats=("csr",), n_parity=8,
+                      n_adversarial=0)
+    return artifact.parent / "csr-only"
+
+
 def bench(args: list[str], capsys) -> tuple[int, str, str]:
     """Run harp-bench in-process: (exit status, stdout, stderr)."""
     code = run_cli(cli, [str(a) for a in args], prog="harp-bench")
@@ -340,6 +350,12 @@ def _corrupt(artifact: Path, tmp_path: Path) -> Path:
     ("dataset_mismatch", "dataset mnist has 1x28x28 images"),
     ("missing_package", "needs the Python package 'onnxruntime'"),
     ("nan_seconds", "'--seconds': nan is not a finite number"),  # had failed inside the timing loop
+    ("plot_folder_missing", "'--plot': cannot write"),  # had failed after the timing, with a traceback
+    ("plot_without_curves", "--plot draws the robustness curves"),
+    ("square_without_runtime", "attack square runs on the exported runtimes"),
+    ("whatif_option_with_artifact", "--sparsity only apply with --arch"),  # had been ignored silently
+    ("no_artifact", "give an ARTIFACT to time, or --arch"),
+    ("demo_folder_taken", "runs/demo holds neither an artifact nor a harp pipeline run"),
 ])
 def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatch, case, expected):
     args = {
@@ -350,7 +366,17 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
         "dataset_mismatch": ["robustness", artifact, "--dataset", "mnist", "--n", "4"],
         "missing_package": ["latency", artifact, "--backends", "onnxruntime"],
         "nan_seconds": ["latency", artifact, "--backends", "harp", "--seconds", "nan"],
+        "plot_folder_missing": ["latency", artifact, "--backends", "harp", "--plot", tmp_path / "nope" / "l.png"],
+        "plot_without_curves": ["robustness", artifact, "--no-curves", "--plot", tmp_path / "r.png"],
+        "square_without_runtime": ["robustness", artifact, "--backends", "torch", "--attacks", "square"],
+        "whatif_option_with_artifact": ["latency", artifact, "--sparsity", "0.5"],
+        "no_artifact": ["latency"],
+        "demo_folder_taken": [],
     }[case]
+    if case == "demo_folder_taken":  # no command: harp-bench builds runs/demo unless something else is there
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "runs" / "demo").mkdir(parents=True)
+        (tmp_path / "runs" / "demo" / "notes.txt").write_text("mine")
     if case == "missing_package":
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec",
@@ -359,3 +385,34 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
     assert code == 2
     lines = [line for line in err.splitlines() if not line.startswith("harp-bench: warning:")]
     assert len(lines) == 1 and lines[0].startswith("harp-bench: error:") and expected in lines[0], err
+
+
+def test_every_artifact_is_checked_before_any_is_evaluated(artifact, csr_artifact, tmp_path, capsys):
+    # The CSR-only export has no model.onnx: refused before the first artifact's minutes of attacks.
+    code, _, err = bench(["robustness", artifact, csr_artifact, "--backends", "torch,onnxruntime", "--n", "8",
+                          "--attacks", "fgsm", "--no-curves"], capsys)
+    assert code == 2 and "needs model.onnx" in err and "clean" not in err, err
+    code, _, err = bench(["report", artifact, csr_artifact, "--out", tmp_path / "report", "--backends",
+                          "onnxruntime", "--iters", "50", "--batch", "1", "--n", "8"], capsys)
+    assert code == 2 and "needs model.onnx" in err and not (tmp_path / "report").exists(), err
+
+
+def test_robustness_by_default_evaluates_what_the_artifact_can_run(csr_artifact, capsys):
+    code, out, err = bench(["robustness", csr_artifact, "--n", "8", "--attacks", "fgsm", "--no-curves",
+                            "--json", "-"], capsys)
+    assert code == 0, err
+    assert list(json.loads(out)["runs"][0]["clean"]) == ["torch", "harp"]
+    assert "not evaluating onnxruntime (the artifact has no model.onnx)" in err
+
+
+def test_two_artifacts_of_one_name_keep_apart_in_tables_and_plots(artifact, tmp_path, capsys):
+    code, _, err = bench(["robustness", artifact, artifact, "--n", "16", "--attacks", "fgsm", "--curves", "linf",
+                          "--curve-steps", "2", "--backends", "torch", "--json", tmp_path / "r.json", "--md",
+                          tmp_path / "r.md"], capsys)
+    assert code == 0, err
+    name = open_artifact(artifact).name
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert [run["artifact"]["label"] for run in runs] == [name, f"{name}-2"]
+    markdown = (tmp_path / "r.md").read_text()
+    assert f"### {name} (" in markdown and f"### {name}-2 (" in markdown
+    assert "Square runs on each runtime" not in markdown  # square did not run

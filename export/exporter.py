@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from harp.errors import HarpError
 from harp.io import DIR_MODE, fsync_dir
+from harp.outdir import check_out_spares
 
 from .bundle import write_bundle
 from .channels import TrimSummary, trim_channels
@@ -153,7 +155,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLi
             raise ExportError(f"{name} must be a non-negative integer, got {n!r}")
     if n_parity == 0 and n_adversarial == 0:
         raise ExportError("n_parity and n_adversarial are both 0: there would be no parity check")
-    _check_out_dir(Path(out_dir), force)  # before loading data or crafting attacks
+    _check_out_dir(Path(out_dir), force, source=ckpt_dir)  # before loading data or crafting attacks
     ckpt = load_checkpoint(ckpt_dir)
     model = ckpt.build_model().eval()
     spec = ckpt.spec
@@ -226,7 +228,18 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+def _check_out_dir(out: Path, force: bool, source: str | os.PathLike[str] | None = None) -> None:
+    """ExportError unless `out` can become the export: new, empty, or (with force) an export that is
+    neither the input checkpoint `source` nor holds it, nor the current folder (it is replaced by a rename)."""
+    if source is not None:
+        try:
+            check_out_spares(out, source)
+        except HarpError as e:
+            raise ExportError(str(e)) from None
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise ExportError(f"--out {out} is the current folder or holds it, which the export would replace; "
+                          "name a new folder")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise ExportError(f"output {out} exists and is not a directory")

@@ -16,10 +16,7 @@ def check_out_dir(out: Path, *, force: bool, resume: bool, source: str | Path | 
     source: the checkpoint the command reads, which --out may neither be nor hold (--force would delete it).
     """
     if source is not None:
-        src, dest = Path(source).resolve(), out.resolve()
-        if src == dest or dest in src.parents:
-            raise HarpError(f"--out {out} {'is' if src == dest else 'holds'} the input checkpoint {source}; "
-                            "write to another directory")
+        check_out_spares(out, source)
     if resume:
         if not (out / "state" / "state.json").is_file():
             raise HarpError(f"--resume: {out} holds no interrupted run (no state/state.json)")
@@ -38,6 +35,14 @@ def check_out_dir(out: Path, *, force: bool, resume: bool, source: str | Path | 
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise HarpError(f"cannot create {out}: {ancestor} is not a directory")
+
+
+def check_out_spares(out: Path, source: str | Path) -> None:
+    """HarpError if --out is, or holds, the input checkpoint `source` (replacing --out would delete it)."""
+    src, dest = Path(source).resolve(), Path(out).resolve()
+    if src == dest or dest in src.parents:
+        raise HarpError(f"--out {out} {'is' if src == dest else 'holds'} the input checkpoint {source}; "
+                        "write to another directory")
 
 
 def make_out_dir(out: Path, *, force: bool, resume: bool) -> None:

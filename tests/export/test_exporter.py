@@ -165,6 +165,24 @@ def test_force_replaces_an_export_atomically(digits_export, pruned_digits_ckpt, 
     assert manifest["export"]["formats"] == ["csr"] and _siblings(out) == []
 
 
+def test_force_never_replaces_a_folder_holding_the_checkpoint(capsys, digits_export, pruned_digits_ckpt, tmp_path,
+                                                              monkeypatch):
+    out = tmp_path / "exp"
+    shutil.copytree(digits_export, out)
+    shutil.copytree(pruned_digits_ckpt, out / "ckpt")
+    code, _, err = _run(capsys, "export", str(out / "ckpt"), "--out", str(out), "--force")
+    assert code == 2 and "holds the input checkpoint" in err, err  # had deleted it with the old export
+    assert (out / "ckpt" / META).is_file()
+    monkeypatch.chdir(tmp_path / "exp" / "ckpt")
+    code, _, err = _run(capsys, "export", ".", "--out", ".", "--force")
+    assert code == 2 and "is the input checkpoint" in err, err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # renamed over, the shell's folder would be gone
+    code, _, err = _run(capsys, "export", str(pruned_digits_ckpt), "--out", ".")
+    assert code == 2 and "is the current folder" in err, err
+
+
 def test_bad_arguments_are_exit_2_and_write_nothing(capsys, pruned_digits_ckpt, tmp_path):
     out = tmp_path / "o"
     for args, message in ((["--formats", "onnx,tflite"], "unknown format 'tflite'"),

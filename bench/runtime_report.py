@@ -93,7 +93,7 @@ def build_artifact(arch: str, sparsity: float, variant: str, out: Path) -> Path:
 def export_checkpoints(checkpoints: list[str], work: Path) -> list[Path]:
     """Export each checkpoint into `work`, reusing an export made from the same meta.json."""
     from harp.export.exporter import export_checkpoint
-    from harp.export.verify import sha256_file
+    from harp.io import sha256_file
 
     out = []
     for ckpt in checkpoints:

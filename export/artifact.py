@@ -122,14 +122,8 @@ def open_artifact(path: str | os.PathLike[str]) -> Artifact:
     root = Path(path)
     if not root.is_dir():
         raise HarpError(f"{root} is not an artifact directory (expected the folder `harp export` wrote)")
-    manifest = read_manifest(root)
+    manifest = read_manifest(root)  # checks the model's input shape and class count too
     check_files(root, manifest)
-    model = manifest["model"]
-    shape, classes = model.get("input_shape"), model.get("classes")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise HarpError(f"{root / MANIFEST}: model.input_shape {shape!r} is not [C, H, W]")
-    if not isinstance(classes, int) or classes < 1:
-        raise HarpError(f"{root / MANIFEST}: model.classes {classes!r} is not a positive int")
     return Artifact(root.resolve(), manifest)
 
 

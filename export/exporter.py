@@ -75,7 +75,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | os
     """
     formats = _check_formats(formats)
     _check_values_dtype(values_dtype)
-    _check_opset(opset)
+    _check_opset(opset, formats)
     shape = _check_shape(input_shape)
     if not isinstance(meta, dict):
         raise ExportError(f"meta must be a dict, got {type(meta).__name__}")
@@ -149,7 +149,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLi
 
     formats = _check_formats(formats)
     _check_values_dtype(values_dtype)
-    _check_opset(opset)
+    _check_opset(opset, formats)
     for name, n in (("n_parity", n_parity), ("n_adversarial", n_adversarial)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ExportError(f"{name} must be a non-negative integer, got {n!r}")
@@ -211,7 +211,9 @@ def _check_values_dtype(values_dtype: str) -> None:
         raise ExportError(f"values_dtype {values_dtype!r} is not one of {list(RTOL)}")
 
 
-def _check_opset(opset: int) -> None:
+def _check_opset(opset: int, formats: Sequence[str] = ()) -> None:
+    """ExportError for an opset onnx cannot write or, where ONNX formats are written (their parity
+    check runs them), onnxruntime cannot run: onnx may know opsets onnxruntime does not yet."""
     import onnx
 
     from .onnx_writer import MIN_OPSET
@@ -219,6 +221,26 @@ def _check_opset(opset: int) -> None:
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise ExportError(f"opset {opset!r} is not supported (expected {MIN_OPSET}..{newest})")
+    if any(f != "csr" for f in formats) and not _onnxruntime_runs(opset):
+        newest = next(v for v in range(opset - 1, MIN_OPSET - 1, -1) if _onnxruntime_runs(v))
+        raise ExportError(f"opset {opset} is newer than this onnxruntime runs (expected {MIN_OPSET}..{newest})")
+
+
+def _onnxruntime_runs(opset: int) -> bool:
+    """Whether onnxruntime loads a one-Relu model of this opset (a few milliseconds)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])  # as onnx_writer sets it
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own Fail / InvalidGraph types
+        return False
+    return True
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -30,9 +30,7 @@ the executor used is recorded with each result.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import math
 import os
 import zipfile
@@ -43,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harp.io import read_json, sha256_file
+from harp.values import is_int
 
 from .bundle import BundleError, load_bundle
 from .errors import ExportError
@@ -187,6 +188,12 @@ def check_onnx(path: str | os.PathLike[str], fmt: str) -> Any:
         onnx.checker.check_model(model, full_check=fmt == "onnx")
     except Exception as e:  # onnx raises ValidationError, InferenceError ...
         raise ExportError(f"{fmt}: {path} fails the ONNX checker: {e}") from e
+    if fmt == "onnx-sparse":
+        from .onnx_writer import sparse_weights
+
+        if not sparse_weights(model):  # every export has a linear layer, stored sparse in this format
+            raise ExportError(f"{fmt}: {path} stores no sparse tensor, though this format keeps every conv and "
+                              "linear weight sparse")
     return model
 
 
@@ -248,14 +255,6 @@ def run_format(fmt: str, path: str | os.PathLike[str], x: np.ndarray, *,
 # files
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_parity(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The parity arrays, checked for names, dtypes and matching shapes (no pickle is ever loaded).
 
@@ -311,20 +310,30 @@ def _read_npy_member(archive: zipfile.ZipFile, name: str) -> np.ndarray:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = read_json(root / MANIFEST)
     except FileNotFoundError:
         raise VerifyError(f"{root} is not a harp export (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise VerifyError(f"{root / MANIFEST} is not readable JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise VerifyError(f"{root / MANIFEST} is not a harp export manifest (format != {MANIFEST_FORMAT!r})")
-    if manifest.get("version") != MANIFEST_VERSION:
+    if not is_int(manifest.get("version")) or manifest["version"] != MANIFEST_VERSION:  # true == 1 in Python
         raise VerifyError(f"{root / MANIFEST}: version {manifest.get('version')!r} is not supported "
                           f"(expected {MANIFEST_VERSION})")
     for key in ("files", "export", "parity", "model"):
         if not isinstance(manifest.get(key), dict):
             raise VerifyError(f"{root / MANIFEST}: field {key!r} is missing or not an object")
+    shape, classes = manifest["model"].get("input_shape"), manifest["model"].get("classes")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_size(s) for s in shape)):
+        raise VerifyError(f"{root / MANIFEST}: model.input_shape {shape!r} is not [C, H, W]")
+    if not _size(classes):
+        raise VerifyError(f"{root / MANIFEST}: model.classes {classes!r} is not a positive int")
     return manifest
+
+
+def _size(value: Any) -> bool:
+    """A positive int that fits int32 (a shape or class count), not a bool."""
+    return is_int(value) and 1 <= value < 2**31
 
 
 def check_files(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -333,18 +342,22 @@ def check_files(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any
     for name, entry in files.items():
         if name not in allowed:
             raise VerifyError(f"{root / MANIFEST} lists unexpected file {name!r}")
-        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
-                or not isinstance(entry.get("sha256"), str):
-            raise VerifyError(f"{root / MANIFEST}: entry for {name} lacks bytes/sha256")
-        path = root / name
-        if not path.is_file():
-            raise VerifyError(f"{path} is listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise VerifyError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-        if sha256_file(path) != entry["sha256"]:
-            raise VerifyError(f"{path}: SHA-256 does not match the manifest (corrupted or tampered)")
+        check_file(root, name, entry)
     return files
+
+
+def check_file(root: Path, name: str, entry: Any) -> None:
+    """VerifyError unless root/name has the size and SHA-256 its manifest entry records."""
+    if not isinstance(entry, dict) or not is_int(entry.get("bytes")) or not isinstance(entry.get("sha256"), str):
+        raise VerifyError(f"{root / MANIFEST}: entry for {name} lacks bytes/sha256")
+    path = root / name
+    if not path.is_file():
+        raise VerifyError(f"{path} is listed in the manifest but missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise VerifyError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+    if sha256_file(path) != entry["sha256"]:
+        raise VerifyError(f"{path}: SHA-256 does not match the manifest (corrupted or tampered)")
 
 
 # ---------------------------------------------------------------------------

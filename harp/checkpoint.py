@@ -13,7 +13,6 @@ against the architecture; nothing is unpickled.
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 
 from .data import DatasetSpec, dataset_spec
 from .errors import HarpError
-from .io import atomic_save_tensors, atomic_write_json, sha256_file
+from .io import atomic_save_tensors, atomic_write_json, read_json, sha256_file
 from .models import build_model
 
 FORMAT = "harp-checkpoint"
@@ -121,10 +120,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((path / META).read_text())
+        meta = read_json(path / META)
     except FileNotFoundError:
         raise HarpError(f"{path} is not a harp checkpoint (no {META})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise HarpError(f"checkpoint {path}: cannot read {META} ({e.strerror})") from e
+    except ValueError as e:
         raise HarpError(f"checkpoint {path}: {META} is not valid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise HarpError(f"{path} is not a harp checkpoint ({META} lacks format={FORMAT!r})")

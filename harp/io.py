@@ -113,6 +113,16 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file harp reads back (meta, manifest, state): UTF-8; OSError if unreadable, ValueError if
+    not JSON, including nesting too deep for the parser (a RecursionError from json, else a traceback)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,7 +14,6 @@ are refused rather than mixed in; --force starts over.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from .checkpoint import load_checkpoint
 from .data import dataset_spec
 from .errors import HarpError
 from .export.trace import export_problem
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json
 from .models import build_model, check_model_runs, default_arch
 from .outdir import check_out_dir, make_out_dir
 from .pruning.finetune import finetune_checkpoint
@@ -133,7 +132,7 @@ def _check_continues(out: Path, opts: PipelineOptions) -> None:
         raise HarpError(f"{out} exists and is not a harp pipeline's output ({PIPELINE_FILE} is missing); "
                         "choose another --out")
     try:
-        saved = json.loads(record.read_text())["options"]
+        saved = read_json(record)["options"]
         if not isinstance(saved, dict):
             raise TypeError("options is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:

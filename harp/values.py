@@ -1,10 +1,11 @@
-"""Type checks for values read from JSON files and traced graphs (torch-free).
+"""Type checks for values read from JSON files and traced graphs, and strict JSON for output (torch-free).
 
 bool is an int subclass in Python, but `true` is never a count or a budget here.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -17,3 +18,19 @@ def is_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """A finite int or float that is not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def json_text(obj: Any) -> str:
+    """`obj` as strict JSON for stdout: NaN and infinities (a diverged loss in a checkpoint's history)
+    become null, which every JSON parser reads, instead of Python's bare NaN, which many reject."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    return obj

@@ -149,7 +149,9 @@ def _collector_paused() -> Iterator[None]:
 
 
 def bundle_path(path: str | os.PathLike[str]) -> Path:
-    """The bundle file `path` names: itself, or model.harpz inside an artifact dir."""
+    """The bundle file `path` names: itself, or model.harpz inside an artifact dir. An export's bundle
+    must have the size and SHA-256 its manifest records (one copied in from another export is refused);
+    a folder holding a bundle and no manifest.json is read as that bundle."""
     try:
         p = Path(path)
     except TypeError as e:
@@ -157,6 +159,17 @@ def bundle_path(path: str | os.PathLike[str]) -> Path:
     if p.is_dir():
         if not (p / BUNDLE_NAME).is_file():
             raise BundleError(f"artifact dir {p} holds no {BUNDLE_NAME}")
+        from harp.export.verify import MANIFEST, VerifyError, check_file, read_manifest
+
+        if not (p / MANIFEST).exists():
+            return p / BUNDLE_NAME
+        try:
+            manifest = read_manifest(p)
+            if BUNDLE_NAME not in manifest["files"]:
+                raise VerifyError(f"{p}: the manifest does not list {BUNDLE_NAME}")
+            check_file(p, BUNDLE_NAME, manifest["files"][BUNDLE_NAME])
+        except VerifyError as e:
+            raise BundleError(str(e)) from None
         return p / BUNDLE_NAME
     return p
 

@@ -1,10 +1,9 @@
 """`harp eval`: clean and adversarial accuracy of a checkpoint on its test set."""
 
-import json
-
 import click
 
 from ..evaluate import EVAL_ATTACKS, evaluate_checkpoint
+from ..values import json_text
 from . import options as o
 
 
@@ -26,7 +25,7 @@ def eval_command(checkpoint, as_json, **kw):
     """Natural and robust accuracy (PGD at the dataset's default budget unless overridden)."""
     result = evaluate_checkpoint(checkpoint, **kw)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json_text(result))
         return
     click.echo(f"{result['architecture']} on {result['dataset']} ({result['n']} test examples), "
                f"sparsity {result['sparsity']:.2%}")

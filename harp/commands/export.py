@@ -1,9 +1,8 @@
 """`harp export`: a checkpoint as ONNX, sparse ONNX and a CSR bundle, with parity checks and a manifest."""
 
-import json
-
 import click
 
+from ..values import json_text
 from . import options as o
 from .artifact_lines import echo_files, echo_parity
 
@@ -33,7 +32,7 @@ def export_command(checkpoint, out, formats, values, as_json, **kw):
     manifest = export_checkpoint(checkpoint, out, formats=o.split_formats(formats),
                                  values_dtype=VALUES[values], **kw)
     if as_json:
-        click.echo(json.dumps(manifest))
+        click.echo(json_text(manifest))
         return
     model = manifest["model"]
     click.echo(f"exported {model['architecture']} ({model['dataset']['name']}), "

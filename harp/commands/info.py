@@ -4,7 +4,6 @@ An artifact is read from its checked manifest without torch, so `harp info` work
 device; a checkpoint needs torch (its model is rebuilt to count the nonzeros).
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import click
 
 from ..errors import HarpError
 from ..lazy_group import is_installed
+from ..values import json_text
 from .artifact_lines import human_size
 
 
@@ -63,7 +63,7 @@ def info_command(path, as_json):
     """Architecture, dataset, sparsity and per-layer densities of a checkpoint or an exported artifact."""
     info = read_info(path)
     if as_json:
-        click.echo(json.dumps(info))
+        click.echo(json_text(info))
         return
     click.echo(f"{info['architecture']} on {info['dataset']}: sparsity {info['sparsity']:.4%}")
     if info["class_names"]:

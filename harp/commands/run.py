@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 
 import click
 import numpy as np
 
 from ..cli_errors import freeze_at_exit
 from ..errors import HarpError
-
+from ..values import json_text
 
 DEFAULT_BATCH = 16  # images per runtime call unless --batch says otherwise (see run_model)
 NPY_MAGIC = b"\x93NUMPY"
@@ -23,12 +23,13 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
     The file is memory-mapped: a large input is read one batch at a time, not held in memory.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a fifo would block the read below forever
+            kind = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise HarpError(f"input {path}: is {kind}, not a .npy file")
         with open(path, "rb") as f:
             magic = f.read(len(NPY_MAGIC))
     except FileNotFoundError as e:
         raise HarpError(f"input {path}: no such file") from e
-    except IsADirectoryError as e:
-        raise HarpError(f"input {path}: is a directory, not a .npy file") from e
     except OSError as e:
         raise HarpError(f"input {path}: cannot read it ({e.strerror})") from e
     if magic.startswith(b"PK"):  # a zip, as .npz archives are: not parsed at all
@@ -37,10 +38,14 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
         raise HarpError(f"input {path}: not a .npy file")
     try:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # truncated, a bad header, a pickled object array
+    except (OSError, ValueError, EOFError, OverflowError) as e:  # truncated, a bad header, a pickled array
         raise HarpError(f"input {path}: not a readable .npy array ({e})") from e
     if x.dtype != np.float32:
         raise HarpError(f"input {path}: dtype {x.dtype} is not float32 (save it with x.astype(np.float32))")
+    extra = os.path.getsize(path) - (getattr(x, "offset", 0) + x.nbytes)
+    if isinstance(x, np.memmap) and extra > 0:  # numpy ignores it; the header then describes another array than was saved
+        raise HarpError(f"input {path}: {extra} bytes follow the {'x'.join(map(str, x.shape))} array its header "
+                        "describes (a wrong header?)")
     return x
 
 
@@ -71,7 +76,8 @@ def run_model(artifact: str | os.PathLike[str], x: np.ndarray, *, batch: int = D
     logits, lo, hi = [], np.inf, -np.inf
     for start, part in parts:
         try:
-            logits.append(runtime.run(part))
+            with np.errstate(over="ignore", invalid="ignore"):  # non-finite logits are refused by the caller
+                logits.append(runtime.run(part))
         except RuntimeInputError as e:
             if e.first_bad is not None:  # its index counts from this batch's first image
                 e = non_finite_error((e.first_bad[0] + start, *e.first_bad[1:]))
@@ -103,12 +109,16 @@ def pixel_range_warning(lo: float, hi: float) -> str | None:
 def run_command(artifact, input_path, batch, threads, as_json):
     """Run an exported model (artifact dir or model.harpz) on a batch with the numba runtime."""
     logits, (lo, hi) = run_model(artifact, load_input(input_path), batch=batch, threads=threads)
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    if len(bad):  # finite input far outside [0, 1] can overflow; argmax of NaN would say class 0
+        raise HarpError(f"the logits of image {bad[0]} are not finite (input values span [{lo:.4g}, {hi:.4g}], "
+                        "far outside the [0, 1] pixels the model expects)")
     warning = pixel_range_warning(lo, hi)
     if warning:
         click.echo(f"harp: warning: {warning}", err=True)
     predictions = logits.argmax(axis=1).tolist()
     if as_json:
-        click.echo(json.dumps({"predictions": predictions, "logits": logits.tolist()}))
+        click.echo(json_text({"predictions": predictions, "logits": logits.tolist()}))
     else:
         for p in predictions:
             click.echo(p)

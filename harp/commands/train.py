@@ -1,10 +1,9 @@
 """`harp train`: adversarial training of a dense model."""
 
-import json
-
 import click
 
 from ..training.train import TrainOptions, train
+from ..values import json_text
 from . import options as o
 from . import training_options as t
 
@@ -39,4 +38,4 @@ def train_command(out, resume, force, quiet, **kw):
         click.echo(f"natural accuracy {metrics['natural_accuracy']:.2%}  "
                    f"PGD accuracy {metrics['robust_accuracy']:.2%}  -> {out}")
     elif metrics:
-        click.echo(json.dumps({k: metrics[k] for k in ("natural_accuracy", "robust_accuracy")}))
+        click.echo(json_text({k: metrics[k] for k in ("natural_accuracy", "robust_accuracy")}))

@@ -1,9 +1,8 @@
 """`harp verify`: re-check an export directory against its manifest and stored torch logits."""
 
-import json
-
 import click
 
+from ..values import json_text
 from . import options as o
 from .artifact_lines import echo_files, echo_parity
 
@@ -22,7 +21,7 @@ def verify_command(directory, executor, formats, as_json):
     result = verify_artifact(directory, executor=executor,
                              formats=None if formats is None else o.split_formats(formats))
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json_text(result))
         return
     click.echo(f"{directory}: ok, {len(result['files'])} files match manifest.json")
     echo_files(result["files"], directory)

@@ -14,7 +14,6 @@ same data order, and loses at most the epoch it was in.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import time
@@ -34,7 +33,7 @@ from ..checkpoint import save_checkpoint
 from ..data import ImageData
 from ..errors import HarpError
 from ..evaluate import accuracy, make_attack
-from ..io import atomic_save_tensors, atomic_torch_save, atomic_write_json
+from ..io import atomic_save_tensors, atomic_torch_save, atomic_write_json, read_json
 from ..values import is_int, is_number
 from .batchnorm import recalibrate_batchnorm
 from .distributed import DistContext, world_size
@@ -304,10 +303,10 @@ def read_run_state(state_dir: Path) -> dict[str, Any]:
     """DIR/state/state.json of an interrupted run, checked for every field --resume reads; HarpError otherwise."""
     path = state_dir / "state.json"
     try:
-        state = json.loads(path.read_text())
+        state = read_json(path)
     except FileNotFoundError:
         raise HarpError(f"--resume: no saved state in {state_dir} (nothing to resume)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise HarpError(f"--resume: {path} is corrupted ({e})") from e
     problem = _state_problem(state)
     if problem:

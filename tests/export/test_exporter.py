@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from harp.cli import cli, run_cli
 from harp.export import exporter
 from harp.export.errors import ExportError
 from harp.export.exporter import export_checkpoint, export_model
-from harp.export.verify import FORMAT_FILES, MANIFEST, PARITY_FILE, sha256_file
+from harp.export.verify import FORMAT_FILES, MANIFEST, PARITY_FILE
+from harp.io import sha256_file
 from harp.models.normalize import Normalize
 
 
@@ -195,6 +197,19 @@ def test_bad_arguments_are_exit_2_and_write_nothing(capsys, pruned_digits_ckpt, 
         assert not out.exists() and _siblings(out) == []
     code, _, err = _run(capsys, "export", str(tmp_path / "nowhere"), "--out", str(out))
     assert code == 2 and "does not exist" in err and not out.exists()
+
+
+def test_an_opset_onnx_writes_but_onnxruntime_cannot_run_is_refused_up_front(capsys, pruned_digits_ckpt, tmp_path):
+    newest = onnx.defs.onnx_opset_version()
+    if exporter._onnxruntime_runs(newest):
+        pytest.skip(f"this onnxruntime runs onnx's newest opset {newest}")
+    code, _, err = _run(capsys, "export", str(pruned_digits_ckpt), "--out", str(tmp_path / "o"), "--opset",
+                        str(newest))
+    assert code == 2 and re.search(r"newer than this onnxruntime runs \(expected 11\.\.\d+\)", err), err
+    assert not (tmp_path / "o").exists()  # had failed after tracing and writing, naming a temporary file
+    code, _, err = _run(capsys, "export", str(pruned_digits_ckpt), "--out", str(tmp_path / "o"), "--opset",
+                        str(newest), "--formats", "csr", "--n-parity", "8", "--n-adversarial", "0")
+    assert code == 0, err  # no ONNX file, no onnxruntime needed
 
 
 def test_the_default_parity_set_is_capped_at_a_small_test_split(tmp_path):

@@ -62,3 +62,28 @@ def test_a_malformed_manifest_layer_is_one_line(capsys, digits_export, tmp_path,
     code, out, err = _info(capsys, art)
     assert code == 2 and out == ""
     assert err.startswith("harp: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_output_stays_strict_json_when_a_checkpoint_records_nan(capsys, pruned_digits_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pruned_digits_ckpt, ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["metrics"]["natural_accuracy"] = float("nan")  # as a diverged run might record
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    code, out, err = _info(capsys, ckpt, "--json")
+    assert code == 0, err
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(out, parse_constant=refuse)["metrics"]["natural_accuracy"] is None  # had printed NaN
+
+
+def test_a_manifest_nested_too_deeply_is_one_line(capsys, digits_export, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(digits_export, art)
+    (art / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    for command in ("info", "verify"):
+        code = run_cli(cli, [command, str(art)])
+        out, err = capsys.readouterr()
+        assert code == 2 and "nested too deeply" in err and len(err.strip().splitlines()) == 1, err

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from harp.cli import cli, run_cli
+from harp.export.errors import ExportError
 from harp.export.verify import (
     MANIFEST,
     PARITY_FILE,
@@ -148,6 +149,14 @@ def test_manifest_cannot_loosen_the_tolerance(export_copy):
         verify_artifact(export_copy)
 
 
+def _dense_as_sparse(out: Path) -> None:
+    """model.onnx copied over model.sparse.onnx, with the manifest's hash updated to match."""
+    shutil.copy(out / "model.onnx", out / "model.sparse.onnx")
+    path = out / "model.sparse.onnx"
+    _rewrite_manifest(out, lambda m: m["files"]["model.sparse.onnx"].update(bytes=path.stat().st_size,
+                                                                           sha256=sha256_file(path)))
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda out: (out / "model.onnx").unlink(), "missing"),
     (lambda out: (out / MANIFEST).unlink(), "not a harp export"),
@@ -158,10 +167,15 @@ def test_manifest_cannot_loosen_the_tolerance(export_copy):
     (lambda out: _rewrite_manifest(out, lambda m: m["files"].pop("model.onnx")), "does not list model.onnx"),
     (lambda out: _rewrite_manifest(out, lambda m: m["export"].update(formats=[["csr"]])), "export.formats"),
     (lambda out: _rewrite_manifest(out, lambda m: m["export"].update(values_dtype=[])), "export.values_dtype"),
+    (lambda out: _rewrite_manifest(out, lambda m: m.update(version=True)), "version True"),  # True == 1
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(classes=-3)), "model.classes -3"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(classes=10**30)), "model.classes 1000"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(input_shape=[True, 8, 8])), "model.input_shape"),
+    (lambda out: _dense_as_sparse(out), "stores no sparse tensor"),
 ])
 def test_damaged_directory_is_a_verify_error(export_copy, damage, message):
     damage(export_copy)
-    with pytest.raises(VerifyError, match=message):
+    with pytest.raises(ExportError, match=message):  # VerifyError, or check_onnx's ExportError
         verify_artifact(export_copy)
 
 

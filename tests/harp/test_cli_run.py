@@ -1,7 +1,9 @@
 """`harp run`: predictions of a bundle on a .npy batch; bad input is one line on stderr and exit 2."""
 
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -68,12 +70,25 @@ def test_run_json_has_predictions_and_logits(capsys, artifact):
     (b"\x93NUMPY garbage", "not a readable .npy array"),
     (b"garbage", r"input \S+bad.npy: not a .npy file$"),  # numpy itself would blame pickles
     (b"PK\x03\x04 not a zip", "expected one .npy array, got a zip"),  # numpy's zip reader raised BadZipFile
+    (lambda x: x * 1e38, "the logits of image 0 are not finite"),  # overflowed to NaN: argmax said class 0
+    ("header_shape", "not a readable .npy array"),  # had been an OverflowError traceback
+    ("trailing", "bytes follow the 2x2x6x6 array its header describes"),  # had run on 2 images silently
+    ("fifo", "is not a regular file"),  # had blocked forever
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, artifact, make_input, message):
     tmp, x = artifact
     path = tmp / "bad.npy"
     if isinstance(make_input, bytes):
         path.write_bytes(make_input)
+    elif make_input == "header_shape":
+        header = "{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 2, 6, 6), }"
+        path.write_bytes(b"\x93NUMPY\x01\x00" + len(header.ljust(117) + "\n").to_bytes(2, "little")
+                         + (header.ljust(117) + "\n").encode() + x.tobytes())
+    elif make_input == "trailing":
+        np.save(path, x[:2])
+        path.write_bytes(path.read_bytes() + x[2:].tobytes())
+    elif make_input == "fifo":
+        os.mkfifo(path)
     else:
         np.save(path, make_input(x), allow_pickle=True)
     code, out, err = _run(capsys, "run", tmp / "art", "--input", path)
@@ -94,6 +109,22 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, artifact, args, message):
     tmp, _ = artifact
     code, _, err = _run(capsys, "run", *[a.replace("{tmp}", str(tmp)) for a in args])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_exports_bundle_must_match_its_manifest(capsys, artifact, digits_ckpt, tmp_path):
+    from harp.export.exporter import export_checkpoint
+
+    exported = tmp_path / "exported"
+    export_checkpoint(digits_ckpt, exported, formats=("csr",), n_parity=8, n_adversarial=0)
+    np.save(tmp_path / "digits.npy", np.zeros((2, 1, 8, 8), np.float32))
+    code, out, err = _run(capsys, "run", exported, "--input", tmp_path / "digits.npy")
+    assert code == 0 and len(out.split()) == 2, err
+    shutil.copy(artifact[0] / "art" / "model.harpz", exported / "model.harpz")  # another model's bundle
+    code, out, err = _run(capsys, "run", exported, "--input", tmp_path / "digits.npy")
+    assert code == 2 and "the manifest says" in err, err  # had run the other model
+    (exported / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, out, err = _run(capsys, "run", exported, "--input", tmp_path / "digits.npy")
+    assert code == 2 and "nested too deeply" in err, err  # had been a RecursionError traceback
 
 
 def test_pixels_outside_0_1_run_with_a_warning(capsys, artifact):

@@ -358,7 +358,8 @@ def attack_rows(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def curve_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     headers = ["artifact", "curve", "budget: accuracy"]
-    rows = [[run["artifact"]["label"], kind, ", ".join(f"{b:.3g}: {a:.1%}" for b, a in zip(c["budgets"], c["accuracy"]))]
+    rows = [[run["artifact"]["label"], kind,
+             ", ".join(f"{b:.3g}: {a:.1%}" for b, a in zip(c["budgets"], c["accuracy"]))]
             for run in runs for kind, c in run["curves"].items()]
     return headers, rows
 

@@ -43,7 +43,7 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
     if x.dtype != np.float32:
         raise HarpError(f"input {path}: dtype {x.dtype} is not float32 (save it with x.astype(np.float32))")
     extra = os.path.getsize(path) - (getattr(x, "offset", 0) + x.nbytes)
-    if isinstance(x, np.memmap) and extra > 0:  # numpy ignores it; the header then describes another array than was saved
+    if isinstance(x, np.memmap) and extra > 0:  # numpy ignores it: the header describes another array
         raise HarpError(f"input {path}: {extra} bytes follow the {'x'.join(map(str, x.shape))} array its header "
                         "describes (a wrong header?)")
     return x

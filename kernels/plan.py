@@ -114,8 +114,8 @@ def plan_graph(graph: Graph) -> Plan:
     shapes = graph.validate()
     steps = _fuse(graph, shapes)
     borders = _borders(steps, shapes, graph.input_name)
-    views = {s.output: s.inputs[0] for s in steps if s.op == "flatten" and _flatten_is_view(
-        shapes[s.inputs[0]], borders[s.inputs[0]])}
+    views = {s.output: s.inputs[0] for s in steps if s.op == "flatten" and s.inputs[0] != graph.input_name
+             and _flatten_is_view(shapes[s.inputs[0]], borders[s.inputs[0]])}  # the input is NCHW: (N, F)
     steps = _mark_in_place(steps, shapes, borders, views, graph)
     values, slots = _allocate(steps, shapes, borders, views, graph)
     return Plan(graph_nodes=len(graph.nodes), steps=steps, values=values, slots=slots,

@@ -312,7 +312,7 @@ class Runtime:
         if len(ex.kernels) == 1:
             return ex.kernels, "only kernel"
         if self.fallback == "winograd":
-            return ("winograd" if "winograd" in ex.kernels else "dense",), "fallback=winograd"
+            return ("winograd" if "winograd" in ex.kernels_in(ctx) else "dense",), "fallback=winograd"
         if self.fallback == "unrolled":
             return ("unrolled" if "unrolled" in ex.kernels_in(ctx) else "sparse",), "fallback=unrolled"
         if self.fallback != "auto":

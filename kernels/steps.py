@@ -192,9 +192,14 @@ class ConvExecutor(Executor):
             weight.shape, *self.geometry, self.out_hw) else ()) + ("unrolled",)
 
     def kernels_in(self, ctx: Context) -> tuple[str, ...]:
-        if self.conv_layout(ctx).group % LANES == 0 and worth_unrolling(self.density, self.weight.nnz):
-            return self.kernels
-        return tuple(k for k in self.kernels if k != "unrolled")
+        group = self.conv_layout(ctx).group
+        left_out = set()
+        if group % LANES or not worth_unrolling(self.density, self.weight.nnz):
+            left_out.add("unrolled")
+        if self.step.residual and ctx.layout(self.step.residual).group != group:
+            left_out.add("winograd")  # its epilogue adds a residual of its own image group only (the graph
+            # input's is 1: a conv on a small plane adding the input at batch > 1)
+        return tuple(k for k in self.kernels if k not in left_out)
 
     @property
     def density(self) -> float:

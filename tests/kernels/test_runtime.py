@@ -301,3 +301,36 @@ def test_buffers_too_big_to_allocate_are_a_clear_error(resnet, monkeypatch, what
         message = "GiB of activation buffers"
     with pytest.raises(RuntimeInputError, match=message):
         runtime.prepare(2)
+
+
+def _graph_reading_the_input(kind: str):
+    """Graphs whose steps read the graph input, which alone is plain NCHW (image group 1)."""
+    from harp.export.graph import Graph, Node
+
+    rng = np.random.default_rng(11)
+    if kind == "flatten":  # an MLP: flatten the input, then a linear layer
+        return Graph("x", (5, 8, 8), "y", [Node("flatten", "flat", ("x",), "f"),
+                                           Node("linear", "fc", ("f",), "y", {}, {"weight": "fc.w"})],
+                     {"fc.w": rng.standard_normal((4, 320)).astype(np.float32)})
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+    return Graph("x", (2, 8, 8), "y", [  # a residual block adding the input itself
+        Node("conv2d", "conv", ("x",), "c", conv, {"weight": "conv.w"}), Node("add", "add", ("c", "x"), "a"),
+        Node("relu", "relu", ("a",), "r"), Node("global_avgpool", "gap", ("r",), "g"),
+        Node("flatten", "flat", ("g",), "f"), Node("linear", "fc", ("f",), "y", {}, {"weight": "fc.w"})],
+        {"conv.w": rng.standard_normal((2, 2, 3, 3)).astype(np.float32),
+         "fc.w": rng.standard_normal((3, 2)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("kind", ["flatten", "residual"])
+@pytest.mark.parametrize("fallback", ["auto", "sparse", "dense", "winograd"])
+def test_steps_reading_the_graph_input_at_every_batch_size(tmp_path, kind, fallback):
+    # A flatten of the input had been planned as a view of it, read transposed at batch > 1; a conv
+    # adding the input had been offered Winograd, whose epilogue refused the input's image group.
+    from harp.export.bundle import write_bundle
+
+    graph = _graph_reading_the_input(kind)
+    write_bundle(graph, tmp_path / "model.harpz")
+    runtime = load_runtime(tmp_path / "model.harpz", threads=1, fallback=fallback)
+    for n in (1, 2, 17, 1, 3):
+        x = np.random.default_rng(n).random((n, *graph.input_shape), dtype=np.float32)
+        assert_parity(runtime.run(x), run_reference(graph, x))

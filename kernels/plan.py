@@ -19,7 +19,7 @@
    vectors (`steps.ConvExecutor.reads_strided_in_place`); the others pack it.
 3. Buffers. Values get buffer slots by liveness: a slot is reused once its last
    reader has run; a step writes in place over an input that dies at that step
-   when the layouts agree (act/affine, add, and a conv's residual); a bordered
+   when the layouts agree (act/affine, add, and a conv's, not a linear's, residual); a bordered
    slot is only shared by values of the same geometry, so its border, zeroed
    once, stays zero.
 
@@ -266,8 +266,8 @@ def _mark_in_place(steps, shapes, borders, views, graph) -> list[Step]:
         candidates: tuple[str, ...] = ()
         if step.op in ("act", "affine", "add"):
             candidates = step.inputs
-        elif step.op in CONV_LIKE and step.residual is not None:
-            candidates = (step.residual,)
+        elif step.op == "conv2d" and step.residual is not None:  # the conv kernels add it tile by tile;
+            candidates = (step.residual,)  # the linear ones write their output before adding it
         chosen = None
         for value in candidates:
             if (value != graph.input_name and value not in views and value not in viewed

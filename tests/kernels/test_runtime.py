@@ -303,11 +303,19 @@ def test_buffers_too_big_to_allocate_are_a_clear_error(resnet, monkeypatch, what
         runtime.prepare(2)
 
 
-def _graph_reading_the_input(kind: str):
-    """Graphs whose steps read the graph input, which alone is plain NCHW (image group 1)."""
+def _edge_graph(kind: str):
+    """Graphs whose steps read the graph input, which alone is plain NCHW (image group 1), or add
+    two linear layers reading one value."""
     from harp.export.graph import Graph, Node
 
     rng = np.random.default_rng(11)
+    if kind == "two_heads":  # fc1(f) + fc2(f): fc2 takes fc1's output as its fused residual
+        return Graph("x", (2, 4, 4), "y", [
+            Node("relu", "r", ("x",), "r"), Node("flatten", "flat", ("r",), "f"),
+            Node("linear", "fc1", ("f",), "h1", {}, {"weight": "w1"}),
+            Node("linear", "fc2", ("f",), "h2", {}, {"weight": "w2"}), Node("add", "add", ("h1", "h2"), "y")],
+            {"w1": rng.standard_normal((3, 32)).astype(np.float32),
+             "w2": rng.standard_normal((3, 32)).astype(np.float32)})
     if kind == "flatten":  # an MLP: flatten the input, then a linear layer
         return Graph("x", (5, 8, 8), "y", [Node("flatten", "flat", ("x",), "f"),
                                            Node("linear", "fc", ("f",), "y", {}, {"weight": "fc.w"})],
@@ -321,14 +329,15 @@ def _graph_reading_the_input(kind: str):
          "fc.w": rng.standard_normal((3, 2)).astype(np.float32)})
 
 
-@pytest.mark.parametrize("kind", ["flatten", "residual"])
+@pytest.mark.parametrize("kind", ["flatten", "residual", "two_heads"])
 @pytest.mark.parametrize("fallback", ["auto", "sparse", "dense", "winograd"])
-def test_steps_reading_the_graph_input_at_every_batch_size(tmp_path, kind, fallback):
+def test_edge_graphs_at_every_batch_size(tmp_path, kind, fallback):
     # A flatten of the input had been planned as a view of it, read transposed at batch > 1; a conv
-    # adding the input had been offered Winograd, whose epilogue refused the input's image group.
+    # adding the input had been offered Winograd, whose epilogue refused the input's image group;
+    # fc2 had written over its residual fc1(f) before adding it (2 * fc2(f)).
     from harp.export.bundle import write_bundle
 
-    graph = _graph_reading_the_input(kind)
+    graph = _edge_graph(kind)
     write_bundle(graph, tmp_path / "model.harpz")
     runtime = load_runtime(tmp_path / "model.harpz", threads=1, fallback=fallback)
     for n in (1, 2, 17, 1, 3):

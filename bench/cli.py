@@ -64,7 +64,8 @@ def demo_latency() -> None:
         from harp.errors import HarpError
         from harp.pipeline import PIPELINE_FILE
 
-        if DEMO_RUN.is_dir() and any(DEMO_RUN.iterdir()) and not (DEMO_RUN / PIPELINE_FILE).is_file():
+        if (DEMO_RUN.exists() and not DEMO_RUN.is_dir()) or (
+                DEMO_RUN.is_dir() and any(DEMO_RUN.iterdir()) and not (DEMO_RUN / PIPELINE_FILE).is_file()):
             raise HarpError(f"{DEMO_RUN} holds neither an artifact nor a harp pipeline run; move it away to let "
                             "harp-bench build the demo there, or time an artifact: harp-bench latency ARTIFACT")
         click.echo(f"{DEMO_ARTIFACT} is missing: running harp pipeline --dataset digits --sparsity 0.99 "

@@ -34,7 +34,7 @@ from harp.commands.options import NON_NEGATIVE
 from harp.errors import HarpError
 from harp.export.artifact import open_artifact
 
-from .options import CommaList, json_out, md_out
+from .options import CommaList, check_distinct_outputs, json_out, md_out
 from .tables import fmt, markdown_table, text_table
 
 CONV_LIKE = ("conv2d", "linear")
@@ -204,6 +204,7 @@ def kernels_command(artifact, batches, threads, repeats, budget_s, json_path, md
     """Per-layer sparse vs dense kernel vs torch vs onnxruntime on ARTIFACT's own layer shapes."""
     from .latency_bench import write_outputs
 
+    check_distinct_outputs(json=json_path, md=md_path)
     result = run_kernels(artifact, batches=tuple(batches), threads=threads, repeats=repeats, budget_s=budget_s)
     if json_path != "-":
         click.echo(text_table(HEADERS, table_rows(result)))

@@ -36,7 +36,7 @@ from harp.io import atomic_write_bytes, atomic_write_json
 from .artifact import BACKEND_FILES, check_backend_packages, check_backends, runnable_backends
 from .latency import DEFAULT_WARMUP, MIN_ITERS
 from .machine import machine_info
-from .options import CommaList, json_out, md_out, plot_out, shape
+from .options import CommaList, check_distinct_outputs, json_out, md_out, plot_out, shape
 from .tables import fmt
 from .whatif import PRUNINGS, build_whatif_artifact
 
@@ -239,6 +239,9 @@ def latency_command(ctx, artifact, backends, batches, threads, warmup, iters, se
     options = LatencyOptions(tuple(backends or BACKEND_ORDER), tuple(batches), tuple(threads), warmup, iters,
                              seconds, seed)
     options.check()  # before a what-if export
+    check_distinct_outputs(json=json_path, md=md_path, plot=plot_path)
+    if seconds is not None and ctx.get_parameter_source("iters") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --iters or --seconds, not both")
     if artifact is None and arch is None:
         raise click.UsageError("give an ARTIFACT to time, or --arch to time a random model (what-if mode)")
     if artifact is not None and arch is not None:
@@ -268,10 +271,10 @@ def with_runnable_backends(art: Artifact, options: LatencyOptions) -> LatencyOpt
     names the others (`--backends` makes a missing one an error instead)."""
     runnable, skipped = runnable_backends(art)
     if skipped:
-        click.echo("harp-bench: note: not timing " + "; ".join(f"{b} ({why})" for b, why in skipped.items()),
-                   err=True)
+        click.echo(f"harp-bench: note: {art.name}: not timing "
+                   + "; ".join(f"{b} ({why})" for b, why in skipped.items()), err=True)
     if not runnable:
-        raise HarpError("no backend can run here: " + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
+        raise HarpError(f"{art.name}: no backend can run here: " + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
     return replace(options, backends=tuple(runnable))
 
 

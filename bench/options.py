@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import click
@@ -61,8 +62,10 @@ class OutputFile(click.ParamType):
         self.stdout = stdout
 
     def convert(self, value, param, ctx):
-        if value == "-" and self.stdout:
-            return value
+        if value == "-":
+            if self.stdout:
+                return value
+            self.fail("'-' (stdout) is for --json only; name a file", param, ctx)
         try:
             check_output_file(value)
         except HarpError as e:
@@ -74,6 +77,18 @@ json_out = click.option("--json", "json_path", type=OutputFile(stdout=True), def
                         help="Write the results as JSON to this file ('-' for stdout).")
 md_out = click.option("--md", "md_path", type=OutputFile(), default=None,
                       help="Write the results as Markdown to this file.")
+def check_distinct_outputs(**paths: str | None) -> None:
+    """UsageError if two output options name one file (the last write would replace the other)."""
+    seen: dict[str, str] = {}
+    for option, path in paths.items():
+        if path is None or path == "-":
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise click.UsageError(f"--{seen[real]} and --{option} both write {path}")
+        seen[real] = option
+
+
 plot_out = click.option("--plot", "plot_path", type=OutputFile(), default=None, help="Write a PNG plot.")
 data_root = click.option("--data-root", default="data", show_default=True,
                          help="Folder holding torchvision datasets (MNIST: ../shared/data).")

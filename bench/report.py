@@ -22,7 +22,7 @@ import click
 
 from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
-from harp.io import atomic_write_bytes, atomic_write_json
+from harp.io import atomic_write_bytes, atomic_write_json, check_output_file
 
 from .latency_bench import (BACKEND_ORDER, LatencyOptions, check_latency, latency_markdown, run_latency,
                             with_runnable_backends)
@@ -32,6 +32,7 @@ from .robustness import ATTACKS, RobustnessOptions, checked_options, robustness_
 from .tables import distinct, fmt, markdown_table
 
 REPORT = "report.md"
+CURVES_PNG = "robustness-curves.png"
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike
     slugs = distinct([re.sub(r"[^A-Za-z0-9_.-]+", "-", art.name).strip("-") or "artifact" for art in opened])
     out = Path(out)
     check_out_folder(out)
+    if out.is_dir():  # a folder in the way of a figure would fail after the benchmarks
+        for name in [REPORT, "report.json", CURVES_PNG, *(f"{s}-{kind}.png" for s in slugs
+                                                          for kind in ("latency", "sparsity"))]:
+            check_output_file(out / name)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(max(options.latency.threads))
     sections, raw = [], {"machine": machine, "artifacts": []}
@@ -110,7 +115,7 @@ def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike
     if robust_runs:
         curves_png = None
         if any(run["curves"] for run in robust_runs):
-            curves_png = "robustness-curves.png"
+            curves_png = CURVES_PNG
             curves_plot({run["artifact"]["label"]: run["curves"] for run in robust_runs}, out / curves_png)
         text += ["## Robustness", "", robustness_markdown({"machine": machine, "runs": robust_runs}, curves_png)]
     path = out / REPORT
@@ -154,11 +159,14 @@ def check_out_folder(out: Path) -> None:
 @click.option("--attacks", type=CommaList(choices=ATTACKS), default=",".join(ATTACKS), show_default=True)
 @click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True, help="Square queries.")
 @click.option("--no-robustness", is_flag=True, help="Latency and model card only.")
-@click.option("--threads-robustness", "robust_threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads-robustness", "robust_threads", type=click.IntRange(1, os.cpu_count() or 1), default=1,
+              show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def report_command(artifacts, out, backends, batches, threads, iters, dataset, data_root, n, attacks, queries,
                    no_robustness, robust_threads, seed):
     """Write OUT/report.md: model card, latency, robustness, curves and sanity checks of each ARTIFACT."""
+    if not out:
+        raise click.UsageError("--out is empty; name the report's folder")
     latency = LatencyOptions(tuple(backends or BACKEND_ORDER), tuple(batches), tuple(threads), iters=iters, seed=seed)
     robustness = None if no_robustness else RobustnessOptions(
         dataset=dataset, data_root=data_root, n=n, attacks=tuple(attacks), queries=queries, threads=robust_threads,

@@ -28,7 +28,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import click
@@ -42,9 +41,9 @@ from harp.export.artifact import Artifact, open_artifact
 from .artifact import check_backend_packages, check_backends, runnable_backends
 from .curves import BATCH, robustness_curves, torch_accuracy
 from .latency_bench import BACKEND_ORDER, write_outputs
-from .options import CommaList, OutputFile, data_root, json_out, md_out
+from .options import CommaList, OutputFile, check_distinct_outputs, data_root, json_out, md_out
 from .sanity import LARGE_EPS, sanity_checks
-from .tables import distinct, fmt, markdown_table, text_table
+from .tables import distinct, fmt, markdown_link, markdown_table, text_table
 
 WHITE_BOX = ("fgsm", "pgd", "pgd-l2", "autoattack")
 ATTACKS = (*WHITE_BOX, "square")
@@ -143,7 +142,8 @@ def checked_options(art: Artifact, options: RobustnessOptions, *, note: Callable
     if backends is None:
         runnable, skipped = runnable_backends(art)
         if "torch" not in runnable:
-            raise HarpError(f"backend torch cannot run here ({skipped['torch']}): white-box attacks are crafted on it")
+            raise HarpError(f"{art.name}: backend torch cannot run here ({skipped['torch']}): white-box attacks are "
+                            "crafted on it")
         if skipped:
             note(f"{art.name}: not evaluating " + "; ".join(f"{b} ({why})" for b, why in skipped.items()))
         backends = tuple(runnable)
@@ -423,7 +423,7 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
 @click.option("--no-curves", is_flag=True, help="Skip the robustness curves.")
 @click.option("--curve-steps", type=click.IntRange(min=1), default=None,
               help="PGD steps per curve point. Default: --steps.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_out
 @md_out
@@ -434,6 +434,7 @@ def robustness_command(artifacts, dataset, data_root, n, attacks, backends, eps,
     """Clean and adversarial accuracy of every backend of each ARTIFACT, curves and sanity checks."""
     if plot_path and no_curves:
         raise click.UsageError("--plot draws the robustness curves; drop it or --no-curves")
+    check_distinct_outputs(json=json_path, md=md_path, plot=plot_path)
     options = RobustnessOptions(dataset, data_root, n, tuple(attacks), backends and tuple(backends), eps, l2_eps,
                                 steps, queries,
                                 () if no_curves else tuple(curves), curve_steps, threads, seed)
@@ -446,5 +447,5 @@ def robustness_command(artifacts, dataset, data_root, n, attacks, backends, eps,
         from .plots import curves_plot
 
         curves_plot({run["artifact"]["label"]: run["curves"] for run in result["runs"]}, plot_path)
-    png = os.path.relpath(plot_path, Path(md_path).parent) if plot_path and md_path else None
+    png = markdown_link(plot_path, md_path) if plot_path and md_path else None
     write_outputs(result, json_path, md_path, lambda r: robustness_markdown(r, png))

@@ -1,7 +1,8 @@
-"""Plain-text and Markdown tables from rows of cells (strings), shared by every harp-bench command."""
+"""Plain-text and Markdown tables and links, shared by every harp-bench command."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 
@@ -36,3 +37,10 @@ def distinct(names: Sequence[str]) -> list[str]:
             label, i = f"{name}-{i}", i + 1
         out.append(label)
     return out
+
+
+def markdown_link(target: str | os.PathLike[str], markdown_file: str | os.PathLike[str]) -> str:
+    """`target` as a link from the Markdown file where it is written (symlinks followed), in angle
+    brackets where a space or parenthesis would end a bare link."""
+    link = os.path.relpath(os.path.realpath(target), os.path.dirname(os.path.realpath(markdown_file)))
+    return f"<{link}>" if any(c in link for c in " ()") else link

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from harp.errors import HarpError
-from harp.io import DIR_MODE, fsync_dir
+from harp.io import DIR_MODE, NAME_MAX, fsync_dir, temp_prefix
 from harp.outdir import check_out_spares
 
 from .bundle import write_bundle
@@ -94,7 +94,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | os
     model_block = _model_block(model, meta, shape, graph)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(out.name)}tmp-", dir=out.parent))
     try:
         files = _write_formats(trimmed, tmp, formats, opset, values_dtype, _bundle_meta(model_block))
         with open(tmp / PARITY_FILE, "wb") as f:
@@ -219,11 +219,11 @@ def _check_opset(opset: int, formats: Sequence[str] = ()) -> None:
     from .onnx_writer import MIN_OPSET
 
     newest = onnx.defs.onnx_opset_version()
+    if any(f != "csr" for f in formats):  # a few milliseconds per opset tried, newest first
+        newest = next((v for v in range(newest, MIN_OPSET - 1, -1) if _onnxruntime_runs(v)), MIN_OPSET)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ExportError(f"opset {opset!r} is not supported (expected {MIN_OPSET}..{newest})")
-    if any(f != "csr" for f in formats) and not _onnxruntime_runs(opset):
-        newest = next(v for v in range(opset - 1, MIN_OPSET - 1, -1) if _onnxruntime_runs(v))
-        raise ExportError(f"opset {opset} is newer than this onnxruntime runs (expected {MIN_OPSET}..{newest})")
+        raise ExportError(f"opset {opset!r} is not supported (expected {MIN_OPSET}..{newest}, the opsets onnx "
+                          "writes and onnxruntime runs)")
 
 
 def _onnxruntime_runs(opset: int) -> bool:
@@ -258,6 +258,8 @@ def _check_out_dir(out: Path, force: bool, source: str | os.PathLike[str] | None
             check_out_spares(out, source)
         except HarpError as e:
             raise ExportError(str(e)) from None
+    if len(out.name.encode()) > NAME_MAX:
+        raise ExportError(f"cannot create {out}: the folder name is longer than {NAME_MAX} bytes")
     cwd = Path.cwd().resolve()
     if out.resolve() == cwd or out.resolve() in cwd.parents:
         raise ExportError(f"--out {out} is the current folder or holds it, which the export would replace; "
@@ -394,7 +396,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:  # filled since the check at the start
             raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(out.name)}old-", dir=out.parent))
         os.replace(out, old)  # onto the empty placeholder directory
     elif out.is_dir():
         out.rmdir()

@@ -327,7 +327,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not (isinstance(shape, list) and len(shape) == 3 and all(_size(s) for s in shape)):
         raise VerifyError(f"{root / MANIFEST}: model.input_shape {shape!r} is not [C, H, W]")
     if not _size(classes):
-        raise VerifyError(f"{root / MANIFEST}: model.classes {classes!r} is not a positive int")
+        raise VerifyError(f"{root / MANIFEST}: model.classes {classes!r} is not a positive int below 2**31")
     return manifest
 
 

@@ -42,13 +42,32 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems
+STREAM_PREFIXES = ("/dev/", "/proc/")  # /dev/stdout, /dev/fd/N, /proc/self/fd/N: an open stream, not a file
+
+
+def _written_in_place(given: Path, target: Path) -> bool:
+    """Whether a write to `given` (resolving to `target`) goes straight into it instead of a rename: a
+    device or fifo (a rename would replace /dev/null), or a stream's path, which may resolve to the
+    file a shell redirected stdout to (a rename would drop what was there and what is printed next)."""
+    return str(given.absolute()).startswith(STREAM_PREFIXES) or (
+        target.exists() and not target.is_file() and not target.is_dir())
+
+
 def check_output_file(path: str | Path) -> None:
     """HarpError unless `atomic_writer` can write `path`: an existing, writable folder, and not a folder
     itself. Commands check their output files before the work, not after minutes of it."""
-    target = Path(os.path.realpath(path))
+    given = Path(path)
+    try:
+        os.stat(given)
+    except FileNotFoundError:
+        pass  # a new file, or a symlink to one
+    except OSError as e:  # a symlink loop, a file in the way of a folder, a name over NAME_MAX
+        raise HarpError(f"cannot write {path}: {e.strerror}") from None
+    target = Path(os.path.realpath(given))
     if target.is_dir():
         raise HarpError(f"{path} is a folder, not a file")
-    if target.exists() and not target.is_file():  # /dev/null, a fifo: written in place
+    if _written_in_place(given, target):
         if not os.access(target, os.W_OK):
             raise HarpError(f"cannot write to {path}: permission denied")
         return
@@ -58,19 +77,37 @@ def check_output_file(path: str | Path) -> None:
         raise HarpError(f"cannot write {path}: permission denied")
 
 
+def temp_prefix(name: str) -> str:
+    """A hidden temporary name's start beside `name`, short enough that a name within NAME_MAX fits."""
+    return f".{name[:64]}."
+
+
 @contextmanager
 def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary file that appears at `path` only if the block completes (temp file, fsync, rename).
 
-    A symlink keeps pointing where it did: the file it names is replaced. A device or fifo
-    (/dev/null, a pipe) is written in place; renaming over it would replace a /dev node.
+    A symlink keeps pointing where it did: the file it names is replaced. A device, a fifo or a
+    stream's path (/dev/null, /dev/stdout) is appended to in place (`_written_in_place`).
+    An OSError names `path`.
     """
-    path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file() and not path.is_dir():
-        with open(path, "wb") as f:
+    given = Path(path)
+    path = Path(os.path.realpath(given))
+    try:
+        if _written_in_place(given, path):
+            with open(given, "ab") as f:
+                yield f
+            return
+        with _renamed_into_place(path) as f:
             yield f
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: "No space left on device"
+            e.filename = str(given)
+        raise
+
+
+@contextmanager
+def _renamed_into_place(path: Path) -> Iterator[IO[bytes]]:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:

@@ -161,7 +161,7 @@ def bundle_path(path: str | os.PathLike[str]) -> Path:
             raise BundleError(f"artifact dir {p} holds no {BUNDLE_NAME}")
         from harp.export.verify import MANIFEST, VerifyError, check_file, read_manifest
 
-        if not (p / MANIFEST).exists():
+        if not os.path.lexists(p / MANIFEST):  # a broken symlink is a manifest that cannot be read
             return p / BUNDLE_NAME
         try:
             manifest = read_manifest(p)

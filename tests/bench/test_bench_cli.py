@@ -104,8 +104,8 @@ def test_latency_by_default_times_what_the_artifact_and_machine_can_run(artifact
                             "--json", "-"], capsys)
     assert code == 0, err
     assert [r["backend"] for r in json.loads(out)["results"]] == ["onnxruntime", "harp"]
-    assert ("note: not timing torch (Python package 'torch' not installed); onnxruntime-sparse (the artifact has "
-            "no model.sparse.onnx)") in err
+    assert ("note: art: not timing torch (Python package 'torch' not installed); onnxruntime-sparse (the artifact "
+            "has no model.sparse.onnx)") in err
     # Named explicitly, a backend that cannot run is an error.
     code, _, err = bench(["latency", tmp_path / "art", "--backends", "onnxruntime-sparse"], capsys)
     assert code == 2 and "needs model.sparse.onnx" in err
@@ -356,6 +356,10 @@ def _corrupt(artifact: Path, tmp_path: Path) -> Path:
     ("whatif_option_with_artifact", "--sparsity only apply with --arch"),  # had been ignored silently
     ("no_artifact", "give an ARTIFACT to time, or --arch"),
     ("demo_folder_taken", "runs/demo holds neither an artifact nor a harp pipeline run"),
+    ("one_file_twice", "--json and --plot both write"),  # the plot had replaced the JSON
+    ("md_to_stdout", "'-' (stdout) is for --json only"),  # had written a file named '-'
+    ("iters_and_seconds", "give --iters or --seconds, not both"),  # --iters had been ignored
+    ("report_figure_blocked", "report.md is a folder, not a file"),  # had failed after the benchmarks
 ])
 def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatch, case, expected):
     args = {
@@ -372,7 +376,13 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
         "whatif_option_with_artifact": ["latency", artifact, "--sparsity", "0.5"],
         "no_artifact": ["latency"],
         "demo_folder_taken": [],
+        "one_file_twice": ["latency", artifact, "--json", tmp_path / "o.json", "--plot", tmp_path / "o.json"],
+        "md_to_stdout": ["latency", artifact, "--md", "-"],
+        "iters_and_seconds": ["latency", artifact, "--iters", "60", "--seconds", "1"],
+        "report_figure_blocked": ["report", artifact, "--out", tmp_path, "--no-robustness"],
     }[case]
+    if case == "report_figure_blocked":
+        (tmp_path / "report.md").mkdir()
     if case == "demo_folder_taken":  # no command: harp-bench builds runs/demo unless something else is there
         monkeypatch.chdir(tmp_path)
         (tmp_path / "runs" / "demo").mkdir(parents=True)
@@ -416,3 +426,12 @@ def test_two_artifacts_of_one_name_keep_apart_in_tables_and_plots(artifact, tmp_
     markdown = (tmp_path / "r.md").read_text()
     assert f"### {name} (" in markdown and f"### {name}-2 (" in markdown
     assert "Square runs on each runtime" not in markdown  # square did not run
+
+
+def test_markdown_links_reach_the_figure_from_where_the_markdown_is_written(tmp_path):
+    from harp.bench.tables import markdown_link
+
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "r.md").symlink_to(tmp_path / "deep" / "er" / "r.md")  # written through the symlink
+    assert markdown_link(tmp_path / "c.png", tmp_path / "r.md") == "../../c.png"
+    assert markdown_link(tmp_path / "my plots" / "c.png", tmp_path / "x.md") == "<my plots/c.png>"

@@ -125,6 +125,10 @@ def test_an_exports_bundle_must_match_its_manifest(capsys, artifact, digits_ckpt
     (exported / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     code, out, err = _run(capsys, "run", exported, "--input", tmp_path / "digits.npy")
     assert code == 2 and "nested too deeply" in err, err  # had been a RecursionError traceback
+    (exported / "manifest.json").unlink()
+    (exported / "manifest.json").symlink_to(tmp_path / "nowhere.json")
+    code, out, err = _run(capsys, "run", exported, "--input", tmp_path / "digits.npy")
+    assert code == 2 and "no manifest.json" in err, err  # a broken link had skipped the check
 
 
 def test_pixels_outside_0_1_run_with_a_warning(capsys, artifact):

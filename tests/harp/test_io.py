@@ -30,7 +30,7 @@ def test_a_device_file_is_written_in_place_not_replaced() -> None:
 @pytest.mark.parametrize("case, expected", [
     ("missing_folder", "folder .* does not exist"),
     ("folder", "is a folder, not a file"),
-    ("file_as_folder", "does not exist"),
+    ("file_as_folder", "Not a directory"),
 ])
 def test_check_output_file_refuses_what_cannot_be_written(tmp_path: Path, case: str, expected: str) -> None:
     (tmp_path / "a_file").write_text("x")
@@ -54,3 +54,24 @@ def test_check_output_file_refuses_a_read_only_folder(tmp_path: Path) -> None:
             check_output_file(tmp_path / "out.json")
     finally:
         tmp_path.chmod(0o700)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_a_streams_path_is_appended_to_not_renamed_over(tmp_path: Path) -> None:
+    # `--json /dev/stdout >> log.txt`: /dev/stdout resolves to log.txt, which a rename would replace.
+    log = tmp_path / "log.txt"
+    log.write_text("earlier lines\n")
+    with open(log, "ab") as stdout:
+        atomic_write_bytes(f"/proc/self/fd/{stdout.fileno()}", b"{}\n")
+    assert log.read_text() == "earlier lines\n{}\n"
+
+
+def test_check_output_file_refuses_a_symlink_loop_and_a_name_too_long(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(HarpError, match="symbolic links"):
+        check_output_file(tmp_path / "a")
+    with pytest.raises(HarpError, match="File name too long"):
+        check_output_file(tmp_path / ("x" * 256))
+    atomic_write_bytes(tmp_path / ("x" * 255), b"fits")  # the temporary name beside it is shorter
+    assert (tmp_path / ("x" * 255)).read_bytes() == b"fits"

@@ -100,7 +100,7 @@ def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
         with _renamed_into_place(path) as f:
             yield f
     except OSError as e:
-        if e.filename is None:  # a failed write() names no file: "No space left on device"
+        if e.filename is None and e.errno is not None:  # a failed write() names no file: "No space left on device"
             e.filename = str(given)
         raise
 

@@ -14,6 +14,7 @@ same data order, and loses at most the epoch it was in.
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import time
@@ -165,7 +166,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     best = {"epoch": -1, "robust": -1.0}
     start_epoch = 0
     if resume:
-        start_epoch, history, best = _load_state(state_dir, job, opt, sched, cfg, device)
+        start_epoch, history, best = _load_state(state_dir, job, opt, sched, cfg, meta, device)
     else:
         torch.manual_seed(cfg.seed)
 
@@ -266,8 +267,8 @@ def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfi
     atomic_torch_save(state_dir / f"optim-{epoch}.pt", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                                         "rng": torch.get_rng_state()})
     # state.json last: it only names files that are already complete on disk
-    identity = {"architecture": meta["architecture"], "dataset": meta["dataset"]["name"]}
-    atomic_write_json(state_dir / "state.json", {"epoch": epoch, "kind": job.kind, "meta": identity, "run": asdict(cfg),
+    atomic_write_json(state_dir / "state.json", {"epoch": epoch, "kind": job.kind, "meta": _run_identity(meta),
+                                                 "run": asdict(cfg),
                                                  "job": job.state_json(), "history": history, "best": best})
     keep = {f"model-{epoch}.safetensors", f"optim-{epoch}.pt", f"best-{best['epoch']}.safetensors", "state.json"}
     for f in state_dir.iterdir():
@@ -333,14 +334,42 @@ def _state_problem(state: Any) -> str | None:
     return None
 
 
-def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, device: torch.device):
+# Options a resumed run may change (where the data is, which device runs it), and raw options whose
+# resolved values the comparison reads instead (run, training.attack): --eps 0.2 equals the default.
+RESUME_SETTINGS = ("data_root", "download", "device",
+                   "epochs", "batch_size", "lr", "optimizer", "seed", "eps", "steps", "step_size")
+
+
+def _run_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the saved one: the checkpoint meta it started with (model,
+    dataset, source checkpoint, options, pruning config), as JSON, less RESUME_SETTINGS."""
+    identity = {k: v for k, v in meta.items() if k not in ("format", "version", "versions", "files")}
+    if isinstance(identity.get("training"), dict):
+        identity["training"] = {k: v for k, v in identity["training"].items() if k not in RESUME_SETTINGS}
+    if isinstance(identity.get("source"), dict):  # the same checkpoint by its hash, however its path is spelt
+        identity["source"] = {k: v for k, v in identity["source"].items() if k != "path"}
+    return json.loads(json.dumps(identity))  # tuples as lists, as state.json holds them
+
+
+def _changes(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """'key saved (now new)' for every leaf that differs between two JSON objects."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [change for key in dict.fromkeys([*saved, *now])
+                for change in _changes(saved.get(key), now.get(key), f"{prefix}{key}.")]
+    return [] if saved == now else [f"{prefix[:-1]} {saved!r} (now {now!r})"]
+
+
+def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, meta: dict[str, Any], device: torch.device):
     state = read_run_state(state_dir)
     if state.get("kind") != job.kind:
         raise HarpError(f"--resume: {state_dir.parent} holds a {state.get('kind')!r} run, not {job.kind!r}")
-    saved_run = state["run"]
-    if saved_run.get("epochs") != cfg.epochs or saved_run.get("batch_size") != cfg.batch_size:
-        raise HarpError(f"--resume: the saved run used epochs={saved_run.get('epochs')} "
-                        f"batch_size={saved_run.get('batch_size')}; pass the same options")
+    saved_meta = state["meta"] if "training" in state["meta"] else {}  # states of older harp: run options only
+    changed = _changes({"run": state["run"], **saved_meta},
+                       {"run": json.loads(json.dumps(asdict(cfg))), **(_run_identity(meta) if saved_meta else {})})
+    if changed:  # a resumed run would mix two runs' settings and record only the new ones
+        raise HarpError(f"--resume: {state_dir.parent} was started with {'; '.join(changed[:4])}"
+                        f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}; pass the same options, or "
+                        "--force to start over")
     history, epoch = state["history"], state["epoch"]
     job.adversarial_examples = history[-1]["adversarial_examples"] if history else 0
     try:

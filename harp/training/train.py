@@ -169,6 +169,8 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False, force: b
 
 def _check_resume_matches(out: Path, arch: str, spec: DatasetSpec) -> None:
     saved = read_run_state(out / STATE_DIR)["meta"]
-    if saved and (saved.get("architecture") != arch or saved.get("dataset") != spec.name):
+    dataset = saved.get("dataset")
+    dataset = dataset.get("name") if isinstance(dataset, dict) else dataset  # a name in older states
+    if saved and (saved.get("architecture") != arch or dataset != spec.name):
         raise HarpError(f"--resume: {out} was started with --arch {saved.get('architecture')} "
-                        f"--dataset {saved.get('dataset')}, not --arch {arch} --dataset {spec.name}")
+                        f"--dataset {dataset}, not --arch {arch} --dataset {spec.name}")

@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from harp.commands.options import POSITIVE, FiniteFloat
+from harp.commands.options import POSITIVE, SEED, FiniteFloat
 from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json
@@ -221,7 +221,7 @@ WHATIF_OPTIONS = ("input_shape", "classes", "sparsity", "pruning")  # latency_co
               help="Timed calls per cell.")
 @click.option("--seconds", type=POSITIVE, default=None,
               help="Instead of --iters: time calls for about this long per cell.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--arch", default=None, help="What-if mode: benchmark this architecture with random weights.")
 @click.option("--input-shape", default="3,32,32", show_default=True, help="What-if mode: C,H,W.")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True, help="What-if mode.")

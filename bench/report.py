@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from harp.commands.options import SEED
 from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json, check_output_file
@@ -161,7 +162,7 @@ def check_out_folder(out: Path) -> None:
 @click.option("--no-robustness", is_flag=True, help="Latency and model card only.")
 @click.option("--threads-robustness", "robust_threads", type=click.IntRange(1, os.cpu_count() or 1), default=1,
               show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def report_command(artifacts, out, backends, batches, threads, iters, dataset, data_root, n, attacks, queries,
                    no_robustness, robust_threads, seed):
     """Write OUT/report.md: model card, latency, robustness, curves and sanity checks of each ARTIFACT."""

@@ -34,7 +34,7 @@ import click
 import numpy as np
 import torch
 
-from harp.commands.options import POSITIVE
+from harp.commands.options import POSITIVE, SEED
 from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 
@@ -424,7 +424,7 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
 @click.option("--curve-steps", type=click.IntRange(min=1), default=None,
               help="PGD steps per curve point. Default: --steps.")
 @click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @json_out
 @md_out
 @click.option("--plot", "plot_path", type=OutputFile(), default=None,

@@ -67,15 +67,28 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     out = Path(out)
     if opts.export:
         _check_exportable(opts)
-    config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity)
+    config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity, seed=opts.seed)
     if force:
         check_out_dir(out, force=True, resume=False)
         make_out_dir(out, force=True, resume=False)
     else:
         _check_continues(out, opts)
+    existed = out.exists()
+    fresh = not existed or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     # marks the directory as a pipeline's (so a later --force may clear it) and records the run
     atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": None})
+    try:
+        return _run_stages(opts, config, out, quiet, log)
+    except BaseException:
+        if fresh and [p.name for p in out.iterdir()] == [PIPELINE_FILE]:  # refused before any stage began
+            (out / PIPELINE_FILE).unlink()  # (a bad --arch, missing data): a corrected run starts afresh
+            if not existed:
+                out.rmdir()
+        raise
+
+
+def _run_stages(opts: PipelineOptions, config, out: Path, quiet: bool, log) -> dict[str, Any]:
     stage_opts = PruneOptions(adv=opts.adv, seed=opts.seed, data_root=opts.data_root, download=opts.download,
                               device=opts.device)
     results: dict[str, Any] = {}

@@ -20,6 +20,10 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value} is not a finite number", param, ctx)
         return value
 
+    def _describe_range(self) -> str:
+        """No range in --help where there is none (click would show `x<=None`)."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 FINITE = FiniteFloat()
 NON_NEGATIVE = FiniteFloat(min=0)
@@ -31,7 +35,8 @@ device = click.option("--device", default="auto", show_default=True, help="auto,
 data_root = click.option("--data-root", default="data", show_default=True,
                          help="Folder holding torchvision datasets (MNIST: ../shared/data).")
 download = click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-root.")
-seed = click.option("--seed", type=int, default=0, show_default=True)
+SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed takes
+seed = click.option("--seed", type=SEED, default=0, show_default=True)
 force = click.option("--force", is_flag=True, help="Overwrite an existing output directory written by harp.")
 resume = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
 as_json = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")

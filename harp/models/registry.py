@@ -51,7 +51,7 @@ def check_model_runs(model: nn.Module, arch: str, spec: DatasetSpec) -> None:
     try:
         with torch.no_grad():
             logits = model(torch.zeros(2, *spec.input_shape))
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError, ValueError, IndexError) as e:  # ViT asserts its image size
         first = (str(e).strip().splitlines() or [""])[0]
         raise HarpError(f"--arch {arch} cannot run on the {shape} images of {spec.name}: {first}") from e
     finally:

@@ -77,6 +77,10 @@ class GlobalMagnitudeConfig:
     sparsity: float
     granularity: str = "weight"
 
+    def __post_init__(self) -> None:  # checked with the options, before a pipeline trains for it
+        if self.granularity == "channel":
+            raise HarpError("global-magnitude prunes weights only; use --granularity weight")
+
 
 @dataclass(frozen=True)
 class RandomConfig:
@@ -182,8 +186,6 @@ def _one_shot(rule: str) -> Handler:
             _, keep = _channel_counts_for_flops(model, ckpt.spec.input_shape, density)
             if rule == "random":
                 rank = lambda m: torch.rand(m.weight.shape[0], generator=gen)  # noqa: E731
-            elif rule == "global":
-                raise HarpError("global-magnitude prunes weights only; use --granularity weight")
             else:
                 rank = lambda m: m.weight.detach().flatten(1).abs().sum(1)  # noqa: E731
             masks = _channel_masks(model, keep, rank)
@@ -318,6 +320,8 @@ def make_config(method: str, **kw: Any):
         raise HarpError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
     cls = METHODS[method][0]
     fields = cls.__dataclass_fields__
+    if "seed" not in fields:  # the run's --seed: it seeds the masks of the methods that draw them
+        kw.pop("seed", None)
     unknown = [k for k, v in kw.items() if v is not None and k not in fields]
     if unknown:
         raise HarpError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in unknown)} do not apply to {method}")

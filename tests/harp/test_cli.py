@@ -21,6 +21,7 @@ def _run(capsys, *args):
     (["train", "--dataset", "imagenet42", "--out", "{tmp}/o"], "unknown dataset"),
     (["train", "--arch", "lenet99", "--out", "{tmp}/o"], "unknown architecture"),
     (["train", "--adv", "fgsm-free", "--out", "{tmp}/o"], "Invalid value for '--adv'"),
+    (["train", "--seed", "99999999999999999999", "--out", "{tmp}/o"], "Invalid value for '--seed'"),  # overflowed in torch
     (["train", "--dataset", "mnist", "--data-root", "{tmp}/empty", "--out", "{tmp}/o"], "not found"),
     (["train", "--arch", "torchvision:nonet", "--out", "{tmp}/o"], "unknown torchvision model"),
     (["train", "--out", "{tmp}/o", "--resume"], "no interrupted run"),
@@ -127,6 +128,8 @@ def test_eval_and_info_json(capsys, digits_ckpt):
     assert 0.85 < result["natural_accuracy"] <= 1
     assert 0 <= result["robust_accuracy"] < result["natural_accuracy"]
     assert result["sparsity"] == 0.0
+    code, out, _ = _run(capsys, "eval", str(digits_ckpt), "--json", "--quiet", "--n", "200", "--steps", "5")
+    assert json.loads(out)["robust_accuracy"] == result["robust_accuracy"]  # seeded starts: had varied by run
     code, out, _ = _run(capsys, "info", str(digits_ckpt), "--json")
     info = json.loads(out)
     assert info["sparsity"] == 0.0

@@ -58,6 +58,18 @@ def test_an_out_that_is_not_a_pipeline_run_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_a_run_refused_before_its_first_stage_leaves_nothing(tmp_path):
+    # pipeline.json had stayed behind, and then refused the corrected command as "a run made with --arch bogus".
+    out = tmp_path / "run"
+    with pytest.raises(HarpError, match="unknown architecture 'bogus'"):
+        run_pipeline(PipelineOptions(arch="bogus", export=False), out, quiet=True, log=lambda _: None)
+    assert not out.exists()
+    with pytest.raises(HarpError, match="global-magnitude prunes weights only"):  # had trained first
+        run_pipeline(PipelineOptions(method="global-magnitude", granularity="channel", export=False), out,
+                     quiet=True, log=lambda _: None)
+    assert not out.exists()
+
+
 def test_an_interrupted_stage_resumes_from_its_last_epoch(tmp_path):
     args = [sys.executable, "-m", "harp", "pipeline", "--dataset", "digits", "--method", "global-magnitude",
             "--sparsity", "0.5", "--adv", "none", "--train-epochs", "40", "--finetune-epochs", "1", "--no-export",

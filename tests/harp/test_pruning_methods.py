@@ -100,3 +100,20 @@ def test_bad_method_options_are_user_errors(digits_robust_ckpt, tmp_path):
     with pytest.raises(HarpError, match="not a pruned checkpoint"):
         finetune_checkpoint(digits_robust_ckpt, tmp_path / "ff", FAST)
     assert set(METHODS) == {"harp", "hydra", "lwm", "global-magnitude", "random", "pwoa", "mrpf"}
+    with pytest.raises(HarpError, match="global-magnitude prunes weights only"):  # with the options, up front
+        make_config("global-magnitude", sparsity=0.5, granularity="channel")
+
+
+def test_random_masks_follow_the_seed(capsys, digits_robust_ckpt, tmp_path):
+    from harp.cli import cli, run_cli
+
+    masks = []
+    for seed in ("3", "3", "4"):  # --seed had been ignored: every seed gave seed 0's masks
+        out = tmp_path / f"r{len(masks)}"
+        assert run_cli(cli, ["prune", str(digits_robust_ckpt), "--method", "random", "--sparsity", "0.5",
+                             "--subset", "100", "--seed", seed, "--out", str(out), "--quiet"]) == 0
+        masks.append(load_checkpoint(out).masks)
+        assert load_checkpoint(out).meta["pruning"]["config"]["seed"] == int(seed)
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    assert not all(torch.equal(masks[0][k], masks[2][k]) for k in masks[0])
+    assert make_config("lwm", sparsity=0.5, seed=3).sparsity == 0.5  # the run's seed, no mask to draw

@@ -71,7 +71,8 @@ class ScoreJob(Job):
         if self.granularity == "weight":
             kept = sum(keep_count(m.scores.numel(), float(m.fraction().detach())) for m in self.layers.values())
             return kept / sum(m.weight.numel() for m in self.layers.values())
-        return channel_flops_density(self.costs, {n: float(m.channel_gate().mean()) for n, m in self.layers.items()})
+        return channel_flops_density(self.costs, {n: float(m.channel_gate().detach().mean())
+                                                  for n, m in self.layers.items()})
 
     def before_step(self) -> None:
         # Rates follow their raw gradients, so the compression term pushes each layer in

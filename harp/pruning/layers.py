@@ -125,7 +125,12 @@ class _Scored:
         return self._eval_weight
 
     def channel_gate(self) -> torch.Tensor | None:
-        return self.mask().detach() if self.granularity == "channel" else None
+        """The mask over output channels, applied after the BatchNorm; in training it carries the
+        scores' gradient: the BatchNorm cancels any scale of the layer's weights, so the gradient
+        through the masked weight alone is ~0 and the scores would never move."""
+        if self.granularity != "channel":
+            return None
+        return self.mask() if self.training else self.mask().detach()
 
 
 class _Masked:

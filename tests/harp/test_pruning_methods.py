@@ -39,6 +39,18 @@ def test_channel_pruning_at_a_fixed_rate_meets_the_flops_target(digits_robust_ck
     assert 0.5 <= removed < 0.55
 
 
+def test_learned_channel_scores_move_away_from_the_magnitude_masks(digits_robust_ckpt, tmp_path):
+    # The channel gate after each BatchNorm had been detached, and the BatchNorm cancels the masked
+    # weight's scale: scores got no gradient, and HYDRA's channel masks were lwm's, bit for bit.
+    masks = {}
+    for method in ("hydra", "lwm"):
+        prune_checkpoint(digits_robust_ckpt, tmp_path / method,
+                         make_config(method, sparsity=0.5, granularity="channel"), FAST, quiet=True)
+        masks[method] = load_checkpoint(tmp_path / method).masks
+    assert masks["hydra"].keys() == masks["lwm"].keys()
+    assert not all(torch.equal(masks["hydra"][k], masks["lwm"][k]) for k in masks["lwm"])
+
+
 def test_harp_learns_non_uniform_rates(digits_robust_ckpt, tmp_path):
     prune_checkpoint(digits_robust_ckpt, tmp_path / "h", make_config("harp", sparsity=0.99, gamma0=0.5), HARP_FAST,
                      quiet=True)

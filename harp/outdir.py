@@ -24,7 +24,7 @@ def check_out_dir(out: Path, *, force: bool, resume: bool, source: str | Path | 
     if out.exists():
         if not out.is_dir():
             raise HarpError(f"output {out} exists and is not a directory")
-        if any(out.iterdir()):
+        if any(out.iterdir()) and not never_finished_an_epoch(out):
             if not force:
                 raise HarpError(f"output directory {out} already exists; pass --force to overwrite it or --resume")
             if not any((out / name).exists() for name in _OURS):
@@ -45,9 +45,16 @@ def check_out_spares(out: Path, source: str | Path) -> None:
                         "write to another directory")
 
 
+def never_finished_an_epoch(out: Path) -> bool:
+    """Whether `out` holds only the state/ folder of a run that failed or was stopped in its first
+    epoch (no state.json): nothing to resume, so a plain re-run may start over in it."""
+    return [p.name for p in out.iterdir()] == ["state"] and (out / "state").is_dir() \
+        and not (out / "state" / "state.json").exists()
+
+
 def make_out_dir(out: Path, *, force: bool, resume: bool) -> None:
     if resume:
         return
-    if out.exists() and force:
+    if out.exists() and (force or never_finished_an_epoch(out)):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

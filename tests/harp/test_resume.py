@@ -142,3 +142,14 @@ def test_resume_with_other_options_is_refused(capsys, tmp_path):
     assert run_cli(cli, [*args, "--resume", "--optimizer", "sgd"]) == 2  # had been a KeyError from torch's SGD
     assert "run.optimizer" in capsys.readouterr().err
     assert run_cli(cli, [*args, "--resume", "--eps", "0.2", "--device", "cpu"]) == 0  # the default eps; a device
+
+
+def test_a_run_stopped_in_its_first_epoch_can_be_run_again(tmp_path):
+    # It leaves state/ without state.json: a re-run had been refused ("already exists; pass --force or
+    # --resume") and --resume too ("holds no interrupted run").
+    out = tmp_path / "run"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / "model-0.safetensors").write_bytes(b"half")
+    assert run_cli(cli, ["train", "--epochs", "1", "--steps", "1", "--subset", "100", "--quiet",
+                         "--out", str(out)]) == 0
+    assert (out / "meta.json").is_file()

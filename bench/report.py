@@ -21,9 +21,9 @@ from typing import Any
 import click
 
 from harp.commands.options import SEED
-from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json, check_output_file
+from harp.outdir import check_can_create
 
 from .latency_bench import (BACKEND_ORDER, LatencyOptions, check_latency, latency_markdown, run_latency,
                             with_runnable_backends)
@@ -84,7 +84,7 @@ def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike
     checked = [_checked(art, options, note) for art in opened]  # everything refused before anything runs
     slugs = distinct([re.sub(r"[^A-Za-z0-9_.-]+", "-", art.name).strip("-") or "artifact" for art in opened])
     out = Path(out)
-    check_out_folder(out)
+    check_can_create(out)  # before the benchmarks run
     if out.is_dir():  # a folder in the way of a figure would fail after the benchmarks
         for name in [REPORT, "report.json", CURVES_PNG, *(f"{s}-{kind}.png" for s in slugs
                                                           for kind in ("latency", "sparsity"))]:
@@ -132,17 +132,6 @@ def _checked(art: Artifact, options: ReportOptions, note: Callable[[str], None]
     check_latency(art, latency)
     robustness = None if options.robustness is None else checked_options(art, options.robustness, note=note)
     return latency, robustness
-
-
-def check_out_folder(out: Path) -> None:
-    """HarpError unless OUT is, or can be made, a folder (checked before the benchmarks run)."""
-    ancestor = out.absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise HarpError(f"cannot create {out}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise HarpError(f"cannot write to {ancestor}: permission denied")
 
 
 @click.command("report")

@@ -30,7 +30,7 @@ from torch import nn
 
 from harp.errors import HarpError
 from harp.io import DIR_MODE, NAME_MAX, fsync_dir, temp_prefix
-from harp.outdir import check_out_spares
+from harp.outdir import check_can_create, check_out_spares
 
 from .bundle import write_bundle
 from .channels import TrimSummary, trim_channels
@@ -273,13 +273,10 @@ def _check_out_dir(out: Path, force: bool, source: str | os.PathLike[str] | None
             if not (out / MANIFEST).is_file():
                 raise ExportError(f"--force: {out} holds no {MANIFEST}, so it is not a harp export; "
                                   "refusing to delete it")
-    parent = out.absolute().parent  # missing parents are created with the export
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ExportError(f"cannot create {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write to {parent} (permission denied)")
+    try:
+        check_can_create(out.absolute().parent)  # missing parents are created with the export
+    except HarpError as e:
+        raise ExportError(str(e)) from None
 
 
 def _parity_inputs(parity_x: np.ndarray | None, parity_adv: np.ndarray | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,12 +30,19 @@ def check_out_dir(out: Path, *, force: bool, resume: bool, source: str | Path | 
                 raise HarpError(f"output directory {out} already exists; pass --force to overwrite it or --resume")
             if not any((out / name).exists() for name in _OURS):
                 raise HarpError(f"--force: {out} does not look like a harp output; refusing to delete it")
-    # missing parents are created with the directory (runs/ in a fresh clone); a file in the way is an error
-    ancestor = out.absolute().parent
+    check_can_create(out.absolute().parent)
+
+
+def check_can_create(folder: Path) -> None:
+    """HarpError unless `folder` is, or can be made, a writable folder: missing parents are created
+    with it (runs/ in a fresh clone); a file in the way, or a read-only ancestor, is an error."""
+    ancestor = folder.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise HarpError(f"cannot create {out}: {ancestor} is not a directory")
+        raise HarpError(f"cannot create {folder}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise HarpError(f"cannot write to {ancestor}: permission denied")
 
 
 def check_out_spares(out: Path, source: str | Path) -> None:

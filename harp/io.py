@@ -43,7 +43,8 @@ def fsync_dir(directory: str | Path) -> None:
 
 
 NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems
-STREAM_PREFIXES = ("/dev/", "/proc/")  # /dev/stdout, /dev/fd/N, /proc/self/fd/N: an open stream, not a file
+# An open stream's paths, not files (/dev/shm/x is a file; /dev/null is a device, see below).
+STREAM_PREFIXES = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")
 
 
 def _written_in_place(given: Path, target: Path) -> bool:
@@ -100,7 +101,7 @@ def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
         with _renamed_into_place(path) as f:
             yield f
     except OSError as e:
-        if e.filename is None and e.errno is not None:  # a failed write() names no file: "No space left on device"
+        if e.filename is None and e.errno is not None:  # a failed write() names no file (a full disk)
             e.filename = str(given)
         raise
 

@@ -5,6 +5,8 @@ Artifacts themselves are read through `harp.export.artifact.open_artifact`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from harp.errors import HarpError
 from harp.export.artifact import Artifact
 from harp.lazy_group import is_installed
@@ -63,3 +65,20 @@ def runnable_backends(artifact: Artifact) -> tuple[list[str], dict[str, str]]:
         else:
             runnable.append(name)
     return runnable, skipped
+
+
+def default_backends(artifact: Artifact, doing: str, note: Callable[[str], None], *,
+                     required: tuple[str, str] | None = None) -> tuple[str, ...]:
+    """The backends to use when --backends is not given: those `runnable_backends` finds, with a note
+    naming the others ("demo: not timing torch (...)"). HarpError if none can run, or if the
+    backend of `required` (name, why it is needed) cannot."""
+    runnable, skipped = runnable_backends(artifact)
+    if not runnable:
+        raise HarpError(f"{artifact.name}: no backend can run here: "
+                        + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
+    if required is not None and required[0] not in runnable:
+        raise HarpError(f"{artifact.name}: backend {required[0]} cannot run here ({skipped[required[0]]}): "
+                        f"{required[1]}")
+    if skipped:
+        note(f"{artifact.name}: not {doing} " + "; ".join(f"{b} ({why})" for b, why in skipped.items()))
+    return tuple(runnable)

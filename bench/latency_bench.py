@@ -33,7 +33,7 @@ from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 from harp.io import atomic_write_bytes, atomic_write_json
 
-from .artifact import BACKEND_FILES, check_backend_packages, check_backends, runnable_backends
+from .artifact import BACKEND_FILES, check_backend_packages, check_backends, default_backends
 from .latency import DEFAULT_WARMUP, MIN_ITERS
 from .machine import machine_info
 from .options import CommaList, check_distinct_outputs, json_out, md_out, plot_out, shape
@@ -269,13 +269,8 @@ def latency_command(ctx, artifact, backends, batches, threads, warmup, iters, se
 def with_runnable_backends(art: Artifact, options: LatencyOptions) -> LatencyOptions:
     """`options` timing the backends that the artifact and this machine can run; a note on stderr
     names the others (`--backends` makes a missing one an error instead)."""
-    runnable, skipped = runnable_backends(art)
-    if skipped:
-        click.echo(f"harp-bench: note: {art.name}: not timing "
-                   + "; ".join(f"{b} ({why})" for b, why in skipped.items()), err=True)
-    if not runnable:
-        raise HarpError(f"{art.name}: no backend can run here: " + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
-    return replace(options, backends=tuple(runnable))
+    note = lambda s: click.echo(f"harp-bench: note: {s}", err=True)  # noqa: E731
+    return replace(options, backends=default_backends(art, "timing", note))
 
 
 def emit(result: dict[str, Any], json_path: str | None, md_path: str | None, plot_path: str | None) -> None:

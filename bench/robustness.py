@@ -38,7 +38,7 @@ from harp.commands.options import POSITIVE, SEED
 from harp.errors import HarpError
 from harp.export.artifact import Artifact, open_artifact
 
-from .artifact import check_backend_packages, check_backends, runnable_backends
+from .artifact import check_backend_packages, check_backends, default_backends
 from .curves import BATCH, robustness_curves, torch_accuracy
 from .latency_bench import BACKEND_ORDER, write_outputs
 from .options import CommaList, OutputFile, check_distinct_outputs, data_root, json_out, md_out
@@ -140,13 +140,8 @@ def checked_options(art: Artifact, options: RobustnessOptions, *, note: Callable
     options.check()
     backends = options.backends
     if backends is None:
-        runnable, skipped = runnable_backends(art)
-        if "torch" not in runnable:
-            raise HarpError(f"{art.name}: backend torch cannot run here ({skipped['torch']}): white-box attacks are "
-                            "crafted on it")
-        if skipped:
-            note(f"{art.name}: not evaluating " + "; ".join(f"{b} ({why})" for b, why in skipped.items()))
-        backends = tuple(runnable)
+        backends = default_backends(art, "evaluating", note,
+                                    required=("torch", "white-box attacks are crafted on it"))
         options = replace(options, backends=backends)
         options.check()  # square needs a runtime besides torch
     check_backends(art, list(backends))

@@ -164,15 +164,15 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         state_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
     best = {"epoch": -1, "robust": -1.0}
-    start_epoch = 0
+    start_epoch, earlier_seconds = 0, 0.0
     if resume:
-        start_epoch, history, best = _load_state(state_dir, job, opt, sched, cfg, meta, device)
+        start_epoch, history, best, earlier_seconds = _load_state(state_dir, job, opt, sched, cfg, meta, device)
     else:
         torch.manual_seed(cfg.seed)
 
     val_attack = make_attack("pgd", eval_attack)
     val_small = val.subset(cfg.val_size)
-    t_run = time.perf_counter()
+    t_run = time.perf_counter() - earlier_seconds  # wall time counts the interrupted sessions too
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -202,7 +202,8 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
             if dist.is_main:
                 atomic_save_tensors(state_dir / f"best-{epoch + 1}.safetensors", job.model.state_dict())
         if dist.is_main:
-            _save_state(state_dir, epoch + 1, job, opt, sched, cfg, history, best, meta)
+            _save_state(state_dir, epoch + 1, job, opt, sched, cfg, history, best, meta,
+                        wall_seconds=time.perf_counter() - t_run)
             if not quiet:
                 print(_format_record(job.kind, cfg.epochs, record), flush=True)
         dist.barrier()
@@ -261,7 +262,8 @@ def _format_record(kind: str, epochs: int, r: dict[str, Any]) -> str:
 
 
 def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfig,
-                history: list[dict[str, Any]], best: dict[str, Any], meta: dict[str, Any]) -> None:
+                history: list[dict[str, Any]], best: dict[str, Any], meta: dict[str, Any], *,
+                wall_seconds: float) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(state_dir / f"model-{epoch}.safetensors", job.model.state_dict())
     atomic_torch_save(state_dir / f"optim-{epoch}.pt", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -269,7 +271,8 @@ def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfi
     # state.json last: it only names files that are already complete on disk
     atomic_write_json(state_dir / "state.json", {"epoch": epoch, "kind": job.kind, "meta": _run_identity(meta),
                                                  "run": asdict(cfg),
-                                                 "job": job.state_json(), "history": history, "best": best})
+                                                 "job": job.state_json(), "history": history, "best": best,
+                                                 "wall_seconds": round(wall_seconds, 1)})
     keep = {f"model-{epoch}.safetensors", f"optim-{epoch}.pt", f"best-{best['epoch']}.safetensors", "state.json"}
     for f in state_dir.iterdir():
         if f.name not in keep and not f.name.startswith("."):
@@ -384,4 +387,8 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, meta: dic
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HarpError(f"--resume: saved state in {state_dir} does not fit this run "
                         f"(architecture or method mismatch?): {first}") from e
-    return epoch, history, state["best"]
+    # states of older harp lack the wall time: their epochs' own time is the closest to it
+    wall = state.get("wall_seconds")
+    earlier = float(wall) if is_number(wall) and wall >= 0 \
+        else sum(h["epoch_seconds"] for h in history)
+    return epoch, history, state["best"], earlier

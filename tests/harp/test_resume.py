@@ -40,6 +40,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     done = _kill_after_epochs(_harp(*ARGS, "--out", str(killed)), killed, 3)
     assert 3 <= done < 12, "the run must be killed mid-way"
     assert not (killed / "meta.json").exists()
+    killed_seconds = json.loads((killed / "state" / "state.json").read_text())["wall_seconds"]
 
     resumed = _harp(*ARGS, "--out", str(killed), "--resume")
     reference = _harp(*ARGS, "--out", str(clean))
@@ -48,6 +49,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
     meta = json.loads((killed / "meta.json").read_text())
     assert [h["epoch"] for h in meta["history"]] == list(range(1, 13))
+    # the wall time counts the killed session's epochs as well as the resumed ones
+    resumed_epochs = sum(h["epoch_seconds"] for h in meta["history"][done:])
+    assert meta["metrics"]["wall_seconds"] >= killed_seconds + resumed_epochs - 0.1
+    assert killed_seconds >= sum(h["epoch_seconds"] for h in meta["history"][:done]) - 0.1
     a, b = load_file(str(killed / "model.safetensors")), load_file(str(clean / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -71,6 +76,7 @@ def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_p
     done = _kill_after_epochs(_harp(*args, "--out", str(killed)), killed, 2)
     assert 2 <= done < 10, "the run must be killed mid-way"
     assert not (killed / "meta.json").exists()
+    killed_seconds = json.loads((killed / "state" / "state.json").read_text())["wall_seconds"]
 
     resumed = _harp(*args, "--out", str(killed), "--resume")
     reference = _harp(*args, "--out", str(clean))

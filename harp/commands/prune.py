@@ -73,8 +73,8 @@ def prune_command(checkpoint, out, method, sparsity, granularity, gamma0, alpha,
     """Prune a dense checkpoint to a target sparsity (HARP by default)."""
     method_kw = {name: kw.pop(name) for name in _METHOD_KEYS}
     config = make_config(method, sparsity=sparsity, granularity=granularity, gamma0=gamma0, alpha=alpha,
-                         rate_init=rate_init, seed=kw["seed"], **method_kw)
-    metrics = prune_checkpoint(checkpoint, out, config, PruneOptions(rate_lr=rate_lr, **kw),
+                         rate_init=rate_init, rate_lr=rate_lr, seed=kw["seed"], **method_kw)
+    metrics = prune_checkpoint(checkpoint, out, config, PruneOptions(**kw),
                                resume=resume, force=force, quiet=quiet)
     _report(metrics, out)
 

@@ -16,6 +16,7 @@ from .masks import keep_count
 from .rates import project_to_budget
 
 RATE_GRAD_CLIP = 1.0  # largest |gradient| a rate logit may take in one step
+ELIGIBLE_EXCESS = 0.01  # relative excess over the target density an eligible epoch may have
 
 
 class ScoreJob(Job):
@@ -99,8 +100,16 @@ class ScoreJob(Job):
         return {"density": density, "gamma": self.gamma if self.learn_rate else 0.0, "layer_density": layer_density}
 
     def eligible(self) -> bool:
-        # within 0.1 percentage points of the target; finalize() then makes it exact
-        return self.density() <= self.target + 1e-3
+        """Whether this epoch's masks meet the target, so it may become the kept checkpoint."""
+        if not self.learn_rate:  # fixed rates (HYDRA): as close to the target as whole weights or channels allow
+            return True
+        if self.granularity == "channel":  # saved as it is: at least the target's FLOPs removed
+            return self.density() <= self.target + 1e-9
+        # finalize() moves the counts onto the target: an epoch within 1% of it (or at the
+        # fewest weights the layers can keep) has the masks the saved model is cut from
+        numel = sum(m.weight.numel() for m in self.layers.values())
+        fewest = sum(keep_count(m.weight.numel(), m.a_min) for m in self.layers.values()) / numel
+        return self.density() <= max(self.target * (1 + ELIGIBLE_EXCESS), fewest)
 
     def state_json(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "gamma_frozen": self.gamma_frozen}
@@ -122,25 +131,8 @@ class ScoreJob(Job):
         budget = keep_count(sum(numel.values()), self.target)
         a_min = next(iter(self.layers.values())).a_min
         counts = project_to_budget({n: float(m.fraction().detach()) for n, m in self.layers.items()}, numel, budget, a_min)
-        for name, m in self.layers.items():
-            with torch.no_grad():
-                frac = counts[name] / numel[name]
-                # pin the layer to exactly this count (the mask is top-k of the learned scores)
-                m.rate.data.fill_(_logit_for(frac, m.a_min, numel[name]))
-
-
-def _logit_for(frac: float, a_min: float, numel: int) -> float:
-    """A rate whose fraction rounds up to exactly round(frac * numel) kept weights."""
-    target = round(frac * numel)
-    lo, hi = -60.0, 60.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        f = a_min + (1 - a_min) * float(torch.sigmoid(torch.tensor(mid, dtype=torch.float64)))
-        if keep_count(numel, f) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+        for name, m in self.layers.items():  # the mask is top-k of the learned scores
+            m.pin_count(counts[name])
 
 
 def channel_flops_density(costs: dict[str, LayerCost], kept: dict[str, float]) -> float:

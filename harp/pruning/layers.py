@@ -84,6 +84,24 @@ class _Scored:
     def fraction(self) -> torch.Tensor:
         return rate_to_fraction(self.rate, self.a_min)
 
+    def pin_count(self, count: int) -> None:
+        """Set the rate so that the mask keeps exactly `count` scores (or the fewest a_min allows).
+
+        The search runs through fraction() itself: a rate found in float64 and stored in the
+        float32 parameter can land just below the count's boundary and lose a weight.
+        """
+        n = self.scores.numel()
+        lo, hi = -60.0, 60.0
+        with torch.no_grad():
+            for _ in range(100):
+                mid = (lo + hi) / 2
+                self.rate.fill_(mid)
+                if keep_count(n, float(self.fraction())) >= count:
+                    hi = mid
+                else:
+                    lo = mid
+            self.rate.fill_(hi)
+
     def kept_fraction(self) -> torch.Tensor:
         """The fraction the mask really keeps (integer count) with the gradient of fraction().
 
@@ -214,10 +232,10 @@ def make_scored(model: nn.Module, granularity: str, densities: dict[str, float],
     for name, layer in prunable_layers(model):
         new = _clone_as(layer, _subclass_for(layer, ScoredConv2d, ScoredLinear))
         dens = 1.0 if name in frozen_output else densities[name]
-        new._init_pruning(granularity, dens, 0.0 if name in frozen_output else a_min,
-                          learn_rate and name not in frozen_output)
-        if name in frozen_output:
-            new.rate.data.fill_(30.0)  # sigmoid saturates: the fraction is 1
+        learned = learn_rate and name not in frozen_output
+        new._init_pruning(granularity, dens, 0.0 if name in frozen_output else a_min, learned)
+        if not learned:  # a fixed rate keeps exactly its count (the learned ones start clipped, see fraction_to_rate)
+            new.pin_count(keep_count(new.scores.numel(), dens))
         _replace(model, name, new)
         layers[name] = new
     if granularity == "channel":

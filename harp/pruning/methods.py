@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class HarpConfig:
     alpha: float = 0.1  # a_min = alpha * target density
     rate_init: str = "uniform"  # or "erk"
     init_density: float | None = None  # where the rates start; default sqrt(target density)
+    rate_lr: float | None = None  # learning rate of the rates; default the dataset's (PRUNE_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,6 @@ class PruneOptions:
     eps: float | None = None
     steps: int | None = None
     lr: float | None = None  # score learning rate (prune) or weight learning rate (finetune)
-    rate_lr: float | None = None
     batch_size: int | None = None
     seed: int = 0
     data_root: str = "data"
@@ -248,7 +248,7 @@ def score_job(ckpt: Checkpoint, config, opts: PruneOptions, learn_rate: bool) ->
     job = ScoreJob(model, _loss(ckpt, opts), target_density=density, granularity=config.granularity,
                    densities=densities, a_min=a_min, learn_rate=learn_rate,
                    gamma0=getattr(config, "gamma0", 0.0), score_lr=opts.lr or budget.lr,
-                   rate_lr=opts.rate_lr or budget.rate_lr, input_shape=spec.input_shape)
+                   rate_lr=getattr(config, "rate_lr", None) or budget.rate_lr, input_shape=spec.input_shape)
     run = RunConfig(epochs=opts.epochs or budget.epochs, batch_size=opts.batch_size or budget_for(spec).batch_size,
                     optimizer=budget.optimizer, lr=opts.lr or budget.lr, seed=opts.seed, select="best")
     return job, run
@@ -257,6 +257,8 @@ def score_job(ckpt: Checkpoint, config, opts: PruneOptions, learn_rate: bool) ->
 def _learned(learn_rate: bool) -> Handler:
     def handler(ckpt: Checkpoint, config, opts: PruneOptions, out: Path, meta: dict[str, Any],
                 resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+        if isinstance(config, HarpConfig) and config.rate_lr is None:  # recorded with its default filled in
+            config = replace(config, rate_lr=stage_budget(PRUNE_DEFAULTS, ckpt.spec.name).rate_lr)
         job, run = score_job(ckpt, config, opts, learn_rate)
         return _run_and_save(job, run, ckpt, config, opts, out, meta, resolve_device(opts.device), resume, quiet)
     return handler
@@ -336,6 +338,8 @@ def make_config(method: str, **kw: Any):
             raise HarpError("--gamma0 must be > 0 and --alpha in [0, 1)")
         if config.init_density is not None and not 0 < config.init_density <= 1:
             raise HarpError("--init-density must be in (0, 1]")
+        if config.rate_lr is not None and not config.rate_lr > 0:
+            raise HarpError("--rate-lr must be > 0")
     return config
 
 

@@ -158,8 +158,8 @@ def allocate(sensitivity: dict[str, float], numel: dict[str, int], density: floa
     dens = continuous_densities(sensitivity, numel, budget, temperature, floor, allocation)
     exact = {n: dens[n] * numel[n] for n in numel}
     counts = {n: min(numel[n], max(1, math.floor(exact[n] + 1e-9))) for n in numel}
-    # largest remainder first; ties go to the more sensitive layer
-    order = sorted(numel, key=lambda n: (exact[n] - counts[n], sensitivity[n]), reverse=True)
+    # largest remainder first; ties (equal up to float rounding in dens * numel) go to the more sensitive layer
+    order = sorted(numel, key=lambda n: (round(exact[n] - counts[n], 9), sensitivity[n]), reverse=True)
     while sum(counts.values()) < budget:
         grow = [n for n in order if counts[n] < numel[n]]
         for n in grow[:budget - sum(counts.values())]:

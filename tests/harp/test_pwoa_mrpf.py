@@ -107,6 +107,11 @@ def test_mrpf_allocation_is_exact_and_monotone():
     small = {"first": 3.0, "big": 1.0}
     counts = allocate(small, {"first": 288, "big": 100_000}, 0.01, 1.0)
     assert counts["first"] == 288 and counts["first"] + counts["big"] == -(-100_288 // 100)
+    # temperature 0: equal shares of 255.6 weights; the three extra weights go to the three most
+    # sensitive layers (float rounding of dens * numel had given one to the least sensitive)
+    sizes = {"a": 288, "b": 18432, "c": 73728, "d": 32768, "e": 2560}
+    counts = allocate({"a": 2, "b": 1, "c": 0.5, "d": 0.25, "e": -0.1}, sizes, 0.01, 0.0)
+    assert counts == {"a": 256, "b": 256, "c": 256, "d": 255, "e": 255}
 
 
 @pytest.mark.parametrize("sensitivity", ["prune", "noise"])

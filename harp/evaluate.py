@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,12 @@ def accuracy(model: nn.Module, data: ImageData, device: torch.device, *, attack:
     correct = total = 0
     batches = data.batches(batch_size, rank=ctx.rank, world_size=ctx.world_size)
     n_batches = data.num_batches(batch_size, ctx.world_size)
+    # The ranks' shards are equal, which leaves the last n % world_size examples to no rank: the main
+    # rank scores them too, so every example counts once.
+    tail = len(data) % ctx.world_size if ctx.is_main else 0
+    if tail:
+        batches = itertools.chain(batches, ImageData(data.images[-tail:], data.labels[-tail:]).batches(batch_size))
+        n_batches += 1
     for x, y in tqdm(batches, total=n_batches, desc=desc, disable=quiet or not ctx.is_main, leave=False):
         x, y = x.to(device), y.to(device)
         if attack is not None:
@@ -76,8 +83,7 @@ def evaluate_checkpoint(path: str, *, attack: str = "pgd", eps: float | None = N
     results = {}
     for name in names:
         if name == "pgd-l2":
-            cfg = eval_attack(spec, eps if attack == "pgd-l2" and eps is not None else spec.l2_eps, steps,
-                              norm="l2", restarts=restarts)
+            cfg = eval_attack(spec, eps if attack == "pgd-l2" else None, steps, norm="l2", restarts=restarts)
         else:
             cfg = eval_attack(spec, eps, steps, restarts=restarts)
         torch.manual_seed(0)  # PGD's random starts: the same numbers every time a checkpoint is evaluated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -46,19 +47,28 @@ def check_model_runs(model: nn.Module, arch: str, spec: DatasetSpec) -> None:
     """HarpError unless `model` maps a batch of `spec`'s images to one logit per class: a torchvision
     network made for 224-pixel images can pool 8x8 digits down to nothing."""
     shape = "x".join(map(str, spec.input_shape))
+    # Both modes: some networks answer differently in training (extra heads, a tuple of outputs).
+    # A copy runs in training mode, so the model's BatchNorm statistics stay as they are.
     was_training = model.training
-    model.eval()  # BatchNorm statistics stay as they are
-    try:
-        with torch.no_grad():
-            logits = model(torch.zeros(2, *spec.input_shape))
-    except (RuntimeError, AssertionError, ValueError, IndexError) as e:  # ViT asserts its image size
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise HarpError(f"--arch {arch} cannot run on the {shape} images of {spec.name}: {first}") from e
-    finally:
-        model.train(was_training)
-    if tuple(logits.shape) != (2, spec.classes):
-        raise HarpError(f"--arch {arch} maps the {shape} images of {spec.name} to outputs of shape "
-                        f"{tuple(logits.shape)[1:]}, not {spec.classes} logits")
+    for training in (False, True):
+        probe = copy.deepcopy(model).train() if training else model.eval()
+        try:
+            with torch.no_grad():
+                logits = probe(torch.zeros(2, *spec.input_shape))
+        except (RuntimeError, AssertionError, ValueError, IndexError) as e:  # ViT asserts its image size
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise HarpError(f"--arch {arch} cannot run on the {shape} images of {spec.name}: {first}") from e
+        finally:
+            model.train(was_training)
+        mode = " in training" if training else ""
+        if not isinstance(logits, torch.Tensor):
+            raise HarpError(f"--arch {arch} returns a {type(logits).__name__}{mode}, not a tensor of logits")
+        if tuple(logits.shape) != (2, spec.classes):
+            raise HarpError(f"--arch {arch} maps the {shape} images of {spec.name} to outputs of shape "
+                            f"{tuple(logits.shape)[1:]}{mode}, not {spec.classes} logits")
+
+
+AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 
 
 def _torchvision(name: str, spec: DatasetSpec) -> nn.Module:
@@ -66,7 +76,10 @@ def _torchvision(name: str, spec: DatasetSpec) -> nn.Module:
 
     if name not in tvm.list_models(module=tvm):
         raise HarpError(f"unknown torchvision model {name!r}")
-    model = tvm.get_model(name, weights=None, num_classes=spec.classes)
+    # Auxiliary heads make training return a tuple of logits: harp trains the main head only (and
+    # names the initialisation, which these models otherwise warn will change)
+    aux = {"aux_logits": False, "init_weights": True} if name in AUX_HEAD_MODELS else {}
+    model = tvm.get_model(name, weights=None, num_classes=spec.classes, **aux)
     if spec.channels != 3:  # rebuild the stem for grey images
         for parent in model.modules():
             for child_name, child in parent.named_children():

@@ -65,3 +65,28 @@ def test_a_non_finite_budget_is_refused(field):
     # nan passed the sign checks (it compares False) and failed deep inside torch
     with pytest.raises(HarpError, match="attack budget"):
         AttackConfig(**{"eps": 0.1, "step_size": 0.01, "steps": 3, field: float("nan")})
+
+
+def test_attack_defaults_follow_the_norm_and_the_step_count():
+    from harp.data import dataset_spec
+    from harp.training.train import eval_attack, train_attack
+
+    spec = dataset_spec("digits")
+    assert eval_attack(spec).step_size == spec.eval_step_size  # the dataset's tuned PGD-20
+    # Fewer steps had kept the tuned 0.02: PGD-5 moved at most 0.1 of the 0.2 budget and scored
+    # 70.7% robust accuracy, against 13.6% at eps 0.20000001, where the rule applied
+    assert eval_attack(spec, steps=5).step_size == pytest.approx(2.5 * 0.2 / 5)
+    assert eval_attack(spec, steps=1).step_size * 1 >= spec.eps
+    # --norm l2 without --eps had trained at the L-inf budget (0.2, not digits' L2 budget 1.0)
+    assert train_attack(spec, None, None, None, "l2").eps == spec.l2_eps == 1.0
+    assert eval_attack(spec, norm="l2").eps == spec.l2_eps
+
+
+def test_pgd_with_fewer_steps_still_reaches_the_budget(digits_ckpt):
+    from harp.data import dataset_spec
+    from harp.training.train import eval_attack
+
+    model, x, y = _model_and_batch(digits_ckpt)
+    torch.manual_seed(0)
+    reach = (pgd(model, x, y, eval_attack(dataset_spec("digits"), steps=5)) - x).abs().amax(1).amax(1).amax(1)
+    assert reach.median() > 0.19  # most examples are pushed to the edge of the 0.2 ball

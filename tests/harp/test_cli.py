@@ -72,6 +72,34 @@ def test_training_an_architecture_harp_cannot_export_warns_first(tmp_path):
     assert (tmp_path / "o" / "meta.json").is_file()  # a warning, not an error: training it is fine
 
 
+def test_a_model_that_trains_on_a_tuple_of_outputs_is_refused_or_fixed():
+    # GoogLeNet's auxiliary heads return a namedtuple in training: it passed the eval-mode check and
+    # training then stopped with a TypeError traceback in the loss
+    import torch
+    from torch import nn
+
+    from harp.data import dataset_spec
+    from harp.errors import HarpError
+    from harp.models import build_model, check_model_runs
+
+    spec = dataset_spec("mnist")
+    model = build_model("torchvision:googlenet", spec)
+    check_model_runs(model, "torchvision:googlenet", spec)  # built without the auxiliary heads
+    assert isinstance(model.train()(torch.rand(2, *spec.input_shape)), torch.Tensor)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return (y, y) if self.training else y
+
+    with pytest.raises(HarpError, match="--arch two returns a tuple in training, not a tensor of logits"):
+        check_model_runs(TwoHeads(), "two", spec)
+
+
 def test_warnings_print_as_one_line(capsys, monkeypatch):
     import warnings
 
@@ -169,6 +197,16 @@ def test_finetune_of_a_damaged_pruned_checkpoint_is_one_line(capsys, digits_ckpt
     code, _, err = _run(capsys, "finetune", pruned, "--out", tmp_path / "tuned", "--epochs", "1", "--quiet")
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "tuned").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--adv", "pgd", "--beta", "100"], "--beta weighs the robust term of --adv trades or mart"),
+    (["--adv", "none", "--steps", "3", "--norm", "l2"], "--adv none trains on clean examples: --steps, --norm l2"),
+])
+def test_attack_options_the_loss_ignores_are_refused(capsys, tmp_path, options, message):
+    # --beta with PGD-AT had trained bit-identical weights and recorded beta 100 in meta.json
+    code, _, err = _run(capsys, "train", "--out", tmp_path / "o", "--epochs", "1", "--quiet", *options)
+    assert code == 2 and message in err and not (tmp_path / "o").exists()
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):

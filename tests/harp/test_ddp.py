@@ -19,3 +19,27 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["distributed"] == {"world_size": 2, "weights_identical": True}
     assert meta["metrics"]["natural_accuracy"] > 0.3  # learned something in 4 short epochs
+
+
+def test_sharded_accuracy_scores_every_example_once():
+    # Each rank got n // world_size examples: the last n % world_size were never scored, yet counted
+    # in test_examples (449 test images on 2 ranks: 448 scored).
+    import torch
+
+    from harp.data import load_split
+    from harp.evaluate import accuracy
+    from harp.training.distributed import DistContext
+
+    class Rank(DistContext):  # one rank of a world, its counts summed by the test instead of all_reduce
+        def sum(self, values):
+            return values
+
+    test = load_split("digits", False).subset(449)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    scored = []  # the examples each call scores, counted in the model's forward
+    model.register_forward_hook(lambda module, args, out: scored.append(len(out)))
+    for world_size in (2, 3, 4):
+        scored.clear()
+        for rank in range(world_size):
+            accuracy(model, test, torch.device("cpu"), dist_ctx=Rank(rank, world_size), batch_size=64)
+        assert sum(scored) == len(test), world_size

@@ -142,9 +142,9 @@ def test_resume_with_other_options_is_refused(capsys, tmp_path):
     args = ["train", "--epochs", "2", "--steps", "2", "--subset", "200", "--quiet", "--out", str(out)]
     assert run_cli(cli, args) == 0
     (out / "meta.json").unlink()  # as if interrupted after its last epoch
-    assert run_cli(cli, [*args, "--resume", "--adv", "none", "--seed", "7"]) == 2
+    assert run_cli(cli, [*args, "--resume", "--adv", "trades", "--seed", "7"]) == 2
     err = capsys.readouterr().err
-    assert "was started with" in err and "training.adv 'pgd' (now 'none')" in err and "seed 0 (now 7)" in err, err
+    assert "was started with" in err and "training.adv 'pgd' (now 'trades')" in err and "seed 0 (now 7)" in err, err
     assert run_cli(cli, [*args, "--resume", "--optimizer", "sgd"]) == 2  # had been a KeyError from torch's SGD
     assert "run.optimizer" in capsys.readouterr().err
     assert run_cli(cli, [*args, "--resume", "--eps", "0.2", "--device", "cpu"]) == 0  # the default eps; a device

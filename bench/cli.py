@@ -68,12 +68,17 @@ def demo_latency() -> None:
                 DEMO_RUN.is_dir() and any(DEMO_RUN.iterdir()) and not (DEMO_RUN / PIPELINE_FILE).is_file()):
             raise HarpError(f"{DEMO_RUN} holds neither an artifact nor a harp pipeline run; move it away to let "
                             "harp-bench build the demo there, or time an artifact: harp-bench latency ARTIFACT")
+        from harp.pipeline import PipelineOptions, check_continues, run_pipeline
+
+        options = PipelineOptions(dataset="digits", sparsity=0.99)
+        try:
+            check_continues(DEMO_RUN, options)
+        except HarpError:  # its advice (the same options, or --force) is for `harp pipeline`, not harp-bench
+            raise HarpError(f"{DEMO_RUN} holds a pipeline run made with other options than the demo's; `make demo` "
+                            "rebuilds it, or time an artifact: harp-bench latency ARTIFACT") from None
         click.echo(f"{DEMO_ARTIFACT} is missing: running harp pipeline --dataset digits --sparsity 0.99 "
                    f"--out {DEMO_RUN} (about 2 minutes) ...", err=True)
-        from harp.pipeline import PipelineOptions, run_pipeline
-
-        run_pipeline(PipelineOptions(dataset="digits", sparsity=0.99), DEMO_RUN, quiet=True,
-                     log=lambda *a, **k: None)
+        run_pipeline(options, DEMO_RUN, quiet=True, log=lambda *a, **k: None)
     art = open_artifact(DEMO_ARTIFACT)
     emit(run_latency(art, with_runnable_backends(art, LatencyOptions(iters=DEMO_ITERS, warmup=5))), None, None, None)
 

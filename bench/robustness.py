@@ -24,6 +24,7 @@ backend runs on `threads` threads.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -122,12 +123,19 @@ def evaluation_spec(art: Artifact, options: RobustnessOptions):
     return spec
 
 
-def evaluation_data(art: Artifact, options: RobustnessOptions):
-    """(dataset spec, x float32 (n, C, H, W) in [0, 1], y int64) after checking the dataset fits the model."""
+@functools.lru_cache(maxsize=4)
+def _test_split(name: str, data_root: str):
+    """The dataset's test split, read once per process: `checked_options` reads it up front (missing data
+    is refused before the first artifact runs), the evaluation then uses the same copy."""
     from harp.data import load_split
 
+    return load_split(name, False, root=data_root)
+
+
+def evaluation_data(art: Artifact, options: RobustnessOptions):
+    """(dataset spec, x float32 (n, C, H, W) in [0, 1], y int64) after checking the dataset fits the model."""
     spec = evaluation_spec(art, options)
-    test = load_split(spec.name, False, root=options.data_root).subset(options.n)
+    test = _test_split(spec.name, str(options.data_root)).subset(options.n)
     x = test.images.float().div(255.0).contiguous()
     return spec, x, test.labels.clone()
 
@@ -136,7 +144,7 @@ def checked_options(art: Artifact, options: RobustnessOptions, *, note: Callable
                     ) -> RobustnessOptions:
     """`options` with the backends to run on `art`, after everything `run_robustness` would refuse
     was checked: backends (by default those the artifact and machine can run; `note` names the others),
-    packages, threads and the dataset's fit."""
+    packages, threads, the dataset's fit and that its test split can be read."""
     options.check()
     backends = options.backends
     if backends is None:
@@ -152,7 +160,7 @@ def checked_options(art: Artifact, options: RobustnessOptions, *, note: Callable
         if options.threads > max_threads():
             raise HarpError(f"--threads {options.threads} exceeds the {max_threads()} threads numba may use "
                             "(NUMBA_NUM_THREADS)")
-    evaluation_spec(art, options)
+    _test_split(evaluation_spec(art, options).name, str(options.data_root))
     return options
 
 

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import DatasetSpec, dataset_spec
+from .data import DatasetSpec, dataset_spec, imagefolder_spec
 from .errors import HarpError
 from .io import atomic_save_tensors, atomic_write_json, read_json, sha256_file
 from .models import build_model
@@ -58,15 +58,23 @@ class Checkpoint:
 
 
 def spec_from_json(obj: dict[str, Any]) -> DatasetSpec:
-    """The dataset spec stored in a checkpoint, checked against the registry's."""
-    spec = dataset_spec(obj["name"])
+    """The dataset spec stored in a checkpoint, checked against the registry's (and an imagefolder
+    against its folder, where that still exists)."""
+    saved = obj.get("class_names")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(c, str) for c in saved)):
+        raise HarpError(f"checkpoint dataset {obj['name']!r}: class_names {saved!r} is not a list of names")
+    name = obj["name"]
+    folder = Path(name.split(":", 1)[1]) if isinstance(name, str) and name.startswith("imagefolder:") else None
+    if folder is not None and saved is not None and not folder.exists():
+        # moved or deleted: the model is still described by its record (harp info); a command that
+        # reads the images names the missing folder then
+        spec = imagefolder_spec(folder, saved)
+    else:
+        spec = dataset_spec(name)
     if list(spec.input_shape) != obj["input_shape"] or spec.classes != obj["classes"]:
         raise HarpError(f"checkpoint dataset {obj['name']!r} has shape {obj['input_shape']} and "
                         f"{obj['classes']} classes, the dataset now has {list(spec.input_shape)} and {spec.classes}")
     # Same count, other folders (renamed or replaced classes): every label would mean another class.
-    saved = obj.get("class_names")
-    if saved is not None and not (isinstance(saved, list) and all(isinstance(c, str) for c in saved)):
-        raise HarpError(f"checkpoint dataset {obj['name']!r}: class_names {saved!r} is not a list of names")
     if saved is not None and spec.class_names is not None and list(spec.class_names) != saved:
         raise HarpError(f"checkpoint dataset {obj['name']!r} was trained on classes {', '.join(map(str, saved))}; "
                         f"the folder now has {', '.join(spec.class_names)}")

@@ -7,6 +7,7 @@ layer (`harp.models.normalize.Normalize`), so attack budgets are in pixel space.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ _SPECS: dict[str, DatasetSpec] = {
 }
 DATASETS = tuple(_SPECS) + ("imagefolder:PATH",)
 IMAGEFOLDER_SIZE = 32
+IMAGEFOLDER_ORDER_SEED = 0
 
 
 @dataclass
@@ -131,8 +133,9 @@ def dataset_spec(name: str) -> DatasetSpec:
         raise HarpError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})") from None
 
 
-def load_split(name: str, train: bool, *, root: str | Path = "data", download: bool = False) -> ImageData:
-    """Load one split of a dataset by name into memory."""
+def load_split(name: str, train: bool, *, root: str | Path = "data", download: bool | None = None) -> ImageData:
+    """Load one split of a dataset by name into memory. download: None where the command
+    offers no --download (its error then does not suggest one)."""
     spec = dataset_spec(name)
     if name == "digits":
         return _digits(train)
@@ -156,6 +159,7 @@ def _digits(train: bool) -> ImageData:
 def _torchvision(name: str, train: bool, root: Path, download: bool) -> ImageData:
     import torchvision.datasets as tvd
 
+    offers_download, download = download is not None, bool(download)
     try:
         if name in ("mnist", "fashion-mnist"):
             cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
@@ -169,9 +173,17 @@ def _torchvision(name: str, train: bool, root: Path, download: bool) -> ImageDat
         else:  # svhn
             ds = tvd.SVHN(str(root), split="train" if train else "test", download=download)
             images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
-    except (RuntimeError, OSError, ValueError) as e:
-        hint = "" if download else " (pass --download to fetch it, or --data-root to point at it)"
-        raise HarpError(f"dataset {name!r} not found under {root}{hint}: {str(e).splitlines()[0]}") from e
+    # MNIST's files carry no checksum: damaged ones fail inside torchvision's parser (an assertion, a
+    # dtype check, a legacy .pt that torch's weights_only loader refuses)
+    except (RuntimeError, OSError, ValueError, AssertionError, TypeError, IndexError, EOFError,
+            pickle.UnpicklingError) as e:
+        hint = "" if download else (" (pass --download to fetch it, or --data-root to point at it)" if offers_download
+                                    else " (pass --data-root to point at it)")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HarpError(f"dataset {name!r} under {root} is missing or unreadable{hint}: {first}") from e
+    if len(images) != len(labels):
+        raise HarpError(f"dataset {name!r} under {root}: the {'train' if train else 'test'} split has "
+                        f"{len(images)} images but {len(labels)} labels (files from different splits?)")
     return ImageData(images.to(torch.uint8).contiguous(), labels.to(torch.int64))
 
 
@@ -193,6 +205,12 @@ def _imagefolder_spec(path: Path) -> DatasetSpec:
     classes = _imagefolder_classes(train)
     if len(classes) < 2:
         raise HarpError(f"imagefolder {train} has {len(classes)} class folders, need at least 2")
+    # the absolute path: a checkpoint's meta names the folder from wherever it is read
+    return imagefolder_spec(path.absolute(), classes)
+
+
+def imagefolder_spec(path: Path, classes: list[str]) -> DatasetSpec:
+    """The spec of an imagefolder with these class folders (ImageNet statistics, 32x32 crops)."""
     return DatasetSpec(f"imagefolder:{path}", 3, (IMAGEFOLDER_SIZE, IMAGEFOLDER_SIZE), len(classes),
                        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 8 / 255, 10, 10, 2 / 255, True,
                        class_names=tuple(classes))
@@ -220,13 +238,32 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
     tf = T.Compose([T.Resize(spec.size[0]), T.CenterCrop(spec.size), T.PILToTensor()])
     try:
         # every training class needs images; the test split may leave one empty
-        ds = Folder(str(folder), transform=lambda im: tf(im.convert("RGB")), allow_empty=not train)
+        ds = Folder(str(folder), transform=tf, loader=_load_rgb, allow_empty=not train)
     except FileNotFoundError as e:  # "Found no valid file for the classes ..."
         raise HarpError(f"imagefolder {folder}: {e}") from e
     if len(ds) == 0:
         raise HarpError(f"imagefolder {folder} holds no images")
-    images = torch.stack([_read_image(ds, i) for i in range(len(ds))])
-    return ImageData(images, torch.tensor(ds.targets, dtype=torch.int64))
+    # A fixed shuffle: the folder lists the images class by class, and "the first N" (--subset,
+    # --n, the parity images) must be a mix of classes, not the first class alone.
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(IMAGEFOLDER_ORDER_SEED)).tolist()
+    images = torch.stack([_read_image(ds, i) for i in order])
+    return ImageData(images, torch.tensor([ds.targets[i] for i in order], dtype=torch.int64))
+
+
+def _load_rgb(path: str) -> Any:
+    """The image at `path` as RGB; 16- and 32-bit greyscale are scaled down to 8 bits, which PIL's
+    convert("RGB") (torchvision's loader) clips: every value above 255 became white."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        im = Image.open(f)
+        im.load()
+    if im.mode.startswith("I"):  # "I;16*": 16 bits; "I": 32-bit integers holding 8 or 16 bits, or more
+        values = np.asarray(im, dtype=np.float64)
+        peak = values.max(initial=0)
+        top = 65535.0 if im.mode.startswith("I;16") or 255 < peak <= 65535 else max(peak, 255.0)
+        im = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 def _read_image(ds: Any, i: int) -> torch.Tensor:

@@ -72,7 +72,7 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
         check_out_dir(out, force=True, resume=False)
         make_out_dir(out, force=True, resume=False)
     else:
-        _check_continues(out, opts)
+        check_continues(out, opts)
     existed = out.exists()
     fresh = not existed or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def _resuming(resume: bool) -> str:
 _SETTINGS = ("data_root", "download", "device", "export")
 
 
-def _check_continues(out: Path, opts: PipelineOptions) -> None:
+def check_continues(out: Path, opts: PipelineOptions) -> None:
     """HarpError unless `out` is new, empty, or a pipeline run made with the same options."""
     if out.exists() and not out.is_dir():
         raise HarpError(f"output {out} exists and is not a directory")

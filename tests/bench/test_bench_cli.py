@@ -356,6 +356,8 @@ def _corrupt(artifact: Path, tmp_path: Path) -> Path:
     ("whatif_option_with_artifact", "--sparsity only apply with --arch"),  # had been ignored silently
     ("no_artifact", "give an ARTIFACT to time, or --arch"),
     ("demo_folder_taken", "runs/demo holds neither an artifact nor a harp pipeline run"),
+    # the pipeline's own advice (pass the same options, or --force) had been printed: harp-bench takes neither
+    ("demo_folder_other_run", "runs/demo holds a pipeline run made with other options than the demo's; `make demo`"),
     ("one_file_twice", "--json and --plot both write"),  # the plot had replaced the JSON
     ("md_to_stdout", "'-' (stdout) is for --json only"),  # had written a file named '-'
     ("iters_and_seconds", "give --iters or --seconds, not both"),  # --iters had been ignored
@@ -376,6 +378,7 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
         "whatif_option_with_artifact": ["latency", artifact, "--sparsity", "0.5"],
         "no_artifact": ["latency"],
         "demo_folder_taken": [],
+        "demo_folder_other_run": [],
         "one_file_twice": ["latency", artifact, "--json", tmp_path / "o.json", "--plot", tmp_path / "o.json"],
         "md_to_stdout": ["latency", artifact, "--md", "-"],
         "iters_and_seconds": ["latency", artifact, "--iters", "60", "--seconds", "1"],
@@ -387,6 +390,10 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
         monkeypatch.chdir(tmp_path)
         (tmp_path / "runs" / "demo").mkdir(parents=True)
         (tmp_path / "runs" / "demo" / "notes.txt").write_text("mine")
+    if case == "demo_folder_other_run":
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "runs" / "demo").mkdir(parents=True)
+        (tmp_path / "runs" / "demo" / "pipeline.json").write_text(json.dumps({"options": {"sparsity": 0.9}}))
     if case == "missing_package":
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec",
@@ -405,6 +412,23 @@ def test_every_artifact_is_checked_before_any_is_evaluated(artifact, csr_artifac
     code, _, err = bench(["report", artifact, csr_artifact, "--out", tmp_path / "report", "--backends",
                           "onnxruntime", "--iters", "50", "--batch", "1", "--n", "8"], capsys)
     assert code == 2 and "needs model.onnx" in err and not (tmp_path / "report").exists(), err
+
+
+def test_missing_evaluation_data_is_refused_before_anything_runs(artifact, tmp_path, capsys, monkeypatch):
+    # The data was read only when the robustness part began: report had timed the latency and written
+    # its PNGs first, robustness had evaluated every artifact before the one whose data was missing.
+    import harp.data
+    from harp.bench import robustness
+    from harp.errors import HarpError
+
+    def missing(name, train, **kw):
+        raise HarpError(f"dataset {name!r} under nowhere is missing or unreadable")
+
+    monkeypatch.setattr(harp.data, "load_split", missing)
+    robustness._test_split.cache_clear()  # an earlier test's digits
+    code, _, err = bench(["report", artifact, "--out", tmp_path / "report", "--backends", "torch", "--iters", "50",
+                          "--batch", "1", "--n", "8", "--attacks", "fgsm"], capsys)
+    assert code == 2 and "missing or unreadable" in err and not (tmp_path / "report").exists(), err
 
 
 def test_robustness_by_default_evaluates_what_the_artifact_can_run(csr_artifact, capsys):

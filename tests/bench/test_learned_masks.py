@@ -27,11 +27,12 @@ def test_imagefolder_round_trip_gives_cifar_shaped_images_with_their_labels(tmp_
     train = load_split(name, train=True)
     assert train.images.shape == (30, 3, 32, 32) and train.images.dtype.is_floating_point is False
     assert np.bincount(train.labels.numpy()).tolist() == [3] * 10
-    # the first image of class 7, upscaled: grey (R = G = B) and bright where the digit's strokes are
+    # an image of class 7, upscaled: grey (R = G = B) and bright where the strokes of one of the three
+    # sevens written are (harp reads an imagefolder in a fixed shuffled order)
     first7 = train.images[train.labels == 7][0].numpy().astype(int)
     assert (first7[0] == first7[1]).all() and (first7[1] == first7[2]).all()
-    original = images[np.flatnonzero(digits.target == 7)[0]]
-    assert np.corrcoef(first7[0, ::4, ::4].ravel(), original.ravel())[0, 1] > 0.8
+    originals = images[np.flatnonzero(digits.target == 7)[:3]]
+    assert max(np.corrcoef(first7[0, ::4, ::4].ravel(), o.ravel())[0, 1] for o in originals) > 0.8
 
 
 def test_each_method_prunes_the_one_trained_model_into_checkpoints_named_after_it(tmp_path):

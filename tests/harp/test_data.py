@@ -22,6 +22,16 @@ def test_batches_are_pixels_in_unit_range_and_shards_are_disjoint():
     assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.9
     seen = [torch.cat([y for _, y in data.batches(50, shuffle=True, seed=3, rank=r, world_size=2)]) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == len(data) // 2
+    index = [torch.cat([torch.arange(len(data))[idx] for idx in _batch_indices(data, r)]) for r in (0, 1)]
+    assert len(set(index[0].tolist()) | set(index[1].tolist())) == 2 * (len(data) // 2)  # no example twice
+
+
+def _batch_indices(data, rank):
+    """The example indices of each batch rank `rank` gets (labels replaced by the examples' positions)."""
+    from harp.data import ImageData
+
+    numbered = ImageData(data.images, torch.arange(len(data)))
+    return [y for _, y in numbered.batches(50, shuffle=True, seed=3, rank=rank, world_size=2)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -59,8 +69,48 @@ def test_validation_split_is_disjoint_from_training():
 def test_unknown_dataset_and_missing_root_are_user_errors(tmp_path):
     with pytest.raises(HarpError, match="unknown dataset"):
         dataset_spec("imagenet42")
-    with pytest.raises(HarpError, match="not found"):
+    with pytest.raises(HarpError, match=r"missing or unreadable \(pass --download to fetch it"):
+        load_split("mnist", False, root=tmp_path, download=False)
+    # commands without --download (export, harp-bench) had suggested it as well
+    with pytest.raises(HarpError, match=r"missing or unreadable \(pass --data-root to point at it\)"):
         load_split("mnist", False, root=tmp_path)
+
+
+def _write_idx(path, array):
+    """The plain idx format torchvision reads from MNIST/raw."""
+    import numpy as np
+
+    codes = {np.uint8: 8, np.int32: 12}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("garbage", "missing or unreadable"),  # torchvision's parser had raised an AssertionError
+    ("int32-labels", "missing or unreadable"),  # a TypeError
+    ("short-labels", "the test split has 12 images but 10 labels"),  # had scored mismatched pairs
+])
+def test_damaged_mnist_files_are_user_errors(tmp_path, damage, message):
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8), rng.integers(0, 10, 12).astype(np.uint8)
+    for split in ("train", "t10k"):  # torchvision wants all four files
+        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    assert len(load_split("mnist", True, root=tmp_path)) == 12  # written as torchvision reads them
+    if damage == "garbage":
+        (raw / "t10k-images-idx3-ubyte").write_bytes(rng.bytes(500))
+    if damage == "int32-labels":
+        _write_idx(raw / "t10k-labels-idx1-ubyte", labels.astype(np.int32))
+    if damage == "short-labels":
+        _write_idx(raw / "t10k-labels-idx1-ubyte", labels[:10])
+    with pytest.raises(HarpError, match=message) as error:
+        load_split("mnist", False, root=tmp_path)
+    assert "Dataset not found" not in str(error.value)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="shared MNIST not present")
@@ -134,3 +184,51 @@ def test_a_checkpoint_refuses_an_imagefolder_whose_classes_changed(tmp_path):
     with pytest.raises(HarpError, match="was trained on classes cat, dog, fox; the folder now has cat, dog, wolf"):
         spec_from_json(saved)
     assert "class_names" not in dataset_spec("digits").to_json()  # built-in datasets: checkpoints unchanged
+
+
+def _colour_folder(root, per_class: int) -> None:
+    from PIL import Image
+
+    colours = {"cat": (200, 0, 0), "dog": (0, 200, 0), "fox": (0, 0, 200)}
+    for split in ("train", "val"):
+        for label, colour in colours.items():
+            (root / split / label).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), colour).save(root / split / label / f"{i}.png")
+
+
+def test_the_first_images_of_an_imagefolder_mix_its_classes(tmp_path):
+    # ImageFolder lists class by class: --n 10 (and --subset, the parity images) had scored only
+    # the first class, so a model answering "cat" to everything had 100% accuracy
+    _colour_folder(tmp_path, 10)
+    for train in (True, False):
+        first = load_split(f"imagefolder:{tmp_path}", train=train).subset(10)
+        assert len(set(first.labels.tolist())) == 3
+        colour = first.images[:, :, 0, 0].float().argmax(1)  # the image's own colour names its class
+        assert torch.equal(colour, first.labels)
+
+
+def test_an_imagefolder_checkpoint_is_described_wherever_it_is_read(tmp_path, monkeypatch):
+    from harp.checkpoint import spec_from_json
+
+    _colour_folder(tmp_path / "pics", 1)
+    monkeypatch.chdir(tmp_path)
+    saved = dataset_spec("imagefolder:pics").to_json()
+    assert saved["name"] == f"imagefolder:{tmp_path / 'pics'}"  # absolute: readable from another folder
+    (tmp_path / "pics").rename(tmp_path / "moved")
+    # the folder is gone: info and export still read the checkpoint's own record of it
+    assert spec_from_json(saved).class_names == ("cat", "dog", "fox")
+    with pytest.raises(HarpError, match="needs subfolders train/"):
+        load_split(saved["name"], False)
+
+
+def test_sixteen_bit_greyscale_images_keep_their_values(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    _colour_folder(tmp_path, 1)
+    grey = np.full((8, 8), 30000, dtype=np.uint16)  # 46% of full scale: PIL's convert("RGB") made it white
+    Image.fromarray(grey).save(tmp_path / "val" / "dog" / "0.png")
+    test = load_split(f"imagefolder:{tmp_path}", train=False)
+    dog = test.images[test.labels == 1][0]
+    assert abs(int(dog[0, 0, 0]) - round(30000 / 257)) <= 1 and int(dog[1, 0, 0]) == int(dog[0, 0, 0])

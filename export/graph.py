@@ -294,6 +294,10 @@ def _infer(node: Node, ins: list[tuple[int, ...]], tensors: dict[str, np.ndarray
             raise GraphError("count_include_pad must be a bool")
         if padding[0] * 2 > kernel[0] or padding[1] * 2 > kernel[1]:
             raise GraphError(f"padding {padding} exceeds half the kernel {kernel}")
+        # with padding at most the input's size, a kernel that leaves an output is at most 3x it: a
+        # kernel of 2**24 (padding 2**23) on an 8x8 input had kept the pooling loops busy for hours
+        if padding[0] > x[1] or padding[1] > x[2]:
+            raise GraphError(f"padding {padding} is larger than the {x[1]}x{x[2]} input")
         h = conv_output_size(x[1], kernel[0], stride[0], padding[0], dilation[0], a["ceil_mode"])
         wd = conv_output_size(x[2], kernel[1], stride[1], padding[1], dilation[1], a["ceil_mode"])
         if h < 1 or wd < 1:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -269,7 +270,8 @@ def load_parity(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             arrays = {k: _read_npy_member(archive, f"{k}.npy") for k in PARITY_ARRAYS}
     except VerifyError as e:
         raise VerifyError(f"{path}: {e}") from None
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            tokenize.TokenError) as e:  # numpy's header parser raises TokenError on an unclosed bracket
         raise VerifyError(f"{path} is not a readable parity file: {e}") from e
     for k, a in arrays.items():
         if not np.isfinite(a).all():
@@ -278,6 +280,13 @@ def load_parity(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         x, y = arrays[f"x_{kind}"], arrays[f"logits_{kind}"]
         if x.ndim != 4 or y.ndim != 2 or x.shape[0] != y.shape[0]:
             raise VerifyError(f"{path}: x_{kind} {x.shape} and logits_{kind} {y.shape} do not pair up")
+    # the clean and adversarial sets are run as one batch: the same image shape and class count
+    clean, adv = arrays["x_clean"].shape[1:], arrays["x_adv"].shape[1:]
+    classes = {arrays["logits_clean"].shape[1], arrays["logits_adv"].shape[1]}
+    if clean != adv or 0 in clean or len(classes) != 1 or 0 in classes:
+        raise VerifyError(f"{path}: x_clean {arrays['x_clean'].shape} / logits_clean "
+                          f"{arrays['logits_clean'].shape} and x_adv {arrays['x_adv'].shape} / logits_adv "
+                          f"{arrays['logits_adv'].shape} are not images and logits of one model")
     return arrays
 
 
@@ -405,6 +414,9 @@ def verify_artifact(directory: str | os.PathLike[str], *, executor: str = "auto"
     shape = manifest["model"].get("input_shape")
     if list(x.shape[1:]) != shape:
         raise VerifyError(f"{root / PARITY_FILE}: inputs of shape {list(x.shape[1:])}, the model takes {shape}")
+    if expected.shape[1] != manifest["model"]["classes"]:
+        raise VerifyError(f"{root / PARITY_FILE}: logits of {expected.shape[1]} classes, the manifest says "
+                          f"{manifest['model']['classes']}")
 
     results: dict[str, dict[str, Any]] = {}
     for fmt in formats:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,12 +152,25 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+MAX_JSON_BYTES = 64 << 20  # far above any meta, manifest or state harp writes
+
+
 def read_json(path: str | Path) -> Any:
     """A JSON file harp reads back (meta, manifest, state): UTF-8; OSError if unreadable, ValueError if
-    not JSON, including nesting too deep for the parser (a RecursionError from json, else a traceback)."""
-    text = Path(path).read_text(encoding="utf-8")
+    not JSON, including nesting too deep for the parser (a RecursionError from json, else a traceback),
+    or not a regular file of at most MAX_JSON_BYTES (a fifo blocked the read, /dev/zero filled memory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a fifo must not wait for a writer
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{info.st_size} bytes, more than the {MAX_JSON_BYTES >> 20} MiB a harp JSON file has")
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"more than the {MAX_JSON_BYTES >> 20} MiB a harp JSON file has")
     try:
-        return json.loads(text)
+        return json.loads(data.decode("utf-8"))
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

@@ -583,11 +583,19 @@ def split_dot(a, b, out) -> None:
     if parts - 1 not in _pools:
         _pools[parts - 1] = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="harp-dense")
     bounds = [a.shape[0] * i // parts for i in range(parts + 1)]
-    futures = [_pools[parts - 1].submit(np.dot, a[r0:r1], b, out[r0:r1])
+    settings = np.geterr()  # the caller's np.errstate holds in its own thread only
+    futures = [_pools[parts - 1].submit(_dot_under, settings, a[r0:r1], b, out[r0:r1])
                for r0, r1 in zip(bounds[1:-1], bounds[2:])]
     np.dot(a[: bounds[1]], b, out[: bounds[1]])
     for future in futures:
         future.result()
+
+
+def _dot_under(settings: dict[str, str], a, b, out) -> None:
+    """np.dot in a pool thread, under the caller's floating-point error settings (`harp run` had printed
+    "invalid value encountered in dot" from these threads for inputs it then refused in one line)."""
+    with np.errstate(**settings):
+        np.dot(a, b, out=out)
 
 
 @njit(cache=True, error_model="numpy")

@@ -270,7 +270,9 @@ def _mark_in_place(steps, shapes, borders, views, graph) -> list[Step]:
             candidates = (step.residual,)  # the linear ones write their output before adding it
         chosen = None
         for value in candidates:
-            if (value != graph.input_name and value not in views and value not in viewed
+            # the graph's input and output belong to the caller: a step after the output (a bundle
+            # may have one) had overwritten the logits with relu(logits)
+            if (value not in (graph.input_name, graph.output_name) and value not in views and value not in viewed
                     and last.get(value) == i and step.inputs.count(value) + (step.residual == value) == 1
                     and _same_layout(value, step.output, shapes, borders)):
                 chosen = value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tokenize
 
 import click
 import numpy as np
@@ -38,7 +39,8 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
         raise HarpError(f"input {path}: not a .npy file")
     try:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError, OverflowError) as e:  # truncated, a bad header, a pickled array
+    # truncated, a bad header (an unclosed bracket is numpy's TokenError), a pickled array
+    except (OSError, ValueError, EOFError, OverflowError, tokenize.TokenError) as e:
         raise HarpError(f"input {path}: not a readable .npy array ({e})") from e
     if x.dtype != np.float32:
         raise HarpError(f"input {path}: dtype {x.dtype} is not float32 (save it with x.astype(np.float32))")

@@ -135,3 +135,20 @@ def test_input_is_checked() -> None:
     graph.tensors["fc.bias"] = np.zeros(4, np.float32)
     with pytest.raises(GraphError, match="node 'fc'"):
         run_reference(graph, images())
+
+
+@pytest.mark.parametrize("kernel", [2**24 + 1, 2**40 + 1])
+def test_a_pool_padded_past_its_input_is_refused(tmp_path, kernel) -> None:
+    # A valid-looking 1 kB bundle (kernel 2**24 + 1, padding 2**23 on 8x8) had kept `harp run` busy for
+    # hours; kernel 2**40 + 1 had crashed numba with a SystemError traceback.
+    from harp.export.bundle import BundleError
+
+    rng = np.random.default_rng(0)
+    pool = {"kernel": [kernel, kernel], "stride": [1, 1], "padding": [kernel // 2] * 2, "dilation": [1, 1],
+            "ceil_mode": False}
+    graph = Graph("x", (2, 8, 8), "y", [Node("maxpool2d", "pool", ("x",), "p", pool),
+                                         Node("flatten", "flat", ("p",), "f"),
+                                         Node("linear", "fc", ("f",), "y", {}, {"weight": "w"})],
+                  {"w": rng.standard_normal((3, 128)).astype(np.float32)})
+    with pytest.raises((GraphError, BundleError), match=r"padding \(\d+, \d+\) is larger than the 8x8 input"):
+        write_bundle(graph, tmp_path / "m.harpz")

@@ -106,6 +106,15 @@ def _claiming(shape: tuple[int, ...], data: bytes) -> bytes:
     (lambda m: {k: v for k, v in m.items() if k != "x_clean.npy"}, zipfile.ZIP_STORED, "expected the arrays"),
     (lambda m: m | {"x_clean.npy": _npy(np.full((4, 1, 8, 8), np.nan, np.float32))}, zipfile.ZIP_STORED,
      "NaN or infinite"),
+    # the two sets are concatenated: other image shapes or class counts had been a ValueError traceback
+    (lambda m: m | {"x_adv.npy": _npy(np.zeros((2, 1, 8, 9), np.float32)),
+                    "logits_adv.npy": _npy(np.zeros((2, 10), np.float32))}, zipfile.ZIP_STORED,
+     "are not images and logits of one model"),
+    (lambda m: m | {"x_adv.npy": _npy(np.zeros((2, 1, 8, 8), np.float32)),
+                    "logits_adv.npy": _npy(np.zeros((2, 11), np.float32))}, zipfile.ZIP_STORED,
+     "are not images and logits of one model"),
+    (lambda m: m | {"x_adv.npy": _npy(np.zeros((2, 1, 8, 8), np.float32)).replace(b"(2, 1, 8, 8)", b"(2, 1, 8, 8 ")},
+     zipfile.ZIP_STORED, "not a readable parity file"),  # numpy's TokenError had been a traceback
 ])
 def test_crafted_parity_archive_is_one_line_and_exit_2(capsys, export_copy, edit, compression, message):
     # np.load had raised BadZipFile or NotImplementedError tracebacks here, and sized arrays by their headers.

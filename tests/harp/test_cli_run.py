@@ -72,6 +72,7 @@ def test_run_json_has_predictions_and_logits(capsys, artifact):
     (b"PK\x03\x04 not a zip", "expected one .npy array, got a zip"),  # numpy's zip reader raised BadZipFile
     (lambda x: x * 1e38, "the logits of image 0 are not finite"),  # overflowed to NaN: argmax said class 0
     ("header_shape", "not a readable .npy array"),  # had been an OverflowError traceback
+    ("unclosed", "not a readable .npy array"),  # numpy's tokenize.TokenError had been a traceback
     ("trailing", "bytes follow the 2x2x6x6 array its header describes"),  # had run on 2 images silently
     ("fifo", "is not a regular file"),  # had blocked forever
 ])
@@ -84,6 +85,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys, artifact, make_input, message)
         header = "{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 2, 6, 6), }"
         path.write_bytes(b"\x93NUMPY\x01\x00" + len(header.ljust(117) + "\n").to_bytes(2, "little")
                          + (header.ljust(117) + "\n").encode() + x.tobytes())
+    elif make_input == "unclosed":
+        np.save(path, x)
+        path.write_bytes(path.read_bytes().replace(b"(5, 2, 6, 6)", b"(5, 2, 6, 6 ", 1))
     elif make_input == "trailing":
         np.save(path, x[:2])
         path.write_bytes(path.read_bytes() + x[2:].tobytes())

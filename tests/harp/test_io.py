@@ -75,3 +75,22 @@ def test_check_output_file_refuses_a_symlink_loop_and_a_name_too_long(tmp_path: 
         check_output_file(tmp_path / ("x" * 256))
     atomic_write_bytes(tmp_path / ("x" * 255), b"fits")  # the temporary name beside it is shorter
     assert (tmp_path / ("x" * 255)).read_bytes() == b"fits"
+
+
+def test_read_json_reads_only_regular_files_of_bounded_size(tmp_path: Path) -> None:
+    from harp.io import read_json
+
+    (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
+    assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
+    os.mkfifo(tmp_path / "fifo.json")  # a manifest.json that is a fifo had blocked `harp run` forever
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_json(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")  # had been read until memory ran out
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_json(tmp_path / "zero.json")
+    with open(tmp_path / "big.json", "wb") as f:  # sparse: no disk space taken
+        f.truncate((64 << 20) + 1)
+    with pytest.raises(ValueError, match="more than the 64 MiB"):
+        read_json(tmp_path / "big.json")
+    with pytest.raises(FileNotFoundError):
+        read_json(tmp_path / "missing.json")

@@ -134,6 +134,24 @@ def test_split_dot_matches_single_product(monkeypatch, parts):
     assert_close(out, a @ b)
 
 
+def test_split_dot_keeps_the_callers_floating_point_settings_in_its_threads(monkeypatch):
+    # The pool threads ran under numpy's default settings: `harp run` printed "invalid value
+    # encountered in dot" before refusing an overflowing input in one line.
+    import warnings
+
+    monkeypatch.setattr(dense, "dense_split", lambda: 2)
+    a = np.ones((40, 8), np.float32)
+    a[30:] = np.inf  # rows of the second thread's part
+    b = np.zeros((8, 3), np.float32)  # inf * 0: invalid
+    out = np.empty((40, 3), np.float32)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", over="ignore"):
+        warnings.simplefilter("error")
+        dense.split_dot(a, b, out)
+    assert np.isnan(out[30:]).all()
+    with np.errstate(invalid="raise"), pytest.raises(FloatingPointError):
+        dense.split_dot(a, b, out)
+
+
 def test_dense_conv2d_with_all_threads():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 10, 10)).astype(np.float32)

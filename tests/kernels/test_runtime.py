@@ -309,6 +309,11 @@ def _edge_graph(kind: str):
     from harp.export.graph import Graph, Node
 
     rng = np.random.default_rng(11)
+    if kind == "after_output":  # a step reads the logits after they are final (a bundle may have one)
+        return Graph("x", (2, 4, 4), "y", [
+            Node("flatten", "flat", ("x",), "f"), Node("linear", "fc", ("f",), "y", {}, {"weight": "w", "bias": "b"}),
+            Node("relu", "r", ("y",), "unused")],
+            {"w": rng.standard_normal((5, 32)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)})
     if kind == "two_heads":  # fc1(f) + fc2(f): fc2 takes fc1's output as its fused residual
         return Graph("x", (2, 4, 4), "y", [
             Node("relu", "r", ("x",), "r"), Node("flatten", "flat", ("r",), "f"),
@@ -329,12 +334,13 @@ def _edge_graph(kind: str):
          "fc.w": rng.standard_normal((3, 2)).astype(np.float32)})
 
 
-@pytest.mark.parametrize("kind", ["flatten", "residual", "two_heads"])
+@pytest.mark.parametrize("kind", ["flatten", "residual", "two_heads", "after_output"])
 @pytest.mark.parametrize("fallback", ["auto", "sparse", "dense", "winograd"])
 def test_edge_graphs_at_every_batch_size(tmp_path, kind, fallback):
     # A flatten of the input had been planned as a view of it, read transposed at batch > 1; a conv
     # adding the input had been offered Winograd, whose epilogue refused the input's image group;
-    # fc2 had written over its residual fc1(f) before adding it (2 * fc2(f)).
+    # fc2 had written over its residual fc1(f) before adding it (2 * fc2(f)); a relu reading the
+    # logits had run in place over them (relu(logits) returned).
     from harp.export.bundle import write_bundle
 
     graph = _edge_graph(kind)

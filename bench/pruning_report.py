@@ -376,7 +376,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_json is not None:
         return rerender([Path(p) for p in args.from_json.split(",")], methods, name)
     torch.set_num_threads(args.threads)
-    sparsities = [float(s) for s in args.sparsity.split(",")]
+    try:
+        sparsities = [float(s) for s in args.sparsity.split(",")]
+    except ValueError:
+        raise HarpError(f"--sparsity {args.sparsity!r} is not a comma-separated list of numbers") from None
+    for sparsity in sparsities:  # every method's options, before minutes of dense training and timing
+        for method in methods:
+            make_config(method, sparsity=sparsity, granularity=args.granularity)
+    if args.dense is not None:
+        load_checkpoint(args.dense)  # validated before --work is created
     protocol = Protocol(args.granularity, args.prune_epochs, args.finetune_epochs, args.subset, args.test_size,
                         args.autoattack, args.apgd_square, args.curve_sparsity, args.curve_examples, args.data_root)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -61,10 +61,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     bad.write_text("{not json")
     for argv, message in [(["--methods", "obd"], "unknown method(s): obd"),
                           (["--from-json", str(bad)], "not a pruning report's results JSON"),
-                          (["--from-json", str(tmp_path / "missing.json")], "No such file")]:
+                          (["--from-json", str(tmp_path / "missing.json")], "No such file"),
+                          # these had been a ValueError traceback, and a refusal after the dense model's
+                          # training and timing
+                          (["--sparsity", "abc", "--work", str(tmp_path / "w")], "is not a comma-separated list"),
+                          (["--sparsity", "1.5", "--work", str(tmp_path / "w")], "sparsity must be in [0, 1)"),
+                          (["--dense", str(tmp_path / "nowhere"), "--work", str(tmp_path / "w")], "nowhere")]:
         assert run_script(lambda: pruning_report.main(argv), "pruning_report") == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()  # nothing started
 
 
 def test_winners_rank_by_worst_case_and_leave_chance_level_models_out():

@@ -88,5 +88,10 @@ def test_pgd_with_fewer_steps_still_reaches_the_budget(digits_ckpt):
 
     model, x, y = _model_and_batch(digits_ckpt)
     torch.manual_seed(0)
-    reach = (pgd(model, x, y, eval_attack(dataset_spec("digits"), steps=5)) - x).abs().amax(1).amax(1).amax(1)
-    assert reach.median() > 0.19  # most examples are pushed to the edge of the 0.2 ball
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    adv = pgd(model, x, y, eval_attack(dataset_spec("digits"), steps=5))
+    with torch.no_grad():
+        robust = (model(adv).argmax(1) == y).float().mean().item()
+    # this undefended model: 2% left (0.1 a step); the tuned 0.02 a step had left 47.5%
+    assert clean > 0.85 and robust < 0.15

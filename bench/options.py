@@ -77,6 +77,11 @@ json_out = click.option("--json", "json_path", type=OutputFile(stdout=True), def
                         help="Write the results as JSON to this file ('-' for stdout).")
 md_out = click.option("--md", "md_path", type=OutputFile(), default=None,
                       help="Write the results as Markdown to this file.")
+plot_out = click.option("--plot", "plot_path", type=OutputFile(), default=None, help="Write a PNG plot.")
+data_root = click.option("--data-root", default="data", show_default=True,
+                         help="Folder holding torchvision datasets (MNIST: ../shared/data).")
+
+
 def check_distinct_outputs(**paths: str | None) -> None:
     """UsageError if two output options name one file (the last write would replace the other)."""
     seen: dict[str, str] = {}
@@ -87,8 +92,3 @@ def check_distinct_outputs(**paths: str | None) -> None:
         if real in seen:
             raise click.UsageError(f"--{seen[real]} and --{option} both write {path}")
         seen[real] = option
-
-
-plot_out = click.option("--plot", "plot_path", type=OutputFile(), default=None, help="Write a PNG plot.")
-data_root = click.option("--data-root", default="data", show_default=True,
-                         help="Folder holding torchvision datasets (MNIST: ../shared/data).")

@@ -202,11 +202,13 @@ def _align(n: int) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def load_bundle(path: str | os.PathLike[str], *, max_bytes: int = 1 << 31) -> Bundle:
+def load_bundle(path: str | os.PathLike[str], *, max_bytes: int = 1 << 31, sha256: str | None = None) -> Bundle:
     """Read and validate the bundle at `path`; raise BundleError on any problem.
 
     Nothing is returned unless every check of docs/bundle-format.md passed, so
-    kernels can trust every index and shape they are handed.
+    kernels can trust every index and shape they are handed. sha256: the whole file's
+    digest an export's manifest records, checked on the bytes read here (not on a
+    second read, which another file could have answered).
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < PREAMBLE.size:
         raise BundleError(f"max_bytes must be an integer >= {PREAMBLE.size}, got {max_bytes!r}")
@@ -227,6 +229,8 @@ def load_bundle(path: str | os.PathLike[str], *, max_bytes: int = 1 << 31) -> Bu
         raise BundleError(f"bundle {source}: file changed while it was read ({got} bytes, expected {size})")
     buf = buf[:size]
     buf.flags.writeable = False
+    if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
+        raise BundleError(f"bundle {source}: SHA-256 does not match the manifest (corrupted or tampered)")
     try:
         return _parse(buf, source)
     except BundleError:

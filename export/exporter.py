@@ -16,6 +16,7 @@ File names and the parity policy are shared with `verify.py`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -218,12 +219,21 @@ def _check_opset(opset: int, formats: Sequence[str] = ()) -> None:
 
     from .onnx_writer import MIN_OPSET
 
-    newest = onnx.defs.onnx_opset_version()
-    if any(f != "csr" for f in formats):  # a few milliseconds per opset tried, newest first
-        newest = next((v for v in range(newest, MIN_OPSET - 1, -1) if _onnxruntime_runs(v)), MIN_OPSET)
+    newest = _newest_runnable_opset() if any(f != "csr" for f in formats) else onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise ExportError(f"opset {opset!r} is not supported (expected {MIN_OPSET}..{newest}, the opsets onnx "
                           "writes and onnxruntime runs)")
+
+
+@functools.cache  # export_checkpoint and the export_model it calls both check the opset
+def _newest_runnable_opset() -> int:
+    """The newest opset onnx writes and onnxruntime runs: a few milliseconds per opset tried, newest first."""
+    import onnx
+
+    from .onnx_writer import MIN_OPSET
+
+    newest = onnx.defs.onnx_opset_version()
+    return next((v for v in range(newest, MIN_OPSET - 1, -1) if _onnxruntime_runs(v)), MIN_OPSET)
 
 
 def _onnxruntime_runs(opset: int) -> bool:

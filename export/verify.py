@@ -357,6 +357,14 @@ def check_files(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any
 
 def check_file(root: Path, name: str, entry: Any) -> None:
     """VerifyError unless root/name has the size and SHA-256 its manifest entry records."""
+    expected = check_entry(root, name, entry)
+    if sha256_file(root / name) != expected:
+        raise VerifyError(f"{root / name}: SHA-256 does not match the manifest (corrupted or tampered)")
+
+
+def check_entry(root: Path, name: str, entry: Any) -> str:
+    """The SHA-256 root/name must have, after checking its manifest entry's form and the file's size
+    (without reading it: a reader that reads the file anyway hashes those bytes, see load_bundle)."""
     if not isinstance(entry, dict) or not is_int(entry.get("bytes")) or not isinstance(entry.get("sha256"), str):
         raise VerifyError(f"{root / MANIFEST}: entry for {name} lacks bytes/sha256")
     path = root / name
@@ -365,8 +373,7 @@ def check_file(root: Path, name: str, entry: Any) -> None:
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise VerifyError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-    if sha256_file(path) != entry["sha256"]:
-        raise VerifyError(f"{path}: SHA-256 does not match the manifest (corrupted or tampered)")
+    return entry["sha256"]
 
 
 # ---------------------------------------------------------------------------

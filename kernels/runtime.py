@@ -121,7 +121,8 @@ def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fa
         raise ValueError(f"load_runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
     with _collector_paused():
         start = time.perf_counter()
-        bundle = load_bundle(bundle_path(path))
+        source, sha256 = bundle_source(path)
+        bundle = load_bundle(source, sha256=sha256)
         loaded = time.perf_counter()
         runtime = Runtime(bundle, threads=threads, fallback=fallback, trim=trim)
         runtime.load_seconds["bundle"] = loaded - start
@@ -148,10 +149,11 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def bundle_path(path: str | os.PathLike[str]) -> Path:
-    """The bundle file `path` names: itself, or model.harpz inside an artifact dir. An export's bundle
-    must have the size and SHA-256 its manifest records (one copied in from another export is refused);
-    a folder holding a bundle and no manifest.json is read as that bundle."""
+def bundle_source(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """The bundle file `path` names (itself, or model.harpz inside an artifact dir) and the SHA-256 it
+    must have: an export's bundle must have the size (checked here) and digest (checked by load_bundle
+    on the bytes it reads) its manifest records, so one copied in from another export is refused. A
+    bundle file, or a folder holding one and no manifest.json, is read as it is (digest None)."""
     try:
         p = Path(path)
     except TypeError as e:
@@ -159,19 +161,19 @@ def bundle_path(path: str | os.PathLike[str]) -> Path:
     if p.is_dir():
         if not (p / BUNDLE_NAME).is_file():
             raise BundleError(f"artifact dir {p} holds no {BUNDLE_NAME}")
-        from harp.export.verify import MANIFEST, VerifyError, check_file, read_manifest
+        from harp.export.verify import MANIFEST, VerifyError, check_entry, read_manifest
 
         if not os.path.lexists(p / MANIFEST):  # a broken symlink is a manifest that cannot be read
-            return p / BUNDLE_NAME
+            return p / BUNDLE_NAME, None
         try:
             manifest = read_manifest(p)
             if BUNDLE_NAME not in manifest["files"]:
                 raise VerifyError(f"{p}: the manifest does not list {BUNDLE_NAME}")
-            check_file(p, BUNDLE_NAME, manifest["files"][BUNDLE_NAME])
+            sha256 = check_entry(p, BUNDLE_NAME, manifest["files"][BUNDLE_NAME])
         except VerifyError as e:
             raise BundleError(str(e)) from None
-        return p / BUNDLE_NAME
-    return p
+        return p / BUNDLE_NAME, sha256
+    return p, None
 
 
 class Runtime:

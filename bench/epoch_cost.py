@@ -25,6 +25,7 @@ import torch
 
 from harp.checkpoint import load_checkpoint
 from harp.cli_errors import ScriptArgumentParser, run_script
+from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.methods import PruneOptions, load_stage_data, make_config, score_job
 from harp.training.losses import LossConfig
@@ -71,6 +72,8 @@ def measure(dense: Path, data_root: str, sparsity: float, batches: int) -> dict[
         for name in order:
             seconds[name] += steppers[name](x, y)
         done += 1
+    if not done:  # the warm-up batch was the split's only one
+        raise HarpError(f"{spec.name}: the training split has no batch left to time after the warm-up")
     per_epoch = train.num_batches(harp_run.batch_size) / done
     return {"dataset": spec.name, "dense": str(dense), "sparsity": sparsity, "batch_size": harp_run.batch_size,
             "timed_batches": done, "train_examples": len(train), "attack_steps": dense_job.loss_cfg.attack.steps,
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    for flag, value in (("--batches", args.batches), ("--threads", args.threads)):
+        if value < 1:
+            raise HarpError(f"{flag} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     before = os.getloadavg()[0]

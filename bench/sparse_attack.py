@@ -60,4 +60,4 @@ def greedy_pixel_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def accuracy_by_budget(fooled_at: torch.Tensor, budgets: list[int]) -> list[float]:
     """Accuracy at each pixel budget k: the share of examples not fooled with k pixels."""
-    return [float((fooled_at > k).float().mean()) for k in budgets]
+    return [float((fooled_at > k).double().mean()) for k in budgets]

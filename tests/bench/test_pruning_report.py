@@ -84,3 +84,15 @@ def test_winners_rank_by_worst_case_and_leave_chance_level_models_out():
     assert "- 99.00%: natural harp (95.00%); PGD harp (74.00%); worst case hydra (8.00%); not ranked: pwoa." in lines
     assert lines[-2].endswith("pwoa 10.00% (not ranked): holds.")  # by PGD
     assert lines[-1].endswith("pwoa 10.00% (not ranked): does not hold.")  # by worst case: hydra 8% > harp 3%
+
+
+def test_epoch_cost_refuses_counts_below_one(tmp_path, capsys):
+    from harp.bench import epoch_cost
+    from harp.cli_errors import run_script
+
+    # --batches 0 had been a ZeroDivisionError after both models were built, --threads 0 torch's RuntimeError
+    for flag in ("--batches", "--threads"):
+        argv = ["--dense", str(tmp_path / "nowhere"), flag, "0"]
+        assert run_script(lambda: epoch_cost.main(argv), "epoch_cost") == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be >= 1, got 0" in err and err.count("\n") == 1

@@ -71,6 +71,9 @@ OPS: dict[str, OpSpec] = {
 }
 
 
+NODE_KEYS = ("op", "name", "inputs", "output", "attrs", "params")
+
+
 @dataclass(frozen=True)
 class Node:
     op: str
@@ -94,6 +97,7 @@ class Node:
     def from_json(cls, obj: Any) -> Node:
         if not isinstance(obj, dict):
             raise GraphError(f"node entry is {type(obj).__name__}, expected an object")
+        _known_keys(obj, NODE_KEYS, f"node {obj.get('name')!r}")
         try:
             return cls(
                 op=_str(obj["op"], "op"),
@@ -132,9 +136,14 @@ class Graph:
         obj = _dict(obj, "graph")
         try:
             version = obj["version"]
-            if isinstance(version, bool) or version != GRAPH_VERSION:
+            if type(version) is not int or version != GRAPH_VERSION:  # not true, not 1.0
                 raise GraphError(f"graph version {version!r} is not supported (expected {GRAPH_VERSION})")
+            # A new field changes what the graph computes, and bumps graph.version: refuse what this reader
+            # does not know rather than run without it (a conv's padding mode, a node's fused activation).
+            _known_keys(obj, ("version", "input", "output", "nodes"), "graph")
             inp = _dict(obj["input"], "input")
+            _known_keys(inp, ("name", "shape"), "graph input")
+            _known_keys(_dict(obj["output"], "output"), ("name",), "graph output")
             shape = tuple(_int(v, "input.shape[]") for v in _list(inp["shape"], "input.shape"))
             if len(shape) != 3 or min(shape) < 1:
                 raise GraphError(f"input shape {list(shape)} is not (C, H, W) with positive sizes")
@@ -182,6 +191,9 @@ class Graph:
             missing = [a for a in spec.attrs if a not in node.attrs]
             if missing:
                 raise GraphError(f"{where}: missing attributes {missing}")
+            unknown = sorted(set(node.attrs) - set(spec.attrs))
+            if unknown:
+                raise GraphError(f"{where}: unknown attributes {unknown[:5]}")
             allowed = set(spec.params) | set(spec.optional_params)
             if set(node.params) - allowed or set(spec.params) - set(node.params):
                 raise GraphError(f"{where}: parameters {sorted(node.params)} do not match {sorted(allowed)}")
@@ -320,6 +332,12 @@ def _check_bias(node: Node, tensors: dict[str, np.ndarray | CSRTensor], out: int
     b = _param_shape(node, "bias", tensors)
     if b is not None and b != (out,):
         raise GraphError(f"bias shape {b} is not ({out},)")
+
+
+def _known_keys(obj: dict[str, Any], known: tuple[str, ...], what: str) -> None:
+    unknown = sorted(str(k) for k in set(obj) - set(known))
+    if unknown:
+        raise GraphError(f"{what} has unknown fields {unknown[:5]}")
 
 
 def _str(v: Any, what: str) -> str:

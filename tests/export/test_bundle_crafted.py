@@ -199,6 +199,24 @@ def test_version_policy(tmp_path: Path, valid: bytes) -> None:
     assert load(tmp_path, pack(header, data, minor=1)).version == (2, 1)  # newer minor: ignored
 
 
+@pytest.mark.parametrize("edit, match", [
+    # each had been accepted and run without it: a reflect-padded conv ran with zero padding
+    (lambda g: g["nodes"][0]["attrs"].update(padding_mode="reflect"),
+     r"node 'conv'.*unknown attributes \['padding_mode'\]"),
+    (lambda g: g["nodes"][1].update(activation="relu"), r"node .* has unknown fields \['activation'\]"),
+    (lambda g: g.update(future=1), r"graph has unknown fields \['future'\]"),
+    (lambda g: g["input"].update(layout="NHWC"), r"graph input has unknown fields \['layout'\]"),
+    (lambda g: g["output"].update(softmax=True), r"graph output has unknown fields \['softmax'\]"),
+    (lambda g: g.update(version=1.0), "graph version 1.0 is not supported"),
+])
+def test_unknown_graph_fields_are_refused_at_any_minor(tmp_path: Path, valid: bytes, edit: Any, match: str) -> None:
+    header, data = split(valid)
+    edit(header["graph"])
+    for minor in (0, 1):  # a new graph field bumps graph.version, not the file's minor
+        with pytest.raises(BundleError, match=match):
+            load(tmp_path, pack(header, data, minor=minor))
+
+
 def test_format_1_0_file_is_refused_in_one_clear_line(tmp_path: Path, valid: bytes) -> None:
     # A 1.0 file: plain JSON header with per-array hashes, 64-byte alignment. The reader stops at its preamble.
     header, data = split(valid)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from harp.io import atomic_writer
+from harp.io import atomic_writer, open_regular
 
 from .csr import CSRError, CSRTensor, INDICES_DTYPES, INDPTR_DTYPES, VALUES_DTYPES, check_csr, dense_to_csr
 from .graph import Graph, GraphError
@@ -217,13 +217,13 @@ def load_bundle(path: str | os.PathLike[str], *, max_bytes: int = 1 << 31, sha25
     except TypeError as e:
         raise BundleError(f"bundle path must be a str or os.PathLike, got {type(path).__name__}") from e
     try:
-        with open(source, "rb") as f:
+        with open_regular(source) as f:
             size = os.fstat(f.fileno()).st_size
             if size > max_bytes:
                 raise BundleError(f"bundle {source}: file of {size} bytes exceeds max_bytes={max_bytes}")
             buf = np.empty(size + 1, dtype=np.uint8)  # one spare byte detects a file that grew
             got = f.readinto(memoryview(buf))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: not a regular file (a fifo would block forever)
         raise BundleError(f"bundle {source}: cannot read: {e}") from e
     if got != size:
         raise BundleError(f"bundle {source}: file changed while it was read ({got} bytes, expected {size})")

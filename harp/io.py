@@ -155,15 +155,23 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
 MAX_JSON_BYTES = 64 << 20  # far above any meta, manifest or state harp writes
 
 
+def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
+    """`path` opened for binary reading; ValueError("not a regular file") for a fifo, which would block
+    the open and then the read forever, or a device such as /dev/zero, which never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a fifo must not wait for a writer
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError("not a regular file")
+    return f
+
+
 def read_json(path: str | Path) -> Any:
     """A JSON file harp reads back (meta, manifest, state): UTF-8; OSError if unreadable, ValueError if
     not JSON, including nesting too deep for the parser (a RecursionError from json, else a traceback),
     or not a regular file of at most MAX_JSON_BYTES (a fifo blocked the read, /dev/zero filled memory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a fifo must not wait for a writer
-    with os.fdopen(fd, "rb") as f:
+    with open_regular(path) as f:
         info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
         if info.st_size > MAX_JSON_BYTES:
             raise ValueError(f"{info.st_size} bytes, more than the {MAX_JSON_BYTES >> 20} MiB a harp JSON file has")
         data = f.read(MAX_JSON_BYTES + 1)

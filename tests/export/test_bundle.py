@@ -214,3 +214,11 @@ def test_load_refuses_missing_and_oversized_files(tmp_path: Path) -> None:
         load_bundle(tmp_path / "m", max_bytes=size - 1)
     with pytest.raises(BundleError, match="max_bytes"):
         load_bundle(tmp_path / "m", max_bytes="big")  # type: ignore[arg-type]
+
+
+def test_load_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.harpz")  # `harp run pipe.harpz` had blocked in open() forever
+    with pytest.raises(BundleError, match="pipe.harpz: cannot read: not a regular file"):
+        load_bundle(tmp_path / "pipe.harpz")
+    with pytest.raises(BundleError, match="cannot read: not a regular file"):
+        load_bundle("/dev/zero")

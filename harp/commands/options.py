@@ -5,8 +5,11 @@ and attack norms import torch and live in `training_options`.
 """
 
 import math
+from typing import Any
 
 import click
+
+from ..values import json_text
 
 
 class FiniteFloat(click.FloatRange):
@@ -50,6 +53,15 @@ subset = click.option("--subset", type=AT_LEAST_ONE, default=None,
 batch_size = click.option("--batch-size", type=click.IntRange(min=2), default=None,
                           help="Training batch size (BatchNorm needs 2 or more). Default: per dataset.")
 lr = click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate. Default: per dataset.")
+
+
+def echo_accuracies(metrics: dict[str, Any], out: str, quiet: bool) -> None:
+    """The closing line of train, prune and finetune: text, or under --quiet one JSON object."""
+    if quiet:
+        click.echo(json_text({k: metrics[k] for k in ("natural_accuracy", "robust_accuracy")}))
+    else:
+        click.echo(f"natural accuracy {metrics['natural_accuracy']:.2%}  "
+                   f"PGD accuracy {metrics['robust_accuracy']:.2%}  -> {out}")
 
 
 def split_formats(formats: str) -> list[str]:

@@ -50,11 +50,6 @@ _METHOD_KEYS = ("distill_temperature", "lambda_x", "lambda_y", "rho", "mix_ratio
                 "mrs_examples")
 
 
-def _report(metrics, out):
-    click.echo(f"natural accuracy {metrics['natural_accuracy']:.2%}  PGD accuracy {metrics['robust_accuracy']:.2%}"
-               f"  -> {out}")
-
-
 @click.command("prune")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Pruned checkpoint directory to create.")
@@ -76,7 +71,7 @@ def prune_command(checkpoint, out, method, sparsity, granularity, gamma0, alpha,
                          rate_init=rate_init, rate_lr=rate_lr, seed=kw["seed"], **method_kw)
     metrics = prune_checkpoint(checkpoint, out, config, PruneOptions(**kw),
                                resume=resume, force=force, quiet=quiet)
-    _report(metrics, out)
+    o.echo_accuracies(metrics, out, quiet)
 
 
 @click.command("finetune")
@@ -86,4 +81,4 @@ def prune_command(checkpoint, out, method, sparsity, granularity, gamma0, alpha,
 def finetune_command(checkpoint, out, resume, force, quiet, **kw):
     """Adversarially fine-tune the weights of a pruned checkpoint; its masks stay fixed."""
     metrics = finetune_checkpoint(checkpoint, out, PruneOptions(**kw), resume=resume, force=force, quiet=quiet)
-    _report(metrics, out)
+    o.echo_accuracies(metrics, out, quiet)

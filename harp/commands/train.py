@@ -3,7 +3,6 @@
 import click
 
 from ..training.train import TrainOptions, train
-from ..values import json_text
 from . import options as o
 from . import training_options as t
 
@@ -34,8 +33,4 @@ from . import training_options as t
 def train_command(out, resume, force, quiet, **kw):
     """Train a model (adversarially by default) and write a checkpoint directory."""
     metrics = train(TrainOptions(**kw), out, resume=resume, force=force, quiet=quiet)
-    if metrics and not quiet:
-        click.echo(f"natural accuracy {metrics['natural_accuracy']:.2%}  "
-                   f"PGD accuracy {metrics['robust_accuracy']:.2%}  -> {out}")
-    elif metrics:
-        click.echo(json_text({k: metrics[k] for k in ("natural_accuracy", "robust_accuracy")}))
+    o.echo_accuracies(metrics, out, quiet)

@@ -185,6 +185,16 @@ def _drop_granularity(pruned):
     (pruned / "meta.json").write_text(json.dumps(meta))
 
 
+def test_quiet_prune_and_finetune_print_one_json_object(capsys, digits_ckpt, tmp_path):
+    # as train does (README); prune and finetune had printed the text line under --quiet
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    for argv in (["prune", digits_ckpt, "--out", pruned, "--sparsity", "0.9", "--method", "lwm"],
+                 ["finetune", pruned, "--out", tuned, "--epochs", "1", "--subset", "100", "--adv", "none"]):
+        code, out, err = _run(capsys, *argv, "--quiet")
+        assert code == 0, err
+        assert set(json.loads(out)) == {"natural_accuracy", "robust_accuracy"}
+
+
 @pytest.mark.parametrize("damage,message", [
     (_drop_granularity, "'pruning.granularity' None is not one of weight, channel"),  # had raised KeyError
     (_shrink_first_mask, "the masks do not fit the model: layer"),  # had raised a RuntimeError in training

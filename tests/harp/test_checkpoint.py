@@ -37,8 +37,15 @@ def test_tampered_weights_are_refused(digits_ckpt, tmp_path):
 
 def test_truncated_and_missing_files_are_refused(digits_ckpt, tmp_path):
     bad = _copy(digits_ckpt, tmp_path / "trunc")
+    from harp.io import sha256_file
+
     (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:100])
-    with pytest.raises(HarpError):
+    with pytest.raises(HarpError, match="does not match its SHA-256"):
+        load_checkpoint(bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["files"]["model.safetensors"] = sha256_file(bad / "model.safetensors")  # the hash passes: the reader
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(HarpError, match="model.safetensors is unreadable"):  # must refuse it in one line
         load_checkpoint(bad)
     (bad / "meta.json").write_text("{not json")
     with pytest.raises(HarpError, match="not valid JSON"):

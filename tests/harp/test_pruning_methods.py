@@ -77,7 +77,11 @@ def test_gamma_grows_then_freezes_once_target_is_met():
         layer.rate.data.fill_(-10.0)  # rates pushed under the target
     job.epoch_end(3)
     assert job.gamma_frozen and float(job.extra_loss(3).detach()) == 0.0
-    job.extra_loss(9)
+    for layer in job.layers.values():
+        layer.rate.data.fill_(0.0)  # back above the target: the frozen term pulls them down again
+    density = float(job.soft_density().detach())
+    assert density > 0.05
+    assert float(job.extra_loss(9).detach()) == pytest.approx(1.5 * (density / 0.05 - 1.0))
     assert job.gamma == 1.5  # frozen at the value it had
 
 

@@ -88,6 +88,7 @@ def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_p
     assert [h["epoch"] for h in meta["history"]] == list(range(1, 11))
     # the adversarial-example count carries over the interruption: 10 epochs x 600 examples, each counted once
     assert meta["metrics"]["adversarial_examples"] == 10 * 600
+    assert meta["metrics"]["wall_seconds"] > killed_seconds > 0  # the killed session's time counts too
     assert meta["pruning"]["achieved_sparsity"] == json.loads((clean / "meta.json").read_text())["pruning"][
         "achieved_sparsity"]
 

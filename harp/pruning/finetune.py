@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from ..training.runner import RunConfig, run_job
 from ..training.train import budget_for, eval_attack
 from .jobs import FinetuneJob
 from .layers import GRANULARITIES
-from .methods import FINETUNE_DEFAULTS, PruneOptions, _loss, _source, load_stage_data, stage_budget
+from .methods import FINETUNE_DEFAULTS, PruneOptions, _loss, _source, load_stage_data, stage_budget, stage_options
 
 
 def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = PruneOptions(), *,
@@ -44,7 +43,7 @@ def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = P
     meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
             "training": ckpt.meta.get("training"), "source": _source(ckpt), "pruning": ckpt.meta["pruning"],
             "pruning_metrics": ckpt.meta.get("metrics"),
-            "finetune": {"adv": opts.adv, "attack": asdict(loss.attack)}}
+            "finetune": stage_options(spec, opts)}
     dist = init_distributed(device)
     try:
         if dist.is_main:

@@ -363,7 +363,8 @@ def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOption
     resolve_device(opts.device)
     check_out_dir(out, force=force, resume=resume, source=src)
     meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
-            "training": ckpt.meta.get("training"), "source": _source(ckpt), "_force": force}
+            "training": ckpt.meta.get("training"), "source": _source(ckpt),
+            "prune": stage_options(ckpt.spec, opts), "_force": force}
     handler = METHODS[name][1]
     if name in RESUMABLE:
         return handler(ckpt, config, opts, out, meta, resume=resume, quiet=quiet)
@@ -371,6 +372,12 @@ def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOption
         raise HarpError(f"--resume: {name} is one-shot; there is nothing to resume")
     make_out_dir(out, force=meta.pop("_force"), resume=False)
     return handler(ckpt, config, opts, out, meta)
+
+
+def stage_options(spec: DatasetSpec, opts: PruneOptions) -> dict[str, Any]:
+    """The options of a prune or finetune stage as its meta.json records them, with the attack they resolve
+    to: a resumed stage must share them (`--adv`, `--subset`, the budget), less those that may change."""
+    return {**asdict(opts), "attack": asdict(train_attack(spec, opts.eps, opts.steps, None))}
 
 
 def _source(ckpt: Checkpoint) -> dict[str, Any]:

@@ -347,8 +347,9 @@ def _run_identity(meta: dict[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the saved one: the checkpoint meta it started with (model,
     dataset, source checkpoint, options, pruning config), as JSON, less RESUME_SETTINGS."""
     identity = {k: v for k, v in meta.items() if k not in ("format", "version", "versions", "files")}
-    if isinstance(identity.get("training"), dict):
-        identity["training"] = {k: v for k, v in identity["training"].items() if k not in RESUME_SETTINGS}
+    for stage in ("training", "prune", "finetune"):  # this stage's options, and the earlier stages'
+        if isinstance(identity.get(stage), dict):
+            identity[stage] = {k: v for k, v in identity[stage].items() if k not in RESUME_SETTINGS}
     if isinstance(identity.get("source"), dict):  # the same checkpoint by its hash, however its path is spelt
         identity["source"] = {k: v for k, v in identity["source"].items() if k != "path"}
     return json.loads(json.dumps(identity))  # tuples as lists, as state.json holds them

@@ -151,6 +151,31 @@ def test_resume_with_other_options_is_refused(capsys, tmp_path):
     assert run_cli(cli, [*args, "--resume", "--eps", "0.2", "--device", "cpu"]) == 0  # the default eps; a device
 
 
+def test_prune_and_finetune_resume_with_other_stage_options_is_refused(capsys, digits_ckpt, tmp_path):
+    # Accepted before: the resumed epochs trained with the new attack or data (a larger --subset then
+    # overflowed the one-cycle schedule in a traceback), and meta.json recorded neither.
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    stage = ["--epochs", "1", "--steps", "1", "--subset", "100", "--quiet"]
+    prune = ["prune", str(digits_ckpt), "--method", "hydra", "--sparsity", "0.9", *stage, "--out", str(pruned)]
+    assert run_cli(cli, prune) == 0
+    assert json.loads((pruned / "meta.json").read_text())["prune"]["subset"] == 100
+    (pruned / "meta.json").unlink()  # as if interrupted after its last epoch
+    capsys.readouterr()
+    for change, message in ((["--subset", "120"], "prune.subset 100 (now 120)"),
+                            (["--adv", "trades"], "prune.adv 'pgd' (now 'trades')"),
+                            (["--eps", "0.1"], "prune.attack.eps 0.2 (now 0.1)")):
+        assert run_cli(cli, [*prune, "--resume", *change]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+    assert run_cli(cli, [*prune, "--resume", "--device", "cpu"]) == 0
+    finetune = ["finetune", str(pruned), *stage, "--out", str(tuned)]
+    assert run_cli(cli, finetune) == 0
+    (tuned / "meta.json").unlink()
+    capsys.readouterr()
+    assert run_cli(cli, [*finetune, "--resume", "--subset", "200"]) == 2
+    assert "finetune.subset 100 (now 200)" in capsys.readouterr().err
+
+
 def test_a_run_stopped_in_its_first_epoch_can_be_run_again(tmp_path):
     # It leaves state/ without state.json: a re-run had been refused ("already exists; pass --force or
     # --resume") and --resume too ("holds no interrupted run").

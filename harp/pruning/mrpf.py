@@ -54,6 +54,9 @@ ALLOCATIONS = ("count", "density")
 FLOOR_FRACTION = 0.1  # no layer falls below 0.1 x the target density (HARP's a_min = alpha * k, alpha 0.1)
 
 
+DEFAULT_NOISE_SCALE = 0.5
+
+
 @dataclass(frozen=True)
 class MrpfConfig:
     """mrpf: magnitude masks at per-layer densities allocated by robustness sensitivity."""
@@ -63,7 +66,7 @@ class MrpfConfig:
     sensitivity: str = "prune"  # how a layer is perturbed: "prune" or "noise"
     temperature: float = 1.0  # allocation proportional to sensitivity ** temperature
     allocation: str = "count"  # what follows the sensitivity: kept weights ("count") or kept fraction ("density")
-    noise_scale: float = 0.5  # "noise": std of the noise relative to the layer's weight std
+    noise_scale: float | None = None  # "noise": std of the noise relative to the layer's weight std (0.5)
     mrs_examples: int = 256  # held-out training examples in the fixed batch
 
     def __post_init__(self) -> None:
@@ -75,7 +78,12 @@ class MrpfConfig:
             raise HarpError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
         if self.temperature < 0:
             raise HarpError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.noise_scale <= 0:
+        if self.sensitivity != "noise":
+            if self.noise_scale is not None:  # it would be recorded as if it had been used
+                raise HarpError("--noise-scale applies to --sensitivity noise only")
+        elif self.noise_scale is None:
+            object.__setattr__(self, "noise_scale", DEFAULT_NOISE_SCALE)  # recorded with the default filled in
+        elif not self.noise_scale > 0:
             raise HarpError(f"--noise-scale must be > 0, got {self.noise_scale}")
         if self.mrs_examples < 2:
             raise HarpError(f"--mrs-examples must be at least 2, got {self.mrs_examples}")
@@ -94,7 +102,7 @@ def adversarial_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: A
 
 
 def module_sensitivities(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, *,
-                         mode: str, density: float, noise_scale: float = 0.5,
+                         mode: str, density: float, noise_scale: float = DEFAULT_NOISE_SCALE,
                          seed: int = 0) -> tuple[float, dict[str, float]]:
     """The unperturbed adversarial loss and every prunable layer's MRS (loss increase); weights are restored."""
     if mode not in SENSITIVITIES:

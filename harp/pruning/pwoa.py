@@ -193,6 +193,7 @@ class PwoAJob(Job):
         self.model = model
         self.rho = config.rho
         self.pruned = False
+        self.retrained = False  # whether the last epoch ran under the masks (eligible to be kept)
         self.batches = 0
         for layer in self.layers.values():  # buffers, so resume restores them with the weights
             layer.register_buffer("admm_u", torch.zeros_like(layer.weight))
@@ -286,6 +287,7 @@ class PwoAJob(Job):
 
     # -- Job hooks ---------------------------------------------------------------------------
     def epoch_end(self, epoch: int) -> dict[str, Any]:
+        self.retrained = self.pruned  # this epoch trained under the masks
         info: dict[str, Any] = {"phase": "retrain" if self.pruned else "admm"}
         if not self.pruned:
             info.update(rho=self.rho, admm_gap=self.admm_gap())
@@ -297,7 +299,9 @@ class PwoAJob(Job):
         return info
 
     def eligible(self) -> bool:
-        return self.pruned
+        """A retraining epoch; the last ADMM epoch, hard-pruned at its end but never trained under its
+        masks, only when no retraining follows."""
+        return self.retrained or (self.pruned and self.cfg.retrain_epochs == 0)
 
     def state_json(self) -> dict[str, Any]:
         return {"rho": self.rho, "pruned": self.pruned, "adversarial_examples": self.adversarial_examples,

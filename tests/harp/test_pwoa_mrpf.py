@@ -58,6 +58,20 @@ def test_distillation_is_zero_iff_student_equals_teacher():
         assert float(distill_kl(job.model(x), job.teacher(x), cfg.distill_temperature)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("admm,retrain,eligible", [(2, 2, [False, False, True, True]), (2, 0, [False, True]),
+                                                    (0, 2, [True, True])])
+def test_only_retraining_epochs_can_be_kept(admm, retrain, eligible):
+    # the last ADMM epoch ends hard-pruned but was never trained under its masks: it had been kept
+    # (validation PGD favours the collapsed model) although retraining epochs followed
+    cfg = resolve_config(make_config("pwoa", sparsity=0.9, admm_epochs=admm, retrain_epochs=retrain), "digits", None)
+    job = PwoAJob(build_model("small_cnn", dataset_spec("digits")), AttackConfig(0.1, 0.05, 2), cfg)
+    seen = []
+    for epoch in range(admm + retrain):
+        job.epoch_end(epoch)
+        seen.append(job.eligible())
+    assert seen == eligible
+
+
 @pytest.mark.parametrize("mix_ratio", [0.0, 0.5])
 def test_pwoa_hits_the_target_and_counts_adversarial_examples(digits_robust_ckpt, tmp_path, mix_ratio):
     config = make_config("pwoa", sparsity=0.99, admm_epochs=1, retrain_epochs=1, mix_ratio=mix_ratio)
@@ -158,6 +172,9 @@ def test_bad_pwoa_and_mrpf_options_are_user_errors(capsys, tmp_path):
            ({"method": "mrpf", "mrs_examples": 1}, "--mrs-examples"),
            ({"method": "mrpf", "allocation": "vibes"}, "unknown allocation"),
            ({"method": "mrpf", "mix_ratio": 0.5}, "do not apply to mrpf"),
+           # ignored by the default --sensitivity prune, and recorded as if used
+           ({"method": "mrpf", "noise_scale": 5.0}, "--noise-scale applies to --sensitivity noise only"),
+           ({"method": "mrpf", "sensitivity": "noise", "noise_scale": 0.0}, "--noise-scale must be > 0"),
            ({"method": "lwm", "lambda_x": 0.1}, "do not apply to lwm")]
     for kw, message in bad:
         with pytest.raises(HarpError, match=message):
@@ -167,6 +184,8 @@ def test_bad_pwoa_and_mrpf_options_are_user_errors(capsys, tmp_path):
     with pytest.raises(HarpError, match="at least 1"):
         resolve_config(make_config("pwoa", sparsity=0.9, admm_epochs=0, retrain_epochs=0), "digits", None)
     assert resolve_config(make_config("pwoa", sparsity=0.9), "digits", 4).admm_epochs == 2
+    assert make_config("mrpf", sparsity=0.9, sensitivity="noise").noise_scale == 0.5
+    assert make_config("mrpf", sparsity=0.9).noise_scale is None
     for args, message in ((["--method", "pwoa", "--mix-ratio", "2"], "--mix-ratio"),
                           (["--method", "mrpf", "--sensitivity", "vibes"], "Invalid value for '--sensitivity'"),
                           (["--method", "harp", "--temperature", "2"], "do not apply to harp")):

@@ -166,7 +166,8 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     best = {"epoch": -1, "robust": -1.0}
     start_epoch, earlier_seconds = 0, 0.0
     if resume:
-        start_epoch, history, best, earlier_seconds = _load_state(state_dir, job, opt, sched, cfg, meta, device)
+        start_epoch, history, best, earlier_seconds = _load_state(state_dir, job, opt, sched, cfg, meta, device,
+                                                                  processes=dist.world_size)
     else:
         torch.manual_seed(cfg.seed)
 
@@ -203,7 +204,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
                 atomic_save_tensors(state_dir / f"best-{epoch + 1}.safetensors", job.model.state_dict())
         if dist.is_main:
             _save_state(state_dir, epoch + 1, job, opt, sched, cfg, history, best, meta,
-                        wall_seconds=time.perf_counter() - t_run)
+                        wall_seconds=time.perf_counter() - t_run, processes=dist.world_size)
             if not quiet:
                 print(_format_record(job.kind, cfg.epochs, record), flush=True)
         dist.barrier()
@@ -263,7 +264,7 @@ def _format_record(kind: str, epochs: int, r: dict[str, Any]) -> str:
 
 def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfig,
                 history: list[dict[str, Any]], best: dict[str, Any], meta: dict[str, Any], *,
-                wall_seconds: float) -> None:
+                wall_seconds: float, processes: int) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(state_dir / f"model-{epoch}.safetensors", job.model.state_dict())
     atomic_torch_save(state_dir / f"optim-{epoch}.pt", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -272,7 +273,7 @@ def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfi
     atomic_write_json(state_dir / "state.json", {"epoch": epoch, "kind": job.kind, "meta": _run_identity(meta),
                                                  "run": asdict(cfg),
                                                  "job": job.state_json(), "history": history, "best": best,
-                                                 "wall_seconds": round(wall_seconds, 1)})
+                                                 "wall_seconds": round(wall_seconds, 1), "processes": processes})
     keep = {f"model-{epoch}.safetensors", f"optim-{epoch}.pt", f"best-{best['epoch']}.safetensors", "state.json"}
     for f in state_dir.iterdir():
         if f.name not in keep and not f.name.startswith("."):
@@ -363,13 +364,17 @@ def _changes(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix[:-1]} {saved!r} (now {now!r})"]
 
 
-def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, meta: dict[str, Any], device: torch.device):
+def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, meta: dict[str, Any], device: torch.device,
+                *, processes: int):
     state = read_run_state(state_dir)
     if state.get("kind") != job.kind:
         raise HarpError(f"--resume: {state_dir.parent} holds a {state.get('kind')!r} run, not {job.kind!r}")
     saved_meta = state["meta"] if "training" in state["meta"] else {}  # states of older harp: run options only
-    changed = _changes({"run": state["run"], **saved_meta},
-                       {"run": json.loads(json.dumps(asdict(cfg))), **(_run_identity(meta) if saved_meta else {})})
+    saved = {"run": state["run"], **saved_meta}
+    now = {"run": json.loads(json.dumps(asdict(cfg))), **(_run_identity(meta) if saved_meta else {})}
+    if "processes" in state:  # torchrun's process count: each takes its share of a step's batches
+        saved["processes"], now["processes"] = state["processes"], processes
+    changed = _changes(saved, now)
     if changed:  # a resumed run would mix two runs' settings and record only the new ones
         raise HarpError(f"--resume: {state_dir.parent} was started with {'; '.join(changed[:4])}"
                         f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}; pass the same options, or "
@@ -382,6 +387,11 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, meta: dic
         job.model.load_state_dict(model_state, strict=True)
         extra = _load_optimizer_state(state_dir / f"optim-{epoch}.pt", device)
         opt.load_state_dict(extra["optimizer"])
+        steps = extra["scheduler"]["total_steps"]
+        if steps != sched.total_steps:  # its last epochs would overrun the schedule or cut its anneal short
+            raise HarpError(f"--resume: {state_dir.parent} was started with a schedule of {steps} steps, this "
+                            f"run has {sched.total_steps} (other data or process count); pass the same options, "
+                            "or --force to start over")
         sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"].cpu())
     except (RuntimeError, OSError, KeyError, ValueError, TypeError) as e:

@@ -176,6 +176,30 @@ def test_prune_and_finetune_resume_with_other_stage_options_is_refused(capsys, d
     assert "finetune.subset 100 (now 200)" in capsys.readouterr().err
 
 
+def test_resume_under_another_process_count_is_refused(capsys, tmp_path):
+    # torchrun's ranks each take a share of a step's batches: 2 ranks then 1 overran the one-cycle schedule
+    # in a traceback, 1 then 2 silently cut its anneal short
+    out = tmp_path / "run"
+    args = ["train", "--adv", "none", "--epochs", "2", "--subset", "200", "--quiet", "--out", str(out)]
+    assert run_cli(cli, args) == 0
+    (out / "meta.json").unlink()  # as if interrupted after its last epoch
+    state_file, optim_file = out / "state" / "state.json", out / "state" / "optim-2.pt"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    capsys.readouterr()
+    assert run_cli(cli, [*args, "--resume"]) == 2
+    assert "was started with processes 2 (now 1)" in capsys.readouterr().err
+    # a state that does not record it (older harp): the schedule's length still tells
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "processes"}))
+    extra = torch.load(optim_file, weights_only=True)
+    extra["scheduler"]["total_steps"] *= 2
+    torch.save(extra, optim_file)
+    assert run_cli(cli, [*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was started with a schedule of" in err and len(err.splitlines()) == 1, err
+
+
 def test_a_run_stopped_in_its_first_epoch_can_be_run_again(tmp_path):
     # It leaves state/ without state.json: a re-run had been refused ("already exists; pass --force or
     # --resume") and --resume too ("holds no interrupted run").

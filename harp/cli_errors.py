@@ -23,7 +23,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [HarpError]
     for module, name in (("harp.export.graph", "GraphError"), ("harp.export.bundle", "BundleError"),
                          ("harp.export.errors", "ExportError"), ("harp.export.csr", "CSRError"),
-                         ("harp.kernels.threads", "WaitPolicyError")):
+                         ("harp.kernels.threads", "WaitPolicyError"), ("harp.kernels.threads", "NumbaSetupError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -40,6 +40,9 @@ def run_script(main: Callable[[], object], prog: str) -> int:
     """Run a command's main (a click group's, or an argparse benchmark script's); user errors become one
     line on stderr and exit status 2."""
     try:
+        from harp.kernels.threads import check_numba_environment  # numba-free; before anything imports numba
+
+        check_numba_environment()
         main()
     except click.exceptions.Exit as e:
         return e.exit_code

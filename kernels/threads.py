@@ -53,6 +53,37 @@ class WaitPolicyError(ValueError):
     """An unknown wait policy; the harp CLIs report it as one line (it is the user's setting)."""
 
 
+class NumbaSetupError(ValueError):
+    """numba cannot start with this process's environment; the harp CLIs report it as one line."""
+
+
+def check_numba_environment() -> None:
+    """NumbaSetupError for a NUMBA_NUM_THREADS that makes `import numba` itself raise (reads the
+    environment only: called before anything imports numba)."""
+    value = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    try:
+        count = int(value) if value else 1
+    except ValueError:  # not a number: numba warns and uses its default
+        return
+    if count < 1:
+        raise NumbaSetupError(f"NUMBA_NUM_THREADS={value}: numba needs at least one thread "
+                              f"(unset it, or set 1..{os.cpu_count()})")
+
+
+def _start_pool() -> None:
+    """Start numba's thread pool now, where a threading layer that cannot load (NUMBA_THREADING_LAYER
+    unknown, or tbb not installed) is one NumbaSetupError, not a traceback from the first kernel."""
+    from numba.np.ufunc import parallel
+
+    try:
+        parallel._launch_threads()
+    except ValueError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        layer = os.environ.get("NUMBA_THREADING_LAYER")
+        raise NumbaSetupError(f"numba cannot start its threads{f' (NUMBA_THREADING_LAYER={layer})' if layer else ''}"
+                              f": {first}") from None
+
+
 def env_wait_policy() -> str:
     """The wait policy $HARP_WAIT_POLICY names, "spin" when it is unset; WaitPolicyError for anything else."""
     policy = os.environ.get("HARP_WAIT_POLICY", "spin")
@@ -80,6 +111,7 @@ def init_threads(n: int | None = None, wait_policy: str | None = None) -> bool:
             os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
         else:
             os.environ["OMP_WAIT_POLICY"] = wait_policy.upper()
+        _start_pool()
     if n is not None:
         set_num_threads(n)
     return applied

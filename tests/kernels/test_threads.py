@@ -46,3 +46,22 @@ def test_wait_policy_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("HARP_WAIT_POLICY", "sleepy")
     with pytest.raises(ValueError, match="HARP_WAIT_POLICY must be one of spin, passive, active, got 'sleepy'"):
         init_threads()
+
+
+@pytest.mark.parametrize("env, message", [
+    # each had been a numba ValueError traceback from `import numba` or from the first kernel
+    ({"NUMBA_NUM_THREADS": "0"}, "harp: error: NUMBA_NUM_THREADS=0: numba needs at least one thread"),
+    ({"NUMBA_THREADING_LAYER": "bogus"}, "harp: error: numba cannot start its threads "
+                                         "(NUMBA_THREADING_LAYER=bogus): The threading layer requested 'bogus'"),
+])
+def test_a_numba_environment_that_cannot_start_is_one_line(env, message):
+    import os
+    import subprocess
+    import sys
+
+    code = ("from harp.cli_errors import run_script\n"
+            "from harp.kernels.threads import init_threads\n"
+            "raise SystemExit(run_script(init_threads, 'harp'))\n")  # what a runtime does at load
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr

@@ -26,7 +26,7 @@ from .io import atomic_write_json, read_json
 from .models import build_model, check_model_runs, default_arch
 from .outdir import check_out_dir, make_out_dir
 from .pruning.finetune import finetune_checkpoint
-from .pruning.methods import RESUMABLE, PruneOptions, make_config, prune_checkpoint
+from .pruning.methods import RESUMABLE, PruneOptions, check_not_distributed, make_config, prune_checkpoint
 from .training.runner import STATE_DIR
 from .training.train import TrainOptions, train
 
@@ -68,6 +68,7 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     if opts.export:
         _check_exportable(opts)
     config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity, seed=opts.seed)
+    check_not_distributed(opts.method)  # before the dense stage trains
     if force:
         check_out_dir(out, force=True, resume=False)
         make_out_dir(out, force=True, resume=False)

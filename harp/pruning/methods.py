@@ -32,7 +32,7 @@ from ..io import sha256_file
 from ..models import prunable_layers
 from ..outdir import check_out_dir, make_out_dir
 from ..sparsity import layer_densities, model_sparsity
-from ..training.distributed import init_distributed, resolve_device, shutdown_distributed
+from ..training.distributed import init_distributed, launched_processes, resolve_device, shutdown_distributed
 from ..training.batchnorm import recalibrate_batchnorm
 from ..training.losses import LossConfig, check_loss_kind
 from ..training.runner import RunConfig, run_job
@@ -370,6 +370,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOption
         return handler(ckpt, config, opts, out, meta, resume=resume, quiet=quiet)
     if resume:
         raise HarpError(f"--resume: {name} is one-shot; there is nothing to resume")
+    check_not_distributed(name)
     make_out_dir(out, force=meta.pop("_force"), resume=False)
     return handler(ckpt, config, opts, out, meta)
 
@@ -378,6 +379,13 @@ def stage_options(spec: DatasetSpec, opts: PruneOptions) -> dict[str, Any]:
     """The options of a prune or finetune stage as its meta.json records them, with the attack they resolve
     to: a resumed stage must share them (`--adv`, `--subset`, the budget), less those that may change."""
     return {**asdict(opts), "attack": asdict(train_attack(spec, opts.eps, opts.steps, None))}
+
+
+def check_not_distributed(method: str) -> None:
+    """One-shot methods have no training loop to share: under torchrun every rank would repeat the whole
+    job and write the same output folder."""
+    if method not in RESUMABLE and launched_processes() > 1:
+        raise HarpError(f"{method} prunes in one shot, with no training loop to share: run it without torchrun")
 
 
 def _source(ckpt: Checkpoint) -> dict[str, Any]:
@@ -408,8 +416,10 @@ def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts:
     device = resolve_device(opts.device)
     atk = eval_attack(spec, opts.eps)
     plain = plain.to(device)
+    natural = accuracy(plain, test, device)
+    torch.manual_seed(0)  # PGD's random starts, as `harp eval` seeds them: the same numbers on every run
     metrics = {
-        "natural_accuracy": accuracy(plain, test, device),
+        "natural_accuracy": natural,
         "robust_accuracy": accuracy(plain, test, device, attack=make_attack("pgd", atk)),
         "robust_attack": {"name": "pgd", **asdict(atk)}, "test_examples": len(test)}
     costs = layer_costs(plain, spec.input_shape)

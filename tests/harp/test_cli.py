@@ -256,6 +256,8 @@ def test_a_multi_line_error_is_printed_as_one_line(capsys):
     ("cuda", 2, "1", "cuda:1"),
     ("cuda:x", 2, None, "unknown device 'cuda:x' (choose from auto, cpu, cuda, cuda:N)"),
     ("cpu:0", 2, None, "unknown device 'cpu:0'"),
+    ("cuda:", 2, None, "unknown device 'cuda:'"),  # had reached torch.device: a RuntimeError traceback
+    ("cpu:", 2, None, "unknown device 'cpu:'"),
 ])
 def test_device_names(monkeypatch, name, gpus, local_rank, expected):
     import torch

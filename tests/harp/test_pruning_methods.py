@@ -199,3 +199,25 @@ def test_random_masks_follow_the_seed(capsys, digits_robust_ckpt, tmp_path):
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     assert not all(torch.equal(masks[0][k], masks[2][k]) for k in masks[0])
     assert make_config("lwm", sparsity=0.5, seed=3).sparsity == 0.5  # the run's seed, no mask to draw
+
+
+def test_one_shot_pgd_accuracy_is_seeded_as_harp_eval_seeds_it(digits_robust_ckpt, tmp_path):
+    # its PGD random starts had been unseeded: identical runs recorded 11.7%, 11.7%, 12.5%
+    from harp.evaluate import evaluate_checkpoint
+
+    config, opts = make_config("lwm", sparsity=0.9), PruneOptions(subset=120, eps=0.05)
+    recorded = set()
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)  # whatever came before
+        recorded.add(prune_checkpoint(digits_robust_ckpt, tmp_path / "lwm", config, opts, force=True,
+                                      quiet=True)["robust_accuracy"])
+    assert recorded == {evaluate_checkpoint(str(tmp_path / "lwm"), eps=0.05, n=120, quiet=True)["robust_accuracy"]}
+
+
+def test_one_shot_methods_refuse_torchrun(digits_robust_ckpt, tmp_path, monkeypatch):
+    # every rank had repeated the whole job and written the same folder
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HarpError, match="lwm prunes in one shot.*run it without torchrun"):
+        prune_checkpoint(digits_robust_ckpt, tmp_path / "o", make_config("lwm", sparsity=0.9))
+    assert not (tmp_path / "o").exists()

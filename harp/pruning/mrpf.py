@@ -52,9 +52,7 @@ from .masks import Masks, keep_count, topk_mask
 SENSITIVITIES = ("prune", "noise")
 ALLOCATIONS = ("count", "density")
 FLOOR_FRACTION = 0.1  # no layer falls below 0.1 x the target density (HARP's a_min = alpha * k, alpha 0.1)
-
-
-DEFAULT_NOISE_SCALE = 0.5
+DEFAULT_NOISE_SCALE = 0.5  # --sensitivity noise: noise std / weight std
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,20 @@ per 1000 nonzeros, later loads take it from the cache); layers sparser than
 input copy, one Python call per kernel, and one output copy.
 
 Imports only numpy, numba and harp's numpy-only modules: a device needs no
-torch, onnx or scipy. A Runtime is not thread-safe: it owns its buffers.
+torch, onnx or scipy. A Runtime owns its buffers, so it runs one batch at a time: calls from
+several threads wait for each other (a lock); for parallel requests load one Runtime per thread.
+A Runtime cannot be pickled or copied (its kernels are bound to its buffers): load it again.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
+import operator
 import os
 import statistics
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -176,6 +181,16 @@ def bundle_source(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
     return p, None
 
 
+def _one_at_a_time(method):
+    """`method` under the runtime's lock: its buffers hold one batch, and two threads running at once
+    overwrote each other's activations (wrong logits, no error)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Runtime:
     """An executable plan of one bundle; see the module docstring."""
 
@@ -184,7 +199,7 @@ class Runtime:
             raise ValueError(f"Runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
         start = time.perf_counter()
         thread_settings.init_threads()  # the idle threads' wait policy, before the first parallel kernel
-        self.threads = thread_settings.get_num_threads() if threads is None else threads
+        self.threads = thread_settings.max_threads() if threads is None else threads
         thread_settings.set_num_threads(self.threads)
         self.fallback = fallback
         self.meta = bundle.meta
@@ -198,10 +213,16 @@ class Runtime:
         self.num_classes: int = self.plan.values[self.plan.output_name].shape[0]
         self._prepared: OrderedDict[int, Prepared] = OrderedDict()
         self._last_batch = 1
+        self._lock = threading.RLock()
         self.load_seconds: dict[str, float] = {"plan": time.perf_counter() - start}
 
     # ------------------------------------------------------------ running
 
+    def __reduce_ex__(self, protocol: Any) -> Any:  # pickle, copy.copy and copy.deepcopy
+        raise TypeError("a Runtime cannot be pickled or copied (its kernels are bound to its buffers); "
+                        "call load_runtime(path) again")
+
+    @_one_at_a_time
     def run(self, x: Any) -> np.ndarray:
         """Logits (N, classes) float32 for raw [0, 1] pixels x of shape (N, C, H, W).
 
@@ -246,12 +267,17 @@ class Runtime:
 
     # ------------------------------------------------------------ preparing a batch size
 
+    @_one_at_a_time
     def prepare(self, n: int) -> Prepared:
         """Buffers and bound kernels for batch size n (made once, kept for the last few sizes)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        try:
+            n = operator.index(n)  # an int or a numpy integer, not a float or a bool
+        except TypeError:
+            n = None
+        if n is None or isinstance(n, bool) or n < 1:
             raise RuntimeInputError(f"batch size must be a positive int, got {n!r}")
-        self._last_batch = n
         if n in self._prepared:
+            self._last_batch = n
             self._prepared.move_to_end(n)
             return self._prepared[n]
         if thread_settings.get_num_threads() != self.threads:
@@ -292,6 +318,7 @@ class Runtime:
                          input=buffers.input.reshape(n, *self.input_shape),
                          output=ctx.matrix(plan.output_name), shared_packs=ctx.shared_packs)
         self._prepared[n] = state
+        self._last_batch = n  # only once prepared: summary() and plan_report() re-prepare it
         return state
 
     def _maybe_serial(self, step: BoundStep) -> None:
@@ -326,6 +353,7 @@ class Runtime:
             kernels = tuple(k for k in kernels if k != "unrolled")
         return kernels, "timed"
 
+    @_one_at_a_time
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (prepared batch sizes are re-prepared, their work split depends on it)."""
         thread_settings.set_num_threads(n)
@@ -334,6 +362,7 @@ class Runtime:
 
     # ------------------------------------------------------------ reports
 
+    @_one_at_a_time
     def profile(self, x: Any = None, *, batch: int = 1, repeats: int = 20) -> list[dict[str, Any]]:
         """Median time of every step over `repeats` runs on x (default: seeded uniform [0, 1) pixels).
 
@@ -355,6 +384,7 @@ class Runtime:
             step.profile_us = statistics.median(times) * 1e6
         return self.plan_report(state.n)
 
+    @_one_at_a_time
     def plan_report(self, batch: int | None = None) -> list[dict[str, Any]]:
         """Per step: name, op, fused nodes, kernel (sparse/dense/winograd/unrolled/-), density, why, and times in µs.
 
@@ -378,6 +408,7 @@ class Runtime:
         """Bytes of the activation slots for batch size n (workspaces not included)."""
         return 4 * n * (sum(slot.per_image for slot in self.plan.slots) + int(np.prod(self.input_shape)))
 
+    @_one_at_a_time
     def summary(self) -> dict[str, Any]:
         """Plan statistics: graph nodes, steps, kernel calls and slots (at the batch size used last)."""
         state = self.prepare(self._last_batch)

@@ -214,6 +214,49 @@ def test_threads_are_set_and_restored_from_other_threads(resnet):
     assert_parity(runtime.run(x), expected)
 
 
+def test_one_runtime_called_from_several_threads_gives_each_its_own_logits(resnet):
+    # its buffers hold one batch: four threads running at once had returned wrong logits in half the runs
+    graph, path, _ = resnet
+    runtime = load_runtime(path, threads=1, fallback="sparse")
+    inputs = [pixels(4, seed) for seed in range(4)]
+    expected = [run_reference(graph, x) for x in inputs]
+    wrong = []
+
+    def work(i):
+        for _ in range(15):
+            out = runtime.run(inputs[i])
+            if float(np.abs(out - expected[i]).max()) > 1e-4 * max(1.0, float(np.abs(expected[i]).max())):
+                wrong.append(i)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not wrong
+    import copy
+    import pickle
+
+    for clone in (copy.copy, copy.deepcopy, pickle.dumps):  # a copy would share or lose the buffers
+        with pytest.raises(TypeError, match="call load_runtime"):
+            clone(runtime)
+
+
+def test_default_threads_are_all_numba_may_use_and_batch_sizes_take_numpy_ints(resnet):
+    from harp.kernels.threads import max_threads, set_num_threads
+
+    _, path, _ = resnet
+    set_num_threads(1)  # the calling thread's last setting had been the default
+    try:
+        assert load_runtime(path, fallback="sparse", warmup=False).threads == max_threads()
+    finally:
+        set_num_threads(max_threads())
+    runtime = load_runtime(path, threads=1, fallback="sparse", warmup=False)
+    assert runtime.prepare(np.int64(3)).n == 3 and runtime.plan_report(np.int32(3))[0]["batch"] == 3
+    with pytest.raises(RuntimeInputError, match="positive int"):
+        runtime.prepare(3.0)
+
+
 def test_profile_times_every_step(resnet):
     _, _, runtime = resnet
     report = runtime.profile(batch=2, repeats=3)
@@ -293,14 +336,19 @@ def test_buffers_too_big_to_allocate_are_a_clear_error(resnet, monkeypatch, what
 
     _, path, _ = resnet
     runtime = load_runtime(path, threads=1, fallback="winograd", warmup=False)
+    slot = runtime.plan.slots[0]
     if what == "workspace":  # the Winograd scratch of one conv: 4 PiB
         monkeypatch.setattr(ConvExecutor, "scratch", lambda self, ctx, kernel: 2**50 if kernel == "winograd" else 0)
         message = "GiB of kernel workspace"
     else:
-        runtime.plan.slots[0] = dataclasses.replace(runtime.plan.slots[0], per_image=2**50)  # this runtime's own
+        runtime.plan.slots[0] = dataclasses.replace(slot, per_image=2**50)  # this runtime's own
         message = "GiB of activation buffers"
     with pytest.raises(RuntimeInputError, match=message):
         runtime.prepare(2)
+    monkeypatch.undo()
+    runtime.plan.slots[0] = slot
+    # the refused size is not "the batch size used last": the reports still describe a prepared one
+    assert runtime.summary()["batch"] == 1 and runtime.plan_report()[0]["batch"] == 1
 
 
 def _edge_graph(kind: str):

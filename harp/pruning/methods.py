@@ -400,14 +400,19 @@ def _pruning_meta(config, model: nn.Module | None, costs=None) -> dict[str, Any]
         info["layers"] = [{"name": d["name"], "shape": d["shape"], "density": d["density"]}
                           for d in layer_densities(model)]
         if costs is not None:
-            info["flops_reduction"] = 1.0 - flops_density(model, costs)
+            info["flops_reduction"] = 1.0 - flops_density(model, costs, config.granularity)
     return info
 
 
-def flops_density(model: nn.Module, costs) -> float:
-    """Kept multiply-add fraction, counting only live output channels of each layer and its producer."""
+def flops_density(model: nn.Module, costs, granularity: str) -> float:
+    """Kept multiply-add fraction: each layer computes only its output channels with a nonzero weight.
+    Channel granularity also drops the inputs its producer's pruned channels leave (zero after their
+    BatchNorm, which `bake` zeroes); with weight granularity a zero row's BatchNorm still feeds the next
+    layer a constant, so that layer reads every input channel."""
     live = {n: float((m.weight.detach().flatten(1).abs().sum(1) > 0).float().mean()) for n, m in prunable_layers(model)}
-    return channel_flops_density(costs, live)
+    if granularity == "channel":
+        return channel_flops_density(costs, live)
+    return sum(live[n] * c.flops for n, c in costs.items()) / sum(c.flops for c in costs.values())
 
 
 def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,

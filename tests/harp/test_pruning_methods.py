@@ -221,3 +221,21 @@ def test_one_shot_methods_refuse_torchrun(digits_robust_ckpt, tmp_path, monkeypa
     with pytest.raises(HarpError, match="lwm prunes in one shot.*run it without torchrun"):
         prune_checkpoint(digits_robust_ckpt, tmp_path / "o", make_config("lwm", sparsity=0.9))
     assert not (tmp_path / "o").exists()
+
+
+def test_weight_pruning_flops_do_not_credit_the_next_layer_with_a_zero_rows_channel():
+    # a zero row's BatchNorm still feeds the next layer a constant: 31 of 32 zero rows in the first conv had
+    # been counted as removing 31/32 of the second conv's multiply-adds too
+    from harp.data import dataset_spec
+    from harp.models import build_model
+    from harp.pruning.flops import layer_costs
+    from harp.pruning.methods import flops_density
+
+    model = build_model("small_cnn", dataset_spec("digits"))
+    with torch.no_grad():
+        model.net.features[0].weight[1:] = 0
+    costs = layer_costs(model, (1, 8, 8))
+    total = sum(c.flops for c in costs.values())
+    first = costs["net.features.0"].flops
+    assert flops_density(model, costs, "weight") == pytest.approx((total - first * 31 / 32) / total)
+    assert flops_density(model, costs, "channel") < flops_density(model, costs, "weight")  # gated: it is removed

@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test clean
 
+# A .venv that cannot run pip or holds another Python (a failed first `make` on a system without
+# python3-venv, or one made by python3.10) is made again, not failed on at every run.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+		|| { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)

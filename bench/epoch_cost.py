@@ -32,7 +32,9 @@ from harp.training.losses import LossConfig
 from harp.training.runner import Job, RunConfig, make_optimizer, train_step
 from harp.training.train import TrainJob, budget_for, train_attack
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import results_dir
+
+RESULTS = results_dir()
 
 
 def _stepper(job: Job, run: RunConfig):

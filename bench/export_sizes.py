@@ -48,6 +48,7 @@ from harp.models import build_model
 from harp.pruning.masks import apply_masks, global_magnitude_masks
 from harp.sparsity import model_sparsity
 
+from . import results_dir
 from .random_models import randomise_batchnorm, zero_channels_like_pruner
 
 SPARSITIES = (0.9, 0.99, 0.999)
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-checkpoint", type=Path, default=None,
                         help="A pruned checkpoint to add as its own row (e.g. runs/demo/finetuned).")
     parser.add_argument("--digits-epochs", type=int, default=10, help="Epochs when training the digits model.")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "export.md")
+    parser.add_argument("--out", type=Path, default=results_dir() / "export.md")
     parser.add_argument("--work", type=Path, default=None, help="Scratch directory (default: a temporary one).")
     args = parser.parse_args(argv)
     if args.work is not None:

@@ -56,11 +56,12 @@ from harp.pruning.finetune import finetune_checkpoint
 from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
 from harp.training.train import TrainOptions, load_data, train
 
+from . import results_dir
 from .curves import LINF_SCALES, pgd_curve, torch_accuracy
 from .plots import curves_plot
 from .robustness import autoattack
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir()
 PROBE_EXAMPLES = 4096  # training examples of the dense PGD-AT epoch probe
 ATTACK_KEYS = ("autoattack", "apgd_square", "linf_curve")  # what attack_final adds to a row
 

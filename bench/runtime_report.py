@@ -48,6 +48,7 @@ from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.kernels.threads import WAIT_POLICIES, init_threads, max_threads
 
+from . import results_dir
 from .latency import (
     MIN_ITERS,
     LatencyStats,
@@ -620,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--artifact", action="append", default=[], help="An extra artifact dir to time.")
     parser.add_argument("--checkpoint", action="append", default=[], help="A pruned checkpoint to export and time.")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "runtime.md")
+    parser.add_argument("--out", type=Path, default=results_dir() / "runtime.md")
     parser.add_argument("--wait-policy", choices=WAIT_POLICIES, default="spin",
                         help="how harp's idle kernel threads wait (harp.kernels.threads); onnxruntime keeps "
                              "its default (spinning)")

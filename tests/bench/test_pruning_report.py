@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from harp.bench import pruning_report
 
@@ -96,3 +97,21 @@ def test_epoch_cost_refuses_counts_below_one(tmp_path, capsys):
         assert run_script(lambda: epoch_cost.main(argv), "epoch_cost") == 2
         err = capsys.readouterr().err
         assert f"{flag} must be >= 1, got 0" in err and err.count("\n") == 1
+
+
+def test_results_go_to_bench_results_of_a_checkout_and_never_into_an_installed_package(tmp_path, monkeypatch):
+    # an installed wheel had written the reports into site-packages/harp/bench/results
+    import importlib.util
+    import shutil
+
+    import harp.bench
+
+    assert harp.bench.results_dir() == Path(harp.bench.__file__).resolve().parent / "results"
+    installed = tmp_path / "site-packages" / "harp" / "bench"
+    installed.mkdir(parents=True)
+    shutil.copy(harp.bench.__file__, installed / "__init__.py")
+    spec = importlib.util.spec_from_file_location("installed_bench", installed / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    assert module.results_dir() == tmp_path / "bench-results"

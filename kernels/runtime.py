@@ -271,11 +271,12 @@ class Runtime:
     def prepare(self, n: int) -> Prepared:
         """Buffers and bound kernels for batch size n (made once, kept for the last few sizes)."""
         try:
-            n = operator.index(n)  # an int or a numpy integer, not a float or a bool
-        except TypeError:
-            n = None
-        if n is None or isinstance(n, bool) or n < 1:
+            count = None if isinstance(n, bool) else operator.index(n)  # an int or a numpy integer
+        except TypeError:  # a float, a string
+            count = None
+        if count is None or count < 1:
             raise RuntimeInputError(f"batch size must be a positive int, got {n!r}")
+        n = count
         if n in self._prepared:
             self._last_batch = n
             self._prepared.move_to_end(n)

@@ -253,8 +253,9 @@ def test_default_threads_are_all_numba_may_use_and_batch_sizes_take_numpy_ints(r
         set_num_threads(max_threads())
     runtime = load_runtime(path, threads=1, fallback="sparse", warmup=False)
     assert runtime.prepare(np.int64(3)).n == 3 and runtime.plan_report(np.int32(3))[0]["batch"] == 3
-    with pytest.raises(RuntimeInputError, match="positive int"):
-        runtime.prepare(3.0)
+    for bad in (3.0, True, "3", 0):
+        with pytest.raises(RuntimeInputError, match=f"positive int, got {bad!r}"):
+            runtime.prepare(bad)
 
 
 def test_profile_times_every_step(resnet):

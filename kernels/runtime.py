@@ -230,7 +230,7 @@ class Runtime:
         for a wrong type, dtype or shape, an empty batch, or NaN/inf values.
         """
         x = self._check_input(x)
-        state = self.prepare(x.shape[0])
+        state = self._prepare(x.shape[0])
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: reported below
             np.copyto(state.input, x, casting="unsafe")
         if not np.isfinite(state.input).all():
@@ -270,6 +270,10 @@ class Runtime:
     @_one_at_a_time
     def prepare(self, n: int) -> Prepared:
         """Buffers and bound kernels for batch size n (made once, kept for the last few sizes)."""
+        return self._prepare(n)
+
+    def _prepare(self, n: int) -> Prepared:
+        """`prepare` for the methods that already hold the lock (run takes it once per batch, not twice)."""
         try:
             count = None if isinstance(n, bool) else operator.index(n)  # an int or a numpy integer
         except TypeError:  # a float, a string
@@ -392,7 +396,7 @@ class Runtime:
         `time_us` is the median of the last `profile`, else the kernel's time from
         the choice at prepare, else None. For the batch size used last by default.
         """
-        state = self.prepare(self._last_batch if batch is None else batch)
+        state = self._prepare(self._last_batch if batch is None else batch)
         report = []
         for step in state.steps:
             ex = step.executor
@@ -412,7 +416,7 @@ class Runtime:
     @_one_at_a_time
     def summary(self) -> dict[str, Any]:
         """Plan statistics: graph nodes, steps, kernel calls and slots (at the batch size used last)."""
-        state = self.prepare(self._last_batch)
+        state = self._prepare(self._last_batch)
         return {
             "graph_nodes": self.plan.graph_nodes, "steps": len(self.plan.steps), "kernel_calls": len(state.calls),
             "slots": len(self.plan.slots), "values": len(self.plan.values),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import tokenize
 
 import click
@@ -11,6 +10,7 @@ import numpy as np
 
 from ..cli_errors import freeze_at_exit
 from ..errors import HarpError
+from ..io import open_regular
 from ..values import json_text
 
 DEFAULT_BATCH = 16  # images per runtime call unless --batch says otherwise (see run_model)
@@ -24,11 +24,11 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
     The file is memory-mapped: a large input is read one batch at a time, not held in memory.
     """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a fifo would block the read below forever
-            kind = "a directory" if os.path.isdir(path) else "not a regular file"
-            raise HarpError(f"input {path}: is {kind}, not a .npy file")
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a fifo would block the read forever
             magic = f.read(len(NPY_MAGIC))
+    except (ValueError, IsADirectoryError):  # open_regular's "not a regular file"; a directory fails to open
+        kind = "a directory" if os.path.isdir(path) else "not a regular file"
+        raise HarpError(f"input {path}: is {kind}, not a .npy file") from None
     except FileNotFoundError as e:
         raise HarpError(f"input {path}: no such file") from e
     except OSError as e:

@@ -421,10 +421,9 @@ def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts:
     device = resolve_device(opts.device)
     atk = eval_attack(spec, opts.eps)
     plain = plain.to(device)
-    natural = accuracy(plain, test, device)
     torch.manual_seed(0)  # PGD's random starts, as `harp eval` seeds them: the same numbers on every run
     metrics = {
-        "natural_accuracy": natural,
+        "natural_accuracy": accuracy(plain, test, device),
         "robust_accuracy": accuracy(plain, test, device, attack=make_attack("pgd", atk)),
         "robust_attack": {"name": "pgd", **asdict(atk)}, "test_examples": len(test)}
     costs = layer_costs(plain, spec.input_shape)

@@ -42,7 +42,7 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
     # truncated, a bad header (an unclosed bracket is numpy's TokenError), a pickled array
     except (OSError, ValueError, EOFError, OverflowError, tokenize.TokenError) as e:
         raise HarpError(f"input {path}: not a readable .npy array ({e})") from e
-    if x.dtype != np.float32:
+    if x.dtype.newbyteorder("=") != np.float32:  # float32 saved on a big-endian machine is float32 too
         raise HarpError(f"input {path}: dtype {x.dtype} is not float32 (save it with x.astype(np.float32))")
     extra = os.path.getsize(path) - (getattr(x, "offset", 0) + x.nbytes)
     if isinstance(x, np.memmap) and extra > 0:  # numpy ignores it: the header describes another array

@@ -51,6 +51,15 @@ def test_run_prints_one_prediction_per_line(capsys, artifact):
     assert [int(line) for line in out.split()] == expected.argmax(axis=1).tolist()
 
 
+def test_big_endian_float32_input_runs(capsys, artifact):
+    tmp, x = artifact
+    np.save(tmp / "be.npy", x.astype(">f4"))  # as numpy writes it on a big-endian machine
+    code, out, err = _run(capsys, "run", tmp / "art", "--input", tmp / "be.npy", "--json")
+    assert code == 0, err
+    np.testing.assert_allclose(np.array(json.loads(out)["logits"]), run_reference(tiny_graph(), x),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_run_json_has_predictions_and_logits(capsys, artifact):
     tmp, x = artifact
     expected = run_reference(tiny_graph(), x)

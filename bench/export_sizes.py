@@ -48,7 +48,7 @@ from harp.models import build_model
 from harp.pruning.masks import apply_masks, global_magnitude_masks
 from harp.sparsity import model_sparsity
 
-from . import results_dir
+from . import check_report_files, results_dir
 from .random_models import randomise_batchnorm, zero_channels_like_pruner
 
 SPARSITIES = (0.9, 0.99, 0.999)
@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=results_dir() / "export.md")
     parser.add_argument("--work", type=Path, default=None, help="Scratch directory (default: a temporary one).")
     args = parser.parse_args(argv)
+    check_report_files(args.out)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
         print(run(args.out, args.work, args.digits_checkpoint, args.digits_epochs, args.demo_checkpoint))

@@ -56,7 +56,7 @@ from harp.pruning.finetune import finetune_checkpoint
 from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
 from harp.training.train import TrainOptions, load_data, train
 
-from . import results_dir
+from . import check_report_files, results_dir
 from .curves import LINF_SCALES, pgd_curve, torch_accuracy
 from .plots import curves_plot
 from .robustness import autoattack
@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise HarpError(f"unknown method(s): {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     name = args.name or f"pruning-{args.dataset}-{args.granularity}"
+    check_report_files(*(RESULTS / f"{name}{suffix}" for suffix in (".md", ".json")))
     if args.from_json is not None:
         return rerender([Path(p) for p in args.from_json.split(",")], methods, name)
     torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.kernels.threads import WAIT_POLICIES, init_threads, max_threads
 
-from . import results_dir
+from . import check_report_files, results_dir
 from .latency import (
     MIN_ITERS,
     LatencyStats,
@@ -607,6 +607,7 @@ def _check_args(args: argparse.Namespace) -> None:
         for path in paths:
             if not Path(path).is_dir():
                 raise HarpError(f"{flag} {path}: not a directory")
+    check_report_files(args.out, args.out.with_suffix(".json"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,6 +74,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "w").exists()  # nothing started
 
 
+def test_an_unwritable_results_folder_is_refused_before_the_dense_model_trains(tmp_path, monkeypatch, capsys):
+    from harp.cli_errors import run_script
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(pruning_report, "RESULTS", tmp_path / "afile")
+    assert run_script(lambda: pruning_report.main(["--work", str(tmp_path / "w")]), "pruning_report") == 2
+    err = capsys.readouterr().err
+    assert "afile is a file, not a folder" in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
 def test_winners_rank_by_worst_case_and_leave_chance_level_models_out():
     def row(method, natural, pgd, aa):
         return _row(method, 0.99, 1.0, finetuned={"natural": natural, "robust": pgd},

@@ -1,6 +1,8 @@
 """The runtime report's goal accounting and its bad-input handling (the timed runs are a benchmark, not a test)."""
 
-from harp.bench import runtime_report
+import pytest
+
+from harp.bench import export_sizes, runtime_report
 from harp.cli_errors import run_script
 
 
@@ -32,6 +34,20 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize("script", [runtime_report, export_sizes])
+def test_the_report_file_is_checked_before_the_work(script, tmp_path, capsys):
+    # both had exported and timed (or trained) for minutes, then failed in a traceback on writing
+    (tmp_path / "afile").write_text("")
+    for out, message in [(tmp_path / "afile" / "r.md", "afile is a file, not a folder"),
+                         (tmp_path / "afile" / "sub" / "r.md", "Not a directory"),
+                         (tmp_path, "is a folder, not a file")]:
+        name = script.__name__.rsplit(".", 1)[1]
+        assert run_script(lambda: script.main(["--out", str(out), "--work", str(tmp_path / "w")]), name) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
 
 
 def test_checkpoints_are_exported_once_each_even_with_the_same_folder_names(digits_ckpt, tmp_path):

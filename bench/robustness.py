@@ -120,6 +120,10 @@ def evaluation_spec(art: Artifact, options: RobustnessOptions):
         raise HarpError(f"dataset {name} has {'x'.join(map(str, spec.input_shape))} images in {spec.classes} "
                         f"classes, but {art.name} takes {'x'.join(map(str, art.input_shape))} inputs and outputs "
                         f"{art.classes} classes")
+    # same count, other folders (renamed or replaced classes): every label would mean another class
+    if art.class_names is not None and spec.class_names is not None and list(spec.class_names) != art.class_names:
+        raise HarpError(f"{art.name} was trained on classes {', '.join(art.class_names)}; dataset {name} "
+                        f"now has {', '.join(spec.class_names)}")
     return spec
 
 

@@ -7,7 +7,9 @@ layer (`harp.models.normalize.Normalize`), so attack budgets are in pixel space.
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +182,7 @@ def _torchvision(name: str, train: bool, root: Path, download: bool) -> ImageDat
         hint = "" if download else (" (pass --download to fetch it, or --data-root to point at it)" if offers_download
                                     else " (pass --data-root to point at it)")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"\s*You can use download=True to download it\.?", "", first)  # harp's hint says how
         raise HarpError(f"dataset {name!r} under {root} is missing or unreadable{hint}: {first}") from e
     if len(images) != len(labels):
         raise HarpError(f"dataset {name!r} under {root}: the {'train' if train else 'test'} split has "
@@ -238,7 +241,8 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
     tf = T.Compose([T.Resize(spec.size[0]), T.CenterCrop(spec.size), T.PILToTensor()])
     try:
         # every training class needs images; the test split may leave one empty
-        ds = Folder(str(folder), transform=tf, loader=_load_rgb, allow_empty=not train)
+        ds = Folder(str(folder), transform=tf, loader=_load_rgb, is_valid_file=_is_image_name,
+                    allow_empty=not train)
     except FileNotFoundError as e:  # "Found no valid file for the classes ..."
         raise HarpError(f"imagefolder {folder}: {e}") from e
     if len(ds) == 0:
@@ -250,18 +254,32 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
     return ImageData(images, torch.tensor([ds.targets[i] for i in order], dtype=torch.int64))
 
 
+def _is_image_name(path: str) -> bool:
+    """Whether an ImageFolder file is read: any extension PIL registers (torchvision's own list
+    leaves out .gif, .tif and others, and silently), but no hidden file (.DS_Store, ._x.png)."""
+    from PIL import Image
+
+    Image.init()  # registers every format plugin, and with it every extension
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in Image.registered_extensions()
+
+
 def _load_rgb(path: str) -> Any:
     """The image at `path` as RGB; 16- and 32-bit greyscale are scaled down to 8 bits, which PIL's
-    convert("RGB") (torchvision's loader) clips: every value above 255 became white."""
+    convert("RGB") (torchvision's loader) clips: every value above 255 became white, and a
+    float image's values in [0, 1] became black."""
     from PIL import Image
 
     with open(path, "rb") as f:
         im = Image.open(f)
         im.load()
-    if im.mode.startswith("I"):  # "I;16*": 16 bits; "I": 32-bit integers holding 8 or 16 bits, or more
-        values = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I") or im.mode == "F":  # "I;16*": 16 bits; "I": 32-bit integers; "F": 32-bit floats
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64))
         peak = values.max(initial=0)
-        top = 65535.0 if im.mode.startswith("I;16") or 255 < peak <= 65535 else max(peak, 255.0)
+        if im.mode == "F" and peak <= 1.0:
+            top = 1.0  # floats in [0, 1]; larger ones are read as integers are
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or 255 < peak <= 65535 else max(peak, 255.0)
         im = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))
     return im.convert("RGB")
 

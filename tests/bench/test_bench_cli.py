@@ -407,6 +407,29 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
     assert len(lines) == 1 and lines[0].startswith("harp-bench: error:") and expected in lines[0], err
 
 
+def test_an_imagefolder_whose_classes_were_renamed_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from harp.bench.robustness import evaluation_spec
+    from harp.errors import HarpError
+
+    for split in ("train", "val"):
+        for label in ("cat", "dog", "fox"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / label / "0.png")
+    name = f"imagefolder:{tmp_path}"
+    art = SimpleNamespace(root=tmp_path, name="cnn", dataset=name, input_shape=(3, 32, 32), classes=3,
+                          class_names=["cat", "dog", "fox"])  # what its manifest records
+    assert evaluation_spec(art, RobustnessOptions()).class_names == ("cat", "dog", "fox")
+    for split in ("train", "val"):  # the same count: every label would now mean another class
+        (tmp_path / split / "cat").rename(tmp_path / split / "zebra")
+    with pytest.raises(HarpError, match="cnn was trained on classes cat, dog, fox; dataset imagefolder:"
+                                        r"\S+ now has dog, fox, zebra"):
+        evaluation_spec(art, RobustnessOptions())
+
+
 def test_every_artifact_is_checked_before_any_is_evaluated(artifact, csr_artifact, tmp_path, capsys):
     # The CSR-only export has no model.onnx: refused before the first artifact's minutes of attacks.
     code, _, err = bench(["robustness", artifact, csr_artifact, "--backends", "torch,onnxruntime", "--n", "8",

@@ -72,8 +72,9 @@ def test_unknown_dataset_and_missing_root_are_user_errors(tmp_path):
     with pytest.raises(HarpError, match=r"missing or unreadable \(pass --download to fetch it"):
         load_split("mnist", False, root=tmp_path, download=False)
     # commands without --download (export, harp-bench) had suggested it as well
-    with pytest.raises(HarpError, match=r"missing or unreadable \(pass --data-root to point at it\)"):
+    with pytest.raises(HarpError, match=r"missing or unreadable \(pass --data-root to point at it\)") as error:
         load_split("mnist", False, root=tmp_path)
+    assert "download=True" not in str(error.value)  # torchvision's own advice, for its Python API
 
 
 def _write_idx(path, array):
@@ -149,6 +150,26 @@ def test_imagefolder_labels_follow_the_training_classes_when_the_test_split_lack
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "owl" / "0.png")
     with pytest.raises(HarpError, match=r"imagefolder \S+val has class folders that \S+train lacks: owl"):
         load_split(f"imagefolder:{tmp_path}", train=False)
+
+
+def test_imagefolder_reads_every_format_pil_opens_but_no_hidden_file(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / split / label / "0.png")
+    cat = tmp_path / "train" / "cat"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(cat / "1.gif")  # torchvision's list had skipped it, silently
+    Image.fromarray(np.full((8, 8), 0.8, np.float32)).save(cat / "2.tif")  # mode F, values in [0, 1]
+    (cat / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (cat / "._0.png").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble companion of 0.png
+    train = load_split(f"imagefolder:{tmp_path}", train=True)
+    images = train.images[train.labels == 0]
+    assert len(images) == 3
+    red = {int(x[0].float().mean()) for x in images}
+    assert red == {0, 200, 204}, red  # the float image is 0.8 * 255, not clipped to black
 
 
 def test_imagefolder_skips_hidden_folders_and_refuses_an_empty_training_class(tmp_path):

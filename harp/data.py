@@ -255,13 +255,14 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
 
 
 def _is_image_name(path: str) -> bool:
-    """Whether an ImageFolder file is read: any extension PIL registers (torchvision's own list
-    leaves out .gif, .tif and others, and silently), but no hidden file (.DS_Store, ._x.png)."""
+    """Whether an ImageFolder file is read: any extension of a format PIL can open (torchvision's
+    own list leaves out .gif, .tif and others, and silently), but no hidden file (.DS_Store, ._x.png)."""
     from PIL import Image
 
     Image.init()  # registers every format plugin, and with it every extension
     name = os.path.basename(path)
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in Image.registered_extensions()
+    fmt = Image.registered_extensions().get(os.path.splitext(name)[1].lower())
+    return not name.startswith(".") and fmt in Image.OPEN  # not .pdf, which PIL only writes
 
 
 def _load_rgb(path: str) -> Any:

@@ -165,6 +165,7 @@ def test_imagefolder_reads_every_format_pil_opens_but_no_hidden_file(tmp_path):
     Image.fromarray(np.full((8, 8), 0.8, np.float32)).save(cat / "2.tif")  # mode F, values in [0, 1]
     (cat / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (cat / "._0.png").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble companion of 0.png
+    (cat / "notes.pdf").write_bytes(b"%PDF-1.4")  # PIL writes PDFs but cannot read them
     train = load_split(f"imagefolder:{tmp_path}", train=True)
     images = train.images[train.labels == 0]
     assert len(images) == 3

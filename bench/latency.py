@@ -58,7 +58,8 @@ class LatencyStats:
 
 @dataclass
 class Backend:
-    """A named callable x (N, C, H, W) float32 -> logits (N, classes) with its settings."""
+    """A named callable x (N, C, H, W) float32 -> logits (N, classes) with its settings; info's
+    "threads_applied" is the thread count read back from the library, not the one asked for."""
 
     name: str
     run: Callable[[np.ndarray], np.ndarray]
@@ -124,7 +125,8 @@ def harp_backend(artifact: str | os.PathLike[str], threads: int, *, fallback: st
     start = time.perf_counter()
     runtime = load_runtime(artifact, threads=threads, fallback=fallback)
     return Backend("harp", runtime.run, threads,
-                   {"fallback": fallback, "load_s": time.perf_counter() - start, "runtime": runtime})
+                   {"fallback": fallback, "load_s": time.perf_counter() - start, "runtime": runtime,
+                    "threads_applied": runtime.threads})
 
 
 def _ort_session(path: Path, threads: int):
@@ -147,7 +149,8 @@ def onnxruntime_backend(artifact: str | os.PathLike[str], threads: int, *, file:
 
     session, name = _ort_session(_artifact_file(artifact, file), threads)
     return Backend("onnxruntime", lambda x: session.run(None, {name: x})[0], threads,
-                   {"file": file, "version": ort.__version__})
+                   {"file": file, "version": ort.__version__,
+                    "threads_applied": session.get_session_options().intra_op_num_threads})
 
 
 def onnxruntime_sparse_backend(artifact: str | os.PathLike[str], threads: int) -> Backend:
@@ -172,7 +175,7 @@ def torch_backend(model: Any, threads: int) -> Backend:
         with torch.inference_mode():
             return model(torch.from_numpy(x)).numpy()
 
-    return Backend("torch", run, threads, {"version": torch.__version__})
+    return Backend("torch", run, threads, {"version": torch.__version__, "threads_applied": torch.get_num_threads()})
 
 
 def _artifact_file(artifact: str | os.PathLike[str], file: str) -> Path:

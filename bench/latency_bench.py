@@ -35,7 +35,7 @@ from harp.io import atomic_write_bytes, atomic_write_json
 
 from .artifact import BACKEND_FILES, check_backend_packages, check_backends, default_backends
 from .latency import DEFAULT_WARMUP, MIN_ITERS
-from .machine import machine_info
+from .machine import machine_info, usable_cores
 from .options import CommaList, check_distinct_outputs, json_out, md_out, plot_out, shape
 from .tables import fmt
 from .whatif import PRUNINGS, build_whatif_artifact
@@ -60,9 +60,9 @@ class LatencyOptions:
             raise HarpError("backends, batch sizes and thread counts must each name at least one value")
         if min(self.batches) < 1 or min(self.threads) < 1:
             raise HarpError(f"batch sizes and thread counts must be >= 1, got {self.batches} and {self.threads}")
-        cores = os.cpu_count() or 1
+        cores = usable_cores()  # more threads than that would time them taking turns
         if max(self.threads) > cores:
-            raise HarpError(f"--threads {max(self.threads)} exceeds the {cores} cores of this machine")
+            raise HarpError(f"--threads {max(self.threads)} exceeds the {cores} cores this process may use")
         if self.iters < MIN_ITERS:
             raise HarpError(f"--iters must be >= {MIN_ITERS} (percentiles need them), got {self.iters}")
         if self.warmup < 0:
@@ -128,6 +128,7 @@ def _result_row(art: Artifact, backend: str, stats: dict[str, Any], memory: dict
     return {
         "backend": backend, "batch": stats["batch"], "threads": stats["threads"],
         "p50_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "p99_ms": stats["p99_ms"],
+        "threads_applied": stats["threads_applied"],
         "mean_ms": stats["mean_ms"], "min_ms": stats["min_ms"], "iters": stats["iters"], "warmup": stats["warmup"],
         "throughput": stats["batch"] / (stats["median_ms"] / 1e3),
         "size_bytes": art.file(BACKEND_FILES[backend]).stat().st_size, "size_file": BACKEND_FILES[backend],

@@ -109,6 +109,7 @@ def measure(artifact: str, backend: str, threads: int, batches: list[int], *, wa
                               warn_busy=False)
         row = stats.to_json()
         row["peak_rss_mb"] = peak_rss_mb()
+        row["threads_applied"] = runner.info["threads_applied"]
         rows.append(row)
     return {"rows": rows, "memory": {"base_rss_mb": base, "load_s": load_s}}
 

@@ -27,7 +27,7 @@ from harp.outdir import check_can_create
 
 from .latency_bench import (BACKEND_ORDER, LatencyOptions, check_latency, latency_markdown, run_latency,
                             with_runnable_backends)
-from .machine import describe, machine_info
+from .machine import describe, machine_info, usable_cores
 from .options import CommaList, data_root
 from .robustness import ATTACKS, RobustnessOptions, checked_options, robustness_markdown, run_robustness
 from .tables import distinct, fmt, markdown_table
@@ -149,7 +149,7 @@ def _checked(art: Artifact, options: ReportOptions, note: Callable[[str], None]
 @click.option("--attacks", type=CommaList(choices=ATTACKS), default=",".join(ATTACKS), show_default=True)
 @click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True, help="Square queries.")
 @click.option("--no-robustness", is_flag=True, help="Latency and model card only.")
-@click.option("--threads-robustness", "robust_threads", type=click.IntRange(1, os.cpu_count() or 1), default=1,
+@click.option("--threads-robustness", "robust_threads", type=click.IntRange(1, usable_cores()), default=1,
               show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def report_command(artifacts, out, backends, batches, threads, iters, dataset, data_root, n, attacks, queries,

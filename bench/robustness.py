@@ -42,6 +42,7 @@ from harp.export.artifact import Artifact, open_artifact
 from .artifact import check_backend_packages, check_backends, default_backends
 from .curves import BATCH, robustness_curves, torch_accuracy
 from .latency_bench import BACKEND_ORDER, write_outputs
+from .machine import usable_cores
 from .options import CommaList, OutputFile, check_distinct_outputs, data_root, json_out, md_out
 from .sanity import LARGE_EPS, sanity_checks
 from .tables import distinct, fmt, markdown_link, markdown_table, text_table
@@ -88,9 +89,9 @@ class RobustnessOptions:
         if self.n < 1 or self.queries < 1 or self.threads < 1:
             raise HarpError(f"--n, --queries and --threads must be >= 1, got {self.n}, {self.queries}, "
                             f"{self.threads}")
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         if self.threads > cores:
-            raise HarpError(f"--threads {self.threads} exceeds the {cores} cores of this machine")
+            raise HarpError(f"--threads {self.threads} exceeds the {cores} cores this process may use")
         for name, v in (("--eps", self.eps), ("--l2-eps", self.l2_eps)):
             if v is not None and v <= 0:
                 raise HarpError(f"{name} must be > 0, got {v}")
@@ -430,7 +431,7 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
 @click.option("--no-curves", is_flag=True, help="Skip the robustness curves.")
 @click.option("--curve-steps", type=click.IntRange(min=1), default=None,
               help="PGD steps per curve point. Default: --steps.")
-@click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1, usable_cores()), default=1, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @json_out
 @md_out

@@ -62,23 +62,76 @@ def bench(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_latency_json_schema_and_positive_numbers(artifact, tmp_path, capsys):
+    from harp.bench.machine import usable_cores
+
+    threads = min(2, usable_cores())
     path = tmp_path / "lat.json"
     code, out, _ = bench(["latency", artifact, "--backends", "torch,onnxruntime,harp", "--batch", "1,4",
-                          "--iters", "50", "--warmup", "2", "--json", path, "--md", tmp_path / "lat.md"], capsys)
+                          "--threads", threads, "--iters", "50", "--warmup", "2", "--seed", "3", "--json", path,
+                          "--md", tmp_path / "lat.md"], capsys)
     assert code == 0
     result = json.loads(path.read_text())
     assert {"cpu", "isa", "cores", "os", "libraries", "load_average_start", "busy"} <= set(result["machine"])
+    assert result["protocol"]["seed"] == 3 and result["protocol"]["warmup"] == 2
     rows = result["results"]
     assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in ("torch", "onnxruntime", "harp")
                                                           for n in (1, 4)}
+    files = {"torch": "model.harpz", "onnxruntime": "model.onnx", "harp": "model.harpz"}
+    markdown = (tmp_path / "lat.md").read_text()
     for r in rows:
-        assert r["threads"] == 1
+        # the count each library reports it uses, read back in the timed process
+        assert r["threads"] == r["threads_applied"] == threads, r
+        assert r["warmup"] == 2 and r["iters"] == 50  # what the timed process did, not what was asked
         for key in ("p50_ms", "p90_ms", "p99_ms", "throughput", "size_bytes", "peak_rss_mb", "speedup_vs_onnxruntime"):
             assert r[key] > 0, key
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["throughput"] == pytest.approx(r["batch"] / r["p50_ms"] * 1e3)
+        assert r["size_file"] == files[r["backend"]] and r["size_bytes"] == (artifact / r["size_file"]).stat().st_size
+        assert r["model_rss_mb"] == pytest.approx(r["peak_rss_mb"] - r["base_rss_mb"])
+        # the Markdown table shows the JSON's own numbers
+        assert f"| {r['backend']} | {r['batch']} | {threads} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} |" in markdown
     assert all(r["speedup_vs_onnxruntime"] == 1.0 for r in rows if r["backend"] == "onnxruntime")
-    assert "harp" in out and "| backend |" in (tmp_path / "lat.md").read_text()
+    assert "harp" in out and "| backend |" in markdown
+
+
+def test_latency_speedup_is_onnxruntimes_time_over_the_backends(monkeypatch):
+    from harp.bench import latency_bench
+
+    rows = [{"backend": b, "batch": n, "threads": 1, "p50_ms": ms}
+            for b, n, ms in (("onnxruntime", 1, 4.0), ("harp", 1, 1.0), ("harp", 16, 2.0), ("onnxruntime", 16, 10.0))]
+    latency_bench._add_speedups(rows)
+    assert [r["speedup_vs_onnxruntime"] for r in rows] == [1.0, 4.0, 5.0, 1.0]
+
+
+def test_time_callable_times_only_the_timed_calls(monkeypatch):
+    # A fake clock: each call advances it by its own duration, warm-up calls by a whole second.
+    from harp.bench import latency
+
+    now = [0.0]
+    durations = iter([1.0] * 3 + [0.001 * (k % 50 + 1) for k in range(50)])  # 3 warm-ups, then 1..50 ms
+
+    def call(_x):
+        now[0] += next(durations)
+
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: now[0])
+    stats = latency.time_callable(call, np.zeros((4, 1, 2, 2), np.float32), warmup=3, iters=50, warn_busy=False)
+    ms = np.arange(1, 51, dtype=float)
+    assert stats.batch == 4 and stats.iters == 50 and stats.warmup == 3
+    assert stats.median_ms == pytest.approx(25.5) and stats.min_ms == pytest.approx(1.0)
+    assert stats.p90_ms == pytest.approx(np.percentile(ms, 90)) and stats.mean_ms == pytest.approx(25.5)
+
+
+def test_thread_counts_above_the_cores_this_process_may_use_are_refused(monkeypatch):
+    from harp.bench import machine
+    from harp.bench.latency_bench import LatencyOptions
+    from harp.errors import HarpError
+
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: {0}, raising=False)  # as under taskset -c 0
+    LatencyOptions(threads=(1,)).check()
+    with pytest.raises(HarpError, match="--threads 2 exceeds the 1 cores this process may use"):
+        LatencyOptions(threads=(2,)).check()
+    with pytest.raises(HarpError, match="--threads 2 exceeds the 1 cores"):
+        RobustnessOptions(threads=2).check()
 
 
 def test_latency_what_if_mode_exports_and_times_a_random_model(capsys):

@@ -158,6 +158,14 @@ def test_eval_and_info_json(capsys, digits_ckpt):
     assert result["sparsity"] == 0.0
     code, out, _ = _run(capsys, "eval", str(digits_ckpt), "--json", "--quiet", "--n", "200", "--steps", "5")
     assert json.loads(out)["robust_accuracy"] == result["robust_accuracy"]  # seeded starts: had varied by run
+    code, out, _ = _run(capsys, "eval", str(digits_ckpt), "--json", "--quiet", "--n", "200", "--steps", "3",
+                        "--eps", "0.02", "--restarts", "2", "--attack", "all")
+    small = json.loads(out)
+    assert code == 0 and set(small["attacks"]) == {"pgd", "fgsm", "pgd-l2"}
+    assert {k: small["attack"][k] for k in ("name", "eps", "steps", "restarts")} == {
+        "name": "pgd", "eps": 0.02, "steps": 3, "restarts": 2}
+    assert small["attacks"]["fgsm"]["eps"] == 0.02 and small["attacks"]["pgd-l2"]["restarts"] == 2
+    assert small["robust_accuracy"] > result["robust_accuracy"]  # a smaller budget, measured as one
     code, out, _ = _run(capsys, "info", str(digits_ckpt), "--json")
     info = json.loads(out)
     assert info["sparsity"] == 0.0

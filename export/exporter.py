@@ -31,7 +31,7 @@ from torch import nn
 
 from harp.errors import HarpError
 from harp.io import DIR_MODE, NAME_MAX, fsync_dir, temp_prefix
-from harp.outdir import check_can_create, check_out_spares
+from harp.outdir import check_can_create, check_out_spares, harp_wrote
 
 from .bundle import write_bundle
 from .channels import TrimSummary, trim_channels
@@ -280,9 +280,9 @@ def _check_out_dir(out: Path, force: bool, source: str | os.PathLike[str] | None
         if any(out.iterdir()):
             if not force:
                 raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
-            if not (out / MANIFEST).is_file():
-                raise ExportError(f"--force: {out} holds no {MANIFEST}, so it is not a harp export; "
-                                  "refusing to delete it")
+            if not harp_wrote(out, MANIFEST):
+                raise ExportError(f"--force: {out} holds no {MANIFEST} written by harp, so it is not a harp "
+                                  "export; refusing to delete it")
     try:
         check_can_create(out.absolute().parent)  # missing parents are created with the export
     except HarpError as e:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .errors import HarpError
+from .io import read_json
 
-_OURS = ("meta.json", "state", "model.safetensors", "manifest.json", "pipeline.json")
+# What a folder harp wrote holds, and how each is recognised (its file's "format", or the fields only
+# harp writes); a file of the same name written by another tool (a Hugging Face model.safetensors, a
+# browser extension's manifest.json, a project's state/) does not make a folder harp's.
+_MARKERS = (("meta.json", lambda j: j.get("format") == "harp-checkpoint"),  # checkpoint.FORMAT
+            ("state/state.json", lambda j: {"epoch", "kind", "run", "job"} <= set(j)),  # an interrupted run
+            ("pipeline.json", lambda j: set(j) == {"options", "results"}),  # pipeline.PIPELINE_FILE
+            ("manifest.json", lambda j: j.get("format") == "harp-export"))  # export.verify.MANIFEST_FORMAT
+# state/ of a run stopped before its first state.json: weights, optimizer, and atomic writes' temp files
+_STATE_FILE = re.compile(r"(model|best)-\d+\.safetensors|optim-\d+\.pt|\..+\.tmp")
 
 
 def check_out_dir(out: Path, *, force: bool, resume: bool, source: str | Path | None = None) -> None:
@@ -22,15 +33,38 @@ def check_out_dir(out: Path, *, force: bool, resume: bool, source: str | Path | 
         if not (out / "state" / "state.json").is_file():
             raise HarpError(f"--resume: {out} holds no interrupted run (no state/state.json)")
         return
+    if out.is_symlink() and not out.exists():
+        raise HarpError(f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists():
         if not out.is_dir():
             raise HarpError(f"output {out} exists and is not a directory")
         if any(out.iterdir()) and not never_finished_an_epoch(out):
             if not force:
                 raise HarpError(f"output directory {out} already exists; pass --force to overwrite it or --resume")
-            if not any((out / name).exists() for name in _OURS):
+            if not harp_wrote(out):
                 raise HarpError(f"--force: {out} does not look like a harp output; refusing to delete it")
+            if out.is_symlink():  # rmtree refuses a link; deleting what it points to is not what was asked
+                raise HarpError(f"--force: {out} is a symbolic link; name the folder it points to")
+            cwd = Path.cwd().resolve()
+            if out.resolve() == cwd or out.resolve() in cwd.parents:
+                raise HarpError(f"--force: {out} is the current folder or holds it, which --force would delete; "
+                                "run from elsewhere or name another folder")
     check_can_create(out.absolute().parent)
+
+
+def harp_wrote(out: Path, marker: str | None = None) -> bool:
+    """Whether folder `out` is one harp wrote: a checkpoint, an interrupted run, a pipeline or an export
+    (or only the kind whose marker file is `marker`, e.g. "manifest.json"), recognised by the content
+    of its marker file, not only by the file's name."""
+    return any(isinstance(j := _json_or_none(out / name), dict) and is_ours(j) for name, is_ours in _MARKERS
+               if marker in (None, name))
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def check_can_create(folder: Path) -> None:
@@ -55,9 +89,11 @@ def check_out_spares(out: Path, source: str | Path) -> None:
 
 def never_finished_an_epoch(out: Path) -> bool:
     """Whether `out` holds only the state/ folder of a run that failed or was stopped in its first
-    epoch (no state.json): nothing to resume, so a plain re-run may start over in it."""
-    return [p.name for p in out.iterdir()] == ["state"] and (out / "state").is_dir() \
-        and not (out / "state" / "state.json").exists()
+    epoch (no state.json, and only files a run writes there): nothing to resume, so a plain re-run
+    may start over in it."""
+    state = out / "state"
+    return [p.name for p in out.iterdir()] == ["state"] and state.is_dir() and not state.is_symlink() \
+        and all(_STATE_FILE.fullmatch(p.name) and p.is_file() for p in state.iterdir())
 
 
 def make_out_dir(out: Path, *, force: bool, resume: bool) -> None:

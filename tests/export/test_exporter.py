@@ -155,6 +155,10 @@ def test_non_empty_out_without_force_is_exit_2_and_untouched(capsys, pruned_digi
     code, _, err = _run(capsys, "export", str(pruned_digits_ckpt), "--out", str(out), "--force")
     assert code == 2 and "not a harp export" in err  # --force only replaces an export
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "manifest.json").write_text('{"name": "a browser extension", "version": "1.0"}')
+    code, _, err = _run(capsys, "export", str(pruned_digits_ckpt), "--out", str(out), "--force")
+    assert code == 2 and "not a harp export" in err  # a manifest.json of another tool had been enough
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt"]
 
 
 def test_force_replaces_an_export_atomically(digits_export, pruned_digits_ckpt, tmp_path):

@@ -128,6 +128,45 @@ def test_existing_output_needs_force(capsys, tmp_path):
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("files, force", [
+    ({"state/2025/ledger.db": "x", "state/terraform.tfstate": "x"}, False),  # had been taken for a harp run's state/
+    ({"state/model-1.safetensors": "x", "state/notes.txt": "x"}, False),
+    ({"model.safetensors": "x", "config.json": "{}"}, True),  # a Hugging Face model folder
+    ({"state/notes.txt": "x", "thesis.tex": "x"}, True),
+    ({"meta.json": '{"name": "mine"}', "data.csv": "x"}, True),
+    ({"pipeline.json": '{"options": 1}', "results.csv": "x"}, True),
+])
+def test_a_folder_harp_did_not_write_is_never_deleted(capsys, tmp_path, files, force):
+    # --force had deleted any folder holding a file or folder of one of harp's names, and without
+    # --force a folder holding only state/ (taken for a run stopped in its first epoch)
+    out = tmp_path / "o"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    code, _, err = _run(capsys, "train", "--out", out, "--epochs", "1", "--subset", "100", *(["--force"] * force))
+    assert code == 2 and ("does not look like a harp output" if force else "already exists") in err, err
+    assert {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_force_refuses_the_current_folder_and_a_symlink(capsys, digits_ckpt, tmp_path, monkeypatch):
+    # --out . --force had emptied the folder, then failed (rmdir of "."), writing nothing
+    pipeline, run = tmp_path / "pipe", tmp_path / "pipe" / "dense"
+    shutil.copytree(digits_ckpt, run)
+    (pipeline / "pipeline.json").write_text('{"options": {}, "results": null}')
+    before = sorted(p.name for p in run.iterdir())
+    monkeypatch.chdir(run)
+    for out in (".", str(run), str(pipeline)):
+        code, _, err = _run(capsys, "train", "--out", out, "--epochs", "1", "--force")
+        assert code == 2 and "is the current folder or holds it" in err, err
+    (tmp_path / "link").symlink_to(run)
+    code, _, err = _run(capsys, "train", "--out", tmp_path / "link", "--epochs", "1", "--force")
+    assert code == 2 and "is a symbolic link; name the folder it points to" in err, err
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    code, _, err = _run(capsys, "train", "--out", tmp_path / "dangling", "--epochs", "1")
+    assert code == 2 and "is a symbolic link to" in err and "which does not exist" in err, err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_out_may_not_be_or_hold_the_input_checkpoint(capsys, digits_ckpt, tmp_path):
     # With --force, finetune X --out X had replaced the pruned checkpoint it was reading.
     ckpt = tmp_path / "runs" / "dense"

@@ -217,22 +217,42 @@ def white_box(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         return batched(lambda a, b: pgd(model, a, b, cfg), x, y), {"eps": cfg.eps, "norm": norm, "steps": cfg.steps,
                                                                   "step_size": cfg.step_size}
     if name == "autoattack":
-        return autoattack(model, x, y, eps, options.seed), {"eps": eps, "norm": "linf", "version": "standard",
-                                                            "attacks": "apgd-ce, apgd-t, fab-t, square"}
+        attacks, targets = autoattack_plan(spec.classes)
+        return autoattack(model, x, y, eps, options.seed), {
+            "eps": eps, "norm": "linf", "version": "standard", "attacks": ", ".join(attacks),
+            "target_classes": targets}
     raise HarpError(f"unknown white-box attack {name!r}")
+
+
+AUTOATTACK_TARGETS = 9  # target classes of the standard version's APGD-T and FAB-T
+
+
+def autoattack_plan(classes: int) -> tuple[list[str], int]:
+    """The standard AutoAttack's attacks and target-class count for a `classes`-way model: the standard
+    version assumes 10 or more classes (9 targets); fewer get every other class as a target, and APGD-T,
+    whose targeted DLR loss needs 4 classes, is left out below that."""
+    attacks = ["apgd-ce", "apgd-t", "fab-t", "square"]
+    if classes < 4:
+        attacks.remove("apgd-t")
+    return attacks, min(AUTOATTACK_TARGETS, classes - 1)
 
 
 def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int,
                attacks: list[str] | None = None) -> torch.Tensor:
-    """The standard AutoAttack (pyautoattack, L-inf) on the torch model, or only `attacks` of it (e.g. apgd-ce)."""
+    """The standard AutoAttack (pyautoattack, L-inf) on the torch model, or only `attacks` of it (e.g. apgd-ce);
+    with fewer than 10 classes, as `autoattack_plan` adapts it."""
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:
         raise HarpError("attack autoattack needs the package pyautoattack (pip install pyautoattack)") from e
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
     if attacks is None:
         adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=seed)
+        adversary.attacks_to_run = autoattack_plan(classes)[0]
     else:
         adversary = AutoAttack(model, attacks=attacks, norm="Linf", eps=eps, version="custom", device="cpu", seed=seed)
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = autoattack_plan(classes)[1]
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=BATCH)
     return x_adv
 
@@ -247,7 +267,8 @@ def square(fn: Predict, x: torch.Tensor, y: torch.Tensor, eps: float, queries: i
     def logits(t: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(predict(fn, t.detach().numpy().astype(np.float32)))
 
-    attack = SquareAttack(logits, norm="Linf", n_queries=queries, eps=eps, p_init=0.8, n_restarts=1, seed=seed,
+    # pyautoattack counts its first (stripe) perturbation as query 1, then runs n_queries more
+    attack = SquareAttack(logits, norm="Linf", n_queries=queries - 1, eps=eps, p_init=0.8, n_restarts=1, seed=seed,
                           verbose=False, resc_schedule=True, device="cpu")
     return attack.perturb(x, y)
 

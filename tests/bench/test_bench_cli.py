@@ -215,6 +215,32 @@ def test_blackbox_square_runs_on_exported_runtimes(robustness):
         assert robustness["eps"] / 2 < r["max_perturbation"] <= robustness["eps"] + 1e-6
 
 
+def test_square_queries_the_runtime_it_reports_on_and_keeps_its_budget(artifact, monkeypatch):
+    from harp.bench import robustness as rob
+
+    rows: dict[str, int] = {}
+    build = rob.build_predictors
+
+    def counted(*args, **kwargs):
+        def count(name, fn):
+            def run(x):
+                rows[name] = rows.get(name, 0) + len(x)
+                return fn(x)
+            return run
+        return {name: count(name, fn) for name, fn in build(*args, **kwargs).items()}
+
+    monkeypatch.setattr(rob, "build_predictors", counted)
+    n, queries = 16, 10
+    result = run_robustness(artifact, RobustnessOptions(n=n, attacks=("square",), backends=("torch", "harp"),
+                                                        queries=queries, curves=()))
+    # torch and harp see the same clean and sanity-check images; Square's queries go to harp alone:
+    # at least one per image, at most the budget plus pyautoattack's clean and final checks and the
+    # accuracy on the images it returns
+    square_rows = rows["harp"] - rows["torch"]
+    assert n <= square_rows <= n * (queries + 3), rows
+    assert set(result["blackbox"]["backends"]) == {"harp"}
+
+
 def test_curves_and_sanity_checks_run(robustness):
     linf = robustness["curves"]["linf"]
     assert linf["budgets"][0] == 0 and linf["accuracy"][0] == robustness["clean"]["torch"]["accuracy"]
@@ -253,6 +279,24 @@ def test_sanity_checks_flag_broken_evaluations():
     assert sanity.logits_not_probabilities({"x": probs})[0].status == "WARN"
     assert sanity.deterministic({"x": probs}, {"x": probs + 1e-3})[0].status == "WARN"
     assert sanity.within_budget(attacks, blackbox).status == "WARN"
+
+
+def test_sanity_checks_pass_a_sound_evaluation():
+    # the other direction: a check that always warned would make every report cry wolf
+    attacks = {"fgsm": {"torch_accuracy": 0.5, "eps": 0.1, "max_perturbation": 0.1,
+                        "backends": {"harp": {"accuracy": 0.5}}},
+               "pgd": {"torch_accuracy": 0.3, "eps": 0.1, "max_perturbation": 0.1,
+                       "backends": {"harp": {"accuracy": 0.3}}}}
+    assert sanity.iterative_vs_single_step(attacks, 1000).status == "PASS"
+    falling = {"linf": {"budgets": [0, 0.1, 0.2], "accuracy": [0.9, 0.3, 0.3005]}}  # a rise within tolerance
+    assert sanity.monotone_curves(falling, 1000)[0].status == "PASS"
+    assert sanity.large_eps(0.01).status == "PASS"
+    blackbox = {"eps": 0.1, "queries": 100, "backends": {"harp": {"accuracy": 0.4, "max_perturbation": 0.1}}}
+    assert {c.status for c in sanity.blackbox_vs_whitebox(attacks, blackbox, 1000)} == {"PASS"}
+    logits = np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32) * 5
+    assert sanity.logits_not_probabilities({"x": logits})[0].status == "PASS"
+    assert sanity.deterministic({"x": logits}, {"x": logits.copy()})[0].status == "PASS"
+    assert sanity.within_budget(attacks, blackbox).status == "PASS"
 
 
 # ---------------------------------------------------------------- pieces
@@ -458,6 +502,23 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
     assert code == 2
     lines = [line for line in err.splitlines() if not line.startswith("harp-bench: warning:")]
     assert len(lines) == 1 and lines[0].startswith("harp-bench: error:") and expected in lines[0], err
+
+
+@pytest.mark.parametrize("classes", [3, 5])
+def test_autoattack_runs_on_models_with_fewer_than_ten_classes(classes):
+    # the standard version's 9 target classes had ended in an IndexError traceback below 10 classes
+    from harp.bench.robustness import autoattack, autoattack_plan
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, classes)).eval()
+    x = torch.rand(16, 1, 4, 4)
+    y = model(x).argmax(1)  # every clean prediction right
+    x_adv = autoattack(model, x, y, 0.3, seed=0)
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-6
+    assert (model(x_adv).argmax(1) == y).float().mean() < 0.5
+    attacks, targets = autoattack_plan(classes)
+    assert targets == classes - 1 and ("apgd-t" in attacks) == (classes >= 4)
 
 
 def test_an_imagefolder_whose_classes_were_renamed_is_refused(tmp_path):

@@ -105,6 +105,9 @@ def _check_csr_args(op, indptr, indices, values) -> None:
     if indptr[-1] != indices.shape[0] or indptr[0] != 0:
         raise ValueError(f"{op}: indptr runs {indptr[0]}..{indptr[-1]} "
                          f"but there are {indices.shape[0]} nonzeros")
+    if np.any(np.diff(indptr) < 0):  # a row running past nnz would read out of bounds: the kernel does not check
+        raise ValueError(f"{op}: indptr is not non-decreasing (row {int(np.argmax(np.diff(indptr) < 0))} ends "
+                         "before it starts)")
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)

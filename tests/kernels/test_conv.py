@@ -209,6 +209,21 @@ def test_sparse_conv2d_errors_name_the_problem(bad, message):
         sparse_conv2d(kwargs.pop("x"), *csr(weight), weight.shape, **kwargs)
 
 
+@pytest.mark.parametrize("bad", ["decreasing", "past_nnz", "not_from_0"])
+def test_plan_rejects_an_indptr_that_is_not_0_to_nnz_non_decreasing(bad):
+    weight = np.ones((2, 3, 3, 3), np.float32)
+    indptr, indices, values = csr(weight)
+    indptr = indptr.copy()
+    if bad == "decreasing":
+        indptr[1] = indptr[2] + 1
+    elif bad == "past_nnz":
+        indptr[-1] += 1
+    else:
+        indptr[0] = 1
+    with pytest.raises(ValueError, match="is not 0..nnz=54 non-decreasing"):
+        plan_sparse_conv2d(indptr, indices, weight.shape, (5, 5), 1, 1)
+
+
 def test_plan_rejects_out_of_range_columns():
     weight = np.ones((2, 3, 3, 3), np.float32)
     indptr, indices, values = csr(weight)

@@ -85,6 +85,18 @@ def test_spmm_rejects_out_of_range_index():
         spmm(indptr, indices, values, np.zeros((3, 2), np.float32))
 
 
+@pytest.mark.parametrize("indptr, message", [
+    ([0, 200000, 3], "indptr is not non-decreasing"),  # had read far past the arrays and returned NaN
+    ([0, 3, 1, 3], "indptr is not non-decreasing"),
+    ([1, 2, 3], "indptr runs 1..3"),
+    ([0, 2, 2], "indptr runs 0..2 but there are 3 nonzeros"),
+])
+def test_spmm_rejects_an_indptr_that_is_not_0_to_nnz_non_decreasing(indptr, message):
+    indices, values = np.array([0, 1, 2], np.uint8), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=message):
+        spmm(np.array(indptr, np.int64), indices, values, np.ones((3, 2), np.float32))
+
+
 def test_sparse_linear_error_names_layer_shapes():
     indptr, indices, values = dense_to_csr(np.eye(4, dtype=np.float32))
     with pytest.raises(ValueError, match=r"sparse_linear: input \(2, 3\)") as info:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from typing import NoReturn
@@ -36,9 +38,29 @@ def run_cli(group: click.Group, args: list[str] | None = None, prog: str = "harp
     return run_script(lambda: group.main(args=args, prog_name=prog, standalone_mode=False), prog)
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, timeout, a scheduler stopping the job), raised in the main thread as Ctrl-C raises
+    KeyboardInterrupt, so that the way out removes temporary files as it does for Ctrl-C. A
+    BaseException: no `except Exception` on the way may swallow it."""
+
+
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated()
+
+
 def run_script(main: Callable[[], object], prog: str) -> int:
     """Run a command's main (a click group's, or an argparse benchmark script's); user errors become one
-    line on stderr and exit status 2."""
+    line on stderr and exit status 2; SIGTERM and Ctrl-C stop it cleanly (status 143 and 130)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(main, prog)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(main: Callable[[], object], prog: str) -> int:
     try:
         from harp.kernels.threads import check_numba_environment  # numba-free; before anything imports numba
 
@@ -49,6 +71,9 @@ def run_script(main: Callable[[], object], prog: str) -> int:
     except click.Abort:
         click.echo(f"{prog}: aborted", err=True)
         return 130
+    except Terminated:
+        click.echo(f"{prog}: terminated", err=True)
+        return 128 + signal.SIGTERM
     except click.ClickException as e:
         click.echo(f"{prog}: error: {one_line(e.format_message())}", err=True)
         return 2

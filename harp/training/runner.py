@@ -275,8 +275,8 @@ def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfi
                                                  "job": job.state_json(), "history": history, "best": best,
                                                  "wall_seconds": round(wall_seconds, 1), "processes": processes})
     keep = {f"model-{epoch}.safetensors", f"optim-{epoch}.pt", f"best-{best['epoch']}.safetensors", "state.json"}
-    for f in state_dir.iterdir():
-        if f.name not in keep and not f.name.startswith("."):
+    for f in state_dir.iterdir():  # and the temporary file of a write a SIGKILL cut short (`atomic_writer`)
+        if f.name not in keep and (not f.name.startswith(".") or f.name.endswith(".tmp")):
             f.unlink(missing_ok=True)
 
 

@@ -1,11 +1,13 @@
 """run_script: how every way a command can end maps to one stderr line and an exit status."""
 
 import errno
+import subprocess
+import sys
 
 import click
 import pytest
 
-from harp.cli_errors import run_script
+from harp.cli_errors import Terminated, run_script
 from harp.errors import HarpError
 
 
@@ -25,6 +27,7 @@ def _raise(error: BaseException):
      "tool: error: this needs onnx, which is not installed here"),
     (click.Abort(), 130, "tool: aborted"),
     (KeyboardInterrupt(), 130, "tool: interrupted"),
+    (Terminated(), 143, "tool: terminated"),
 ])
 def test_each_ending_is_one_line_and_its_exit_status(capsys, error, code, line):
     assert run_script(_raise(error), "tool") == code
@@ -44,3 +47,24 @@ def test_bugs_are_not_hidden_as_user_errors():
         run_script(_raise(ZeroDivisionError()), "tool")
     with pytest.raises(ModuleNotFoundError):
         run_script(_raise(ModuleNotFoundError("No module named 'harp.gone'", name="harp.gone")), "tool")
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_leaving_no_temporary_file(tmp_path):
+    # kill, timeout and schedulers send SIGTERM: it had ended the process on the spot, leaving an
+    # atomic write's temporary file (an export's whole temporary folder) behind
+    script = f"""
+import os, signal, sys
+from harp.cli_errors import run_script
+from harp.io import atomic_writer
+
+def main():
+    with atomic_writer({str(tmp_path / "out.bin")!r}) as f:
+        f.write(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        f.write(b"never")
+
+sys.exit(run_script(main, "tool"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and done.stderr == "tool: terminated\n", done.stderr
+    assert list(tmp_path.iterdir()) == []

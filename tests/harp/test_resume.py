@@ -41,6 +41,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert 3 <= done < 12, "the run must be killed mid-way"
     assert not (killed / "meta.json").exists()
     killed_seconds = json.loads((killed / "state" / "state.json").read_text())["wall_seconds"]
+    stale = killed / "state" / f".model-{done + 1}.safetensors.k1ll3d.tmp"  # a write the kill cut short
+    stale.write_bytes(b"\0" * 1000)
 
     resumed = _harp(*ARGS, "--out", str(killed), "--resume")
     reference = _harp(*ARGS, "--out", str(clean))
@@ -49,6 +51,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
     meta = json.loads((killed / "meta.json").read_text())
     assert [h["epoch"] for h in meta["history"]] == list(range(1, 13))
+    assert not stale.exists()  # swept at the next save, not kept for good
     # the wall time counts the killed session's epochs as well as the resumed ones
     resumed_epochs = sum(h["epoch_seconds"] for h in meta["history"][done:])
     assert meta["metrics"]["wall_seconds"] >= killed_seconds + resumed_epochs - 0.1

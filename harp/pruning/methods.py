@@ -294,11 +294,10 @@ def _run_and_save(job, run: RunConfig, ckpt: Checkpoint, config, opts: PruneOpti
         full_meta = {**meta, "pruning": _pruning_meta(config, None)}
         metrics = run_job(job, run, data.train, data.val, data.test, out, full_meta,
                           eval_attack=eval_attack(spec, opts.eps), device=device, dist=dist, resume=resume,
-                          quiet=quiet, augment=spec.augment)
+                          quiet=quiet, augment=spec.augment,
+                          finish_meta=lambda model, m: _finish_pruning_meta(m, config, model, spec))
     finally:
         shutdown_distributed(dist)
-    if dist.is_main:  # record what the masks achieved, next to what was asked
-        _finish_pruning_meta(out, config, ckpt)
     return metrics
 
 
@@ -432,11 +431,8 @@ def _save_pruned(plain: nn.Module, masks: Masks, ckpt: Checkpoint, config, opts:
     return metrics
 
 
-def _finish_pruning_meta(out: Path, config, ckpt: Checkpoint) -> None:
-    done = load_checkpoint(out)
-    model = done.build_model()
-    costs = layer_costs(model, ckpt.spec.input_shape)
-    meta = {k: v for k, v in done.meta.items() if k not in ("format", "version", "files", "versions")}
-    # keys a job added to meta["pruning"] (PwoA's adversarial-example count) are kept
-    meta["pruning"] = {**done.meta.get("pruning", {}), **_pruning_meta(config, model, costs)}
-    save_checkpoint(out, model, meta, done.masks)
+def _finish_pruning_meta(meta: dict[str, Any], config, model: nn.Module, spec) -> dict[str, Any]:
+    """`meta` with what the masks achieved next to what was asked; keys a job added to meta["pruning"]
+    (PwoA's adversarial-example count) are kept."""
+    costs = layer_costs(model, spec.input_shape)
+    return {**meta, "pruning": {**meta.get("pruning", {}), **_pruning_meta(config, model, costs)}}

@@ -20,6 +20,7 @@ import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,10 @@ def make_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.
 
 def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: ImageData, out: Path,
             meta: dict[str, Any], *, eval_attack: AttackConfig, device: torch.device,
-            dist: DistContext, resume: bool = False, quiet: bool = False, augment: bool = False) -> dict[str, Any]:
-    """Optimise `job` for cfg.epochs and write the selected model as a checkpoint to `out`."""
+            dist: DistContext, resume: bool = False, quiet: bool = False, augment: bool = False,
+            finish_meta: Callable[[nn.Module, dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Optimise `job` for cfg.epochs and write the selected model as a checkpoint to `out`;
+    `finish_meta(model, meta)` completes the checkpoint's meta from the final (CPU) model first."""
     model = job.model.to(device)
     forward = _MultiForward(model)
     if dist.enabled:
@@ -237,6 +240,8 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
         full_meta = {**meta, **extra_meta, "run": asdict(cfg), "metrics": metrics, "history": history}
         if dist.enabled:
             full_meta["distributed"] = {"world_size": dist.world_size, "weights_identical": identical}
+        if finish_meta is not None:  # in the one write: a stop between two had left a complete-looking stage
+            full_meta = finish_meta(final_model.cpu(), full_meta)
         save_checkpoint(out, final_model.cpu(), full_meta, masks)
     dist.barrier()
     return metrics

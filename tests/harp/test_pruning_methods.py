@@ -239,3 +239,20 @@ def test_weight_pruning_flops_do_not_credit_the_next_layer_with_a_zero_rows_chan
     first = costs["net.features.0"].flops
     assert flops_density(model, costs, "weight") == pytest.approx((total - first * 31 / 32) / total)
     assert flops_density(model, costs, "channel") < flops_density(model, costs, "weight")  # gated: it is removed
+
+
+def test_a_stop_while_recording_the_masks_leaves_no_complete_looking_checkpoint(digits_robust_ckpt, tmp_path,
+                                                                                 monkeypatch):
+    # The checkpoint had been written, then rewritten with what the masks achieved: a stop in between
+    # left one whose meta lacked achieved_sparsity, which a re-run and `harp pipeline` took as done.
+    from harp.pruning import methods
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(methods, "layer_costs", stop)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(digits_robust_ckpt, tmp_path / "h", make_config("hydra", sparsity=0.9),
+                         PruneOptions(epochs=1, steps=1, subset=200), quiet=True)
+    assert not (tmp_path / "h" / "meta.json").exists()
+    assert (tmp_path / "h" / "state" / "state.json").is_file()  # --resume finishes it

@@ -31,7 +31,7 @@ from torch import nn
 
 from harp.errors import HarpError
 from harp.io import DIR_MODE, NAME_MAX, fsync_dir, temp_prefix
-from harp.outdir import check_can_create, check_out_spares, harp_wrote
+from harp.outdir import check_can_create, check_out_spares, harp_wrote, writing
 
 from .bundle import write_bundle
 from .channels import TrimSummary, trim_channels
@@ -124,7 +124,9 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | os
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; the export is meant to be shared
-        _publish(tmp, out, force)
+        with writing(out):  # no other harp process writing `out`, and it is still what it was at the start
+            _check_out_dir(out, force)
+            _publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +101,61 @@ def never_finished_an_epoch(out: Path) -> bool:
 
 
 def make_out_dir(out: Path, *, force: bool, resume: bool) -> None:
+    """Clear (--force, or a run that never finished an epoch) and create `out`; call it inside `writing(out)`.
+    `out` is checked again first: another process may have written it since the command's first check."""
+    check_out_dir(out, force=force, resume=resume)
     if resume:
         return
     if out.exists() and (force or never_finished_an_epoch(out)):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def writing(out: Path, hold: bool = True) -> Iterator[None]:
+    """Hold `out` for this process while the block writes it: a second harp process writing the same
+    folder (two runs, or a run and its --resume) is refused in one line instead of mixing their files.
+    `hold=False` holds nothing (torchrun's other ranks, which do not write it).
+
+    The lock is an flock on a file named after `out`'s real path in a per-user folder of the temp
+    directory (not beside `out`: --force replaces `out`, and a pipeline's stages are inside one);
+    the kernel releases it when the process dies, however it dies. Where flock is missing (Windows)
+    nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        hold = False
+    if not hold:
+        yield
+        return
+    path = _lock_path(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise HarpError(f"{out} is being written by another harp process{f' (pid {holder})' if holder else ''}; "
+                            "wait for it to finish, or write to another folder") from None
+        try:  # the previous holder removes the file on release: lock the file that is there now
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def _lock_path(out: Path) -> Path:
+    folder = Path(tempfile.gettempdir()) / f"harp-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    real = os.path.join(os.path.realpath(out.absolute().parent), out.name)  # out itself may not exist yet
+    return folder / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.lock"

@@ -24,7 +24,7 @@ from .errors import HarpError
 from .export.trace import export_problem
 from .io import atomic_write_json, read_json
 from .models import build_model, check_model_runs, default_arch
-from .outdir import check_out_dir, make_out_dir
+from .outdir import check_out_dir, make_out_dir, writing
 from .pruning.finetune import finetune_checkpoint
 from .pruning.methods import RESUMABLE, PruneOptions, check_not_distributed, make_config, prune_checkpoint
 from .training.runner import STATE_DIR
@@ -69,24 +69,25 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
         _check_exportable(opts)
     config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity, seed=opts.seed)
     check_not_distributed(opts.method)  # before the dense stage trains
-    if force:
-        check_out_dir(out, force=True, resume=False)
-        make_out_dir(out, force=True, resume=False)
-    else:
-        check_continues(out, opts)
-    existed = out.exists()
-    fresh = not existed or not any(out.iterdir())
-    out.mkdir(parents=True, exist_ok=True)
-    # marks the directory as a pipeline's (so a later --force may clear it) and records the run
-    atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": None})
-    try:
-        return _run_stages(opts, config, out, quiet, log)
-    except BaseException:
-        if fresh and [p.name for p in out.iterdir()] == [PIPELINE_FILE]:  # refused before any stage began
-            (out / PIPELINE_FILE).unlink()  # (a bad --arch, missing data): a corrected run starts afresh
-            if not existed:
-                out.rmdir()
-        raise
+    with writing(out):  # one pipeline per folder at a time
+        if force:
+            check_out_dir(out, force=True, resume=False)
+            make_out_dir(out, force=True, resume=False)
+        else:
+            check_continues(out, opts)
+        existed = out.exists()
+        fresh = not existed or not any(out.iterdir())
+        out.mkdir(parents=True, exist_ok=True)
+        # marks the directory as a pipeline's (so a later --force may clear it) and records the run
+        atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": None})
+        try:
+            return _run_stages(opts, config, out, quiet, log)
+        except BaseException:
+            if fresh and [p.name for p in out.iterdir()] == [PIPELINE_FILE]:  # refused before any stage began
+                (out / PIPELINE_FILE).unlink()  # (a bad --arch, missing data): a corrected run starts afresh
+                if not existed:
+                    out.rmdir()
+            raise
 
 
 def _run_stages(opts: PipelineOptions, config, out: Path, quiet: bool, log) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..checkpoint import load_checkpoint
 from ..errors import HarpError
-from ..outdir import check_out_dir, make_out_dir
+from ..outdir import check_out_dir, make_out_dir, writing
 from ..training.distributed import init_distributed, resolve_device, shutdown_distributed
 from ..training.runner import RunConfig, run_job
 from ..training.train import budget_for, eval_attack
@@ -46,10 +46,12 @@ def finetune_checkpoint(src: str | Path, out: str | Path, opts: PruneOptions = P
             "finetune": stage_options(spec, opts)}
     dist = init_distributed(device)
     try:
-        if dist.is_main:
-            make_out_dir(out, force=force, resume=resume)
-        dist.barrier()
-        return run_job(job, run, data.train, data.val, data.test, out, meta, eval_attack=eval_attack(spec, opts.eps),
-                       device=device, dist=dist, resume=resume, quiet=quiet, augment=spec.augment)
+        with writing(out, hold=dist.is_main):
+            if dist.is_main:
+                make_out_dir(out, force=force, resume=resume)
+            dist.barrier()
+            return run_job(job, run, data.train, data.val, data.test, out, meta,
+                           eval_attack=eval_attack(spec, opts.eps), device=device, dist=dist, resume=resume,
+                           quiet=quiet, augment=spec.augment)
     finally:
         shutdown_distributed(dist)

@@ -30,7 +30,7 @@ from ..errors import HarpError
 from ..evaluate import accuracy, make_attack
 from ..io import sha256_file
 from ..models import prunable_layers
-from ..outdir import check_out_dir, make_out_dir
+from ..outdir import check_out_dir, make_out_dir, writing
 from ..sparsity import layer_densities, model_sparsity
 from ..training.distributed import init_distributed, launched_processes, resolve_device, shutdown_distributed
 from ..training.batchnorm import recalibrate_batchnorm
@@ -288,14 +288,15 @@ def _run_and_save(job, run: RunConfig, ckpt: Checkpoint, config, opts: PruneOpti
     data = load_stage_data(spec, opts)
     dist = init_distributed(device)
     try:
-        if dist.is_main:
-            make_out_dir(out, force=meta.pop("_force", False), resume=resume)
-        dist.barrier()
-        full_meta = {**meta, "pruning": _pruning_meta(config, None)}
-        metrics = run_job(job, run, data.train, data.val, data.test, out, full_meta,
-                          eval_attack=eval_attack(spec, opts.eps), device=device, dist=dist, resume=resume,
-                          quiet=quiet, augment=spec.augment,
-                          finish_meta=lambda model, m: _finish_pruning_meta(m, config, model, spec))
+        with writing(out, hold=dist.is_main):
+            if dist.is_main:
+                make_out_dir(out, force=meta.pop("_force", False), resume=resume)
+            dist.barrier()
+            full_meta = {**meta, "pruning": _pruning_meta(config, None)}
+            metrics = run_job(job, run, data.train, data.val, data.test, out, full_meta,
+                              eval_attack=eval_attack(spec, opts.eps), device=device, dist=dist, resume=resume,
+                              quiet=quiet, augment=spec.augment,
+                              finish_meta=lambda model, m: _finish_pruning_meta(m, config, model, spec))
     finally:
         shutdown_distributed(dist)
     return metrics
@@ -370,8 +371,9 @@ def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOption
     if resume:
         raise HarpError(f"--resume: {name} is one-shot; there is nothing to resume")
     check_not_distributed(name)
-    make_out_dir(out, force=meta.pop("_force"), resume=False)
-    return handler(ckpt, config, opts, out, meta)
+    with writing(out):
+        make_out_dir(out, force=meta.pop("_force"), resume=False)
+        return handler(ckpt, config, opts, out, meta)
 
 
 def stage_options(spec: DatasetSpec, opts: PruneOptions) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from ..data import DatasetSpec, ImageData, dataset_spec, load_split
 from ..errors import HarpError
 from ..export.trace import export_problem
 from ..models import build_model, check_model_runs, default_arch
-from ..outdir import check_out_dir, make_out_dir
+from ..outdir import check_out_dir, make_out_dir, writing
 from .distributed import init_distributed, resolve_device, shutdown_distributed
 from .losses import LossConfig, check_loss_kind
 from .runner import STATE_DIR, Job, RunConfig, read_run_state, run_job
@@ -164,14 +164,15 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False, force: b
     data.test = data.test.subset(opts.test_size)
     dist = init_distributed(device)
     try:
-        if dist.is_main:
-            make_out_dir(out, force=force, resume=resume)
-        dist.barrier()
-        job = TrainJob(model, LossConfig(opts.adv, attack, opts.beta))
-        meta = base_meta(arch, spec, training={**asdict(opts), "attack": asdict(attack)})
-        return run_job(job, cfg, data.train, data.val, data.test, out, meta,
-                       eval_attack=eval_attack(spec, opts.eps if opts.norm == "linf" else None), device=device,
-                       dist=dist, resume=resume, quiet=quiet, augment=spec.augment)
+        with writing(out, hold=dist.is_main):
+            if dist.is_main:
+                make_out_dir(out, force=force, resume=resume)
+            dist.barrier()
+            job = TrainJob(model, LossConfig(opts.adv, attack, opts.beta))
+            meta = base_meta(arch, spec, training={**asdict(opts), "attack": asdict(attack)})
+            return run_job(job, cfg, data.train, data.val, data.test, out, meta,
+                           eval_attack=eval_attack(spec, opts.eps if opts.norm == "linf" else None), device=device,
+                           dist=dist, resume=resume, quiet=quiet, augment=spec.augment)
     finally:
         shutdown_distributed(dist)
 

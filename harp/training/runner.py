@@ -223,6 +223,7 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     if job.recalibrate_batchnorm:
         recalibrate_batchnorm(final_model, train, device)
         dist.sync_buffers(final_model)
+    torch.manual_seed(0)  # PGD's random starts, as `harp eval` seeds them: its number, whatever training drew
     metrics = {
         "natural_accuracy": accuracy(final_model, test, device, dist_ctx=dist, quiet=quiet, desc="test clean"),
         "robust_accuracy": accuracy(final_model, test, device, attack=val_attack, dist_ctx=dist, quiet=quiet,

@@ -241,6 +241,25 @@ def test_weight_pruning_flops_do_not_credit_the_next_layer_with_a_zero_rows_chan
     assert flops_density(model, costs, "channel") < flops_density(model, costs, "weight")  # gated: it is removed
 
 
+def test_trained_and_learned_pgd_accuracy_is_the_one_harp_eval_measures(digits_robust_ckpt, tmp_path):
+    # run_job's final PGD had drawn its random starts wherever training left the generator:
+    # HYDRA recorded 0.0% where `harp eval` measured 0.5%, a pipeline 0.89% against 1.56%
+    from harp.evaluate import evaluate_checkpoint
+    from harp.training.train import TrainOptions, train
+
+    runs = {"hydra": lambda out: prune_checkpoint(digits_robust_ckpt, out, make_config("hydra", sparsity=0.9),
+                                                  PruneOptions(epochs=1, steps=2, subset=200, eps=0.1),
+                                                  quiet=True),
+            "train": lambda out: train(TrainOptions(dataset="digits", epochs=1, subset=200, steps=2, eps=0.1),
+                                       out, quiet=True)}
+    for name, run in runs.items():
+        recorded = run(tmp_path / name)
+        measured = evaluate_checkpoint(str(tmp_path / name), eps=0.1, steps=recorded["robust_attack"]["steps"],
+                                       n=recorded["test_examples"], quiet=True)
+        assert recorded["natural_accuracy"] == measured["natural_accuracy"]  # the same examples
+        assert recorded["robust_accuracy"] == measured["robust_accuracy"], name
+
+
 def test_a_stop_while_recording_the_masks_leaves_no_complete_looking_checkpoint(digits_robust_ckpt, tmp_path,
                                                                                  monkeypatch):
     # The checkpoint had been written, then rewritten with what the masks achieved: a stop in between

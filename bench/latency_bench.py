@@ -251,8 +251,8 @@ def latency_command(ctx, artifact, backends, batches, threads, warmup, iters, se
         given = [f"--{name.replace('_', '-')}" for name in WHATIF_OPTIONS
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
-            raise click.UsageError(f"{', '.join(given)} only apply with --arch (what-if mode); ARTIFACT is timed "
-                                   "as exported")
+            raise click.UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --arch "
+                                   "(what-if mode); ARTIFACT is timed as exported")
     if arch is None:
         art = open_artifact(artifact)  # once: opening checks every file's hash
         result = run_latency(art, options if backends else with_runnable_backends(art, options))

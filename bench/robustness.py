@@ -458,11 +458,16 @@ def robustness_markdown(result: dict[str, Any], curves_png: str | None = None) -
 @md_out
 @click.option("--plot", "plot_path", type=OutputFile(), default=None,
               help="Write the robustness curves (all artifacts overlaid) as a PNG.")
-def robustness_command(artifacts, dataset, data_root, n, attacks, backends, eps, l2_eps, steps, queries, curves,
+@click.pass_context
+def robustness_command(ctx, artifacts, dataset, data_root, n, attacks, backends, eps, l2_eps, steps, queries, curves,
                        no_curves, curve_steps, threads, seed, json_path, md_path, plot_path):
     """Clean and adversarial accuracy of every backend of each ARTIFACT, curves and sanity checks."""
     if plot_path and no_curves:
         raise click.UsageError("--plot draws the robustness curves; drop it or --no-curves")
+    given = [f"--{name.replace('_', '-')}" for name in ("curves", "curve_steps")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if no_curves and given:  # they would be ignored
+        raise click.UsageError(f"{' and '.join(given)} set the curves that --no-curves skips; drop one or the other")
     check_distinct_outputs(json=json_path, md=md_path, plot=plot_path)
     options = RobustnessOptions(dataset, data_root, n, tuple(attacks), backends and tuple(backends), eps, l2_eps,
                                 steps, queries,

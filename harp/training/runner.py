@@ -362,6 +362,9 @@ def _run_identity(meta: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(identity))  # tuples as lists, as state.json holds them
 
 
+_DERIVED = {"run.weight_decay", "run.momentum", "run.eps_warmup_epochs", "run.val_size", "run.select"}  # no option sets them
+
+
 def _changes(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """'key saved (now new)' for every leaf that differs between two JSON objects."""
     if isinstance(saved, dict) and isinstance(now, dict):
@@ -381,6 +384,8 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, meta: dic
     if "processes" in state:  # torchrun's process count: each takes its share of a step's batches
         saved["processes"], now["processes"] = state["processes"], processes
     changed = _changes(saved, now)
+    # settings that follow from the options (the eps ramp follows --adv): named only where no option differs
+    changed = [c for c in changed if c.split(" ")[0] not in _DERIVED] or changed
     if changed:  # a resumed run would mix two runs' settings and record only the new ones
         raise HarpError(f"--resume: {state_dir.parent} was started with {'; '.join(changed[:4])}"
                         f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}; pass the same options, or "

@@ -452,8 +452,9 @@ def _corrupt(artifact: Path, tmp_path: Path) -> Path:
     ("nan_seconds", "'--seconds': nan is not a finite number"),  # had failed inside the timing loop
     ("plot_folder_missing", "'--plot': cannot write"),  # had failed after the timing, with a traceback
     ("plot_without_curves", "--plot draws the robustness curves"),
+    ("curves_without_curves", "--curves and --curve-steps set the curves that --no-curves skips"),  # ignored
     ("square_without_runtime", "attack square runs on the exported runtimes"),
-    ("whatif_option_with_artifact", "--sparsity only apply with --arch"),  # had been ignored silently
+    ("whatif_option_with_artifact", "--sparsity only applies with --arch"),  # had been ignored silently
     ("no_artifact", "give an ARTIFACT to time, or --arch"),
     ("demo_folder_taken", "runs/demo holds neither an artifact nor a harp pipeline run"),
     # the pipeline's own advice (pass the same options, or --force) had been printed: harp-bench takes neither
@@ -474,6 +475,7 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
         "nan_seconds": ["latency", artifact, "--backends", "harp", "--seconds", "nan"],
         "plot_folder_missing": ["latency", artifact, "--backends", "harp", "--plot", tmp_path / "nope" / "l.png"],
         "plot_without_curves": ["robustness", artifact, "--no-curves", "--plot", tmp_path / "r.png"],
+        "curves_without_curves": ["robustness", artifact, "--no-curves", "--curves", "l0", "--curve-steps", "3"],
         "square_without_runtime": ["robustness", artifact, "--backends", "torch", "--attacks", "square"],
         "whatif_option_with_artifact": ["latency", artifact, "--sparsity", "0.5"],
         "no_artifact": ["latency"],

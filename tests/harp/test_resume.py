@@ -150,7 +150,14 @@ def test_resume_with_other_options_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "was started with" in err and "training.adv 'pgd' (now 'trades')" in err and "seed 0 (now 7)" in err, err
     assert run_cli(cli, [*args, "--resume", "--optimizer", "sgd"]) == 2  # had been a KeyError from torch's SGD
-    assert "run.optimizer" in capsys.readouterr().err
+    assert "run.optimizer 'adam' (now 'sgd')" in capsys.readouterr().err
+    # the README's example: the options that differ, not the settings that follow from them (the eps ramp)
+    plain = ["train", "--epochs", "1", "--subset", "200", "--quiet", "--out", str(tmp_path / "x")]
+    assert run_cli(cli, plain) == 0
+    (tmp_path / "x" / "meta.json").unlink()
+    assert run_cli(cli, [*plain, "--resume", "--adv", "none"]) == 2
+    assert capsys.readouterr().err.endswith(f"harp: error: --resume: {tmp_path / 'x'} was started with training.adv "
+                                            "'pgd' (now 'none'); pass the same options, or --force to start over\n")
     assert run_cli(cli, [*args, "--resume", "--eps", "0.2", "--device", "cpu"]) == 0  # the default eps; a device
 
 

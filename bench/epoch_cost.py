@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from harp.checkpoint import load_checkpoint
-from harp.cli_errors import ScriptArgumentParser, run_script
+from harp.cli_errors import ScriptArgumentParser, script_main
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.pruning.methods import PruneOptions, load_stage_data, make_config, score_job
@@ -126,4 +126,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(main, "epoch_cost"))
+    sys.exit(script_main(main, "epoch_cost"))

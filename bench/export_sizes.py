@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from harp.checkpoint import load_checkpoint, save_checkpoint
-from harp.cli_errors import ScriptArgumentParser, run_script
+from harp.cli_errors import ScriptArgumentParser, script_main
 from harp.data import dataset_spec
 from harp.export.bundle import PREAMBLE, load_bundle, write_bundle
 from harp.export.exporter import export_checkpoint, export_model
@@ -185,8 +185,11 @@ def run(out_md: Path, work: Path, digits_checkpoint: Path | None, digits_epochs:
     for sparsity, ckpt_dir in pruned.items():
         out = work / f"export-digits-{sparsity}"
         manifest = export_checkpoint(ckpt_dir, out)
-        model = load_checkpoint(ckpt_dir).build_model().eval()
-        size_rows.append(("small_cnn digits (PGD-trained)", sparsity, manifest, file_sizes(out),
+        pruned_ckpt = load_checkpoint(ckpt_dir)
+        model = pruned_ckpt.build_model().eval()
+        adv = (pruned_ckpt.meta.get("training") or {}).get("adv", "unknown")  # as --digits-checkpoint was trained
+        size_rows.append((f"small_cnn digits ({'naturally' if adv == 'none' else adv.upper()}-trained)", sparsity,
+                          manifest, file_sizes(out),
                           untrimmed_sizes(model, dataset_spec("digits").input_shape, work)))
         if sparsity == SPARSITIES[-1]:
             breakdowns["small_cnn digits"] = bundle_breakdown(out / "model.harpz")
@@ -355,4 +358,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(main, "export_sizes"))
+    sys.exit(script_main(main, "export_sizes"))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harp.cli_errors import ScriptArgumentParser, run_script
+from harp.cli_errors import ScriptArgumentParser, script_main
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes
 
@@ -118,4 +118,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(main, "learned_masks"))
+    sys.exit(script_main(main, "learned_masks"))

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from harp.checkpoint import load_checkpoint
-from harp.cli_errors import ScriptArgumentParser, run_script
+from harp.cli_errors import ScriptArgumentParser, script_main
 from harp.data import dataset_spec
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
@@ -433,4 +433,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(main, "pruning_report"))
+    sys.exit(script_main(main, "pruning_report"))

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from harp.cli_errors import ScriptArgumentParser, run_script
+from harp.cli_errors import ScriptArgumentParser, script_main
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json
 from harp.kernels.threads import WAIT_POLICIES, init_threads, max_threads
@@ -692,4 +692,4 @@ def write_report(args: argparse.Namespace, arguments: str, work: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(main, "runtime_report"))
+    sys.exit(script_main(main, "runtime_report"))

@@ -60,6 +60,13 @@ def run_script(main: Callable[[], object], prog: str) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def script_main(main: Callable[[], object], prog: str) -> int:
+    """`run_script` for a script run as __main__ (`python -m harp.bench.X`): its warnings print as one
+    line, as harp's and harp-bench's do."""
+    print_warnings_as_one_line(prog)
+    return run_script(main, prog)
+
+
 def _run(main: Callable[[], object], prog: str) -> int:
     try:
         from harp.kernels.threads import check_numba_environment  # numba-free; before anything imports numba

@@ -90,6 +90,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from harp.cli_errors import run_script
+    from harp.cli_errors import script_main
 
-    sys.exit(run_script(main, "_loop_ceiling"))
+    sys.exit(script_main(main, "_loop_ceiling"))

@@ -126,10 +126,10 @@ def writing(out: Path, hold: bool = True) -> Iterator[None]:
         import fcntl
     except ImportError:
         hold = False
-    if not hold:
+    path = _lock_path(out) if hold else None
+    if path is None:
         yield
         return
-    path = _lock_path(out)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -150,12 +150,15 @@ def writing(out: Path, hold: bool = True) -> Iterator[None]:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        os.unlink(path)
+        path.unlink(missing_ok=True)
         os.close(fd)
 
 
-def _lock_path(out: Path) -> Path:
+def _lock_path(out: Path) -> Path | None:
+    """The lock file of `out`; None (no locking) where the lock folder is not this user's own."""
     folder = Path(tempfile.gettempdir()) / f"harp-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():  # another user made it: not to be trusted
+        return None
     real = os.path.join(os.path.realpath(out.absolute().parent), out.name)  # out itself may not exist yet
     return folder / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.lock"

@@ -362,7 +362,8 @@ def _run_identity(meta: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(identity))  # tuples as lists, as state.json holds them
 
 
-_DERIVED = {"run.weight_decay", "run.momentum", "run.eps_warmup_epochs", "run.val_size", "run.select"}  # no option sets them
+# RunConfig settings no option sets: they follow from the dataset, the method or another option
+_DERIVED = {"run.weight_decay", "run.momentum", "run.eps_warmup_epochs", "run.val_size", "run.select"}
 
 
 def _changes(saved: Any, now: Any, prefix: str = "") -> list[str]:

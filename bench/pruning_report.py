@@ -207,7 +207,10 @@ def render(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
                 f"{apgd[0]['apgd_square']['examples']} test examples" if apgd else "")
              + (f"; AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; L-inf, ε={atk['eps']:g}) on the first "
                 f"{aa[0]['autoattack']['examples']} test examples where measured" if aa else "") + ".", "",
-             "| method | target | achieved | FLOPs removed | pruned natural | pruned PGD | final natural "
+             # channel pruning's target is FLOPs; its zero weights leave weights of kept channels reading pruned
+             # ones (inert: their inputs are 0) uncounted, so the two columns are in different units
+             ("| method | target (FLOPs) | zero weights " if header["granularity"] == "channel" else
+              "| method | target | achieved ") + "| FLOPs removed | pruned natural | pruned PGD | final natural "
              "| final PGD | APGD-CE + Square | AutoAttack | prune stage (s) | prune epoch (s) | vs dense / HARP epoch "
              "| adversarial examples (prune + fine-tune) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

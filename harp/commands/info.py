@@ -73,7 +73,9 @@ def info_command(path, as_json):
     if "files" in info:
         click.echo("  files: " + ", ".join(f"{name} {human_size(n)}" for name, n in info["files"].items()))
         export = info["export"]
-        click.echo(f"  export: values {export.get('values_dtype')}, opset {export.get('opset')}, "
+        onnx = any(str(f).startswith("onnx") for f in export.get("formats") or ())
+        opset = f", opset {export.get('opset')}" if onnx else ""  # a CSR bundle alone used none
+        click.echo(f"  export: values {export.get('values_dtype')}{opset}, "
                    f"dead channels {'trimmed' if export.get('channel_trimming') else 'kept'}")
     click.echo(f"  {'layer':<32} {'shape':<20} density")
     for layer in info["layers"]:

@@ -48,6 +48,15 @@ def test_artifact_info_runs_on_a_device_and_a_checkpoint_there_is_one_line(digit
                                         "(an exported artifact does not)")
 
 
+def test_a_csr_only_export_names_no_opset(capsys, pruned_digits_ckpt, tmp_path):
+    from harp.export.exporter import export_checkpoint
+
+    export_checkpoint(pruned_digits_ckpt, tmp_path / "csr", formats=["csr"], n_parity=8, n_adversarial=0)
+    code, out, err = _info(capsys, tmp_path / "csr")
+    assert code == 0, err
+    assert "  export: values float32, dead channels trimmed\n" in out  # it had said "opset 17"
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["model"]["layers"][0].update(density="high"), "model.layers[0] is not a layer"),
     (lambda m: m["model"].update(layers={"net.features.0": 0.5}), "model.layers is not a list"),

@@ -246,13 +246,13 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     except ImportError as e:
         raise HarpError("attack autoattack needs the package pyautoattack (pip install pyautoattack)") from e
     with torch.no_grad():
-        classes = model(x[:1]).shape[1]
+        standard, targets = autoattack_plan(model(x[:1]).shape[1])
     if attacks is None:
         adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=seed)
-        adversary.attacks_to_run = autoattack_plan(classes)[0]
+        adversary.attacks_to_run = standard
     else:
         adversary = AutoAttack(model, attacks=attacks, norm="Linf", eps=eps, version="custom", device="cpu", seed=seed)
-    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = autoattack_plan(classes)[1]
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=BATCH)
     return x_adv
 

@@ -402,9 +402,7 @@ def _trim_json(summary: TrimSummary) -> dict[str, Any]:
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished temporary directory to `out`; an existing export is moved aside, then deleted."""
     old: Path | None = None
-    if out.is_dir() and any(out.iterdir()):
-        if not force:  # filled since the check at the start
-            raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):  # a harp export that --force replaces (`_check_out_dir`, under the lock)
         old = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(out.name)}old-", dir=out.parent))
         os.replace(out, old)  # onto the empty placeholder directory
     elif out.is_dir():

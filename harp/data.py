@@ -7,6 +7,7 @@ layer (`harp.models.normalize.Normalize`), so attack budgets are in pixel space.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -257,12 +258,16 @@ def _imagefolder(path: Path, train: bool, spec: DatasetSpec) -> ImageData:
 def _is_image_name(path: str) -> bool:
     """Whether an ImageFolder file is read: any extension of a format PIL can open (torchvision's
     own list leaves out .gif, .tif and others, and silently), but no hidden file (.DS_Store, ._x.png)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _openable_extensions()
+
+
+@functools.cache
+def _openable_extensions() -> frozenset[str]:
+    """Extensions of the formats PIL can open (not .pdf, which it only writes); asked once per file."""
     from PIL import Image
 
-    Image.init()  # registers every format plugin, and with it every extension
-    name = os.path.basename(path)
-    fmt = Image.registered_extensions().get(os.path.splitext(name)[1].lower())
-    return not name.startswith(".") and fmt in Image.OPEN  # not .pdf, which PIL only writes
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def _load_rgb(path: str) -> Any:

@@ -15,8 +15,8 @@ Protocol (what every number of a harp latency report means):
   other processes.
 
 `time_callable` is backend-agnostic; the `*_backend` factories build the callables
-(x -> logits) for one artifact dir; `BACKENDS` maps the names `harp-bench
-latency` accepts to them.
+(x -> logits) for one artifact dir (`measure.build_backend` maps the names `harp-bench
+latency` accepts to them).
 """
 
 from __future__ import annotations
@@ -185,23 +185,3 @@ def _artifact_file(artifact: str | os.PathLike[str], file: str) -> Path:
         raise FileNotFoundError(f"{path}: no such file")
     return path
 
-
-# Name -> factory(artifact, threads, **options). torch needs `model=` (the module itself).
-BACKENDS: dict[str, Callable[..., Backend]] = {
-    "harp": harp_backend,
-    "onnxruntime": onnxruntime_backend,
-    "onnxruntime-sparse": onnxruntime_sparse_backend,
-    "torch": lambda artifact, threads, *, model: torch_backend(model, threads),
-}
-
-
-def make_backend(name: str, artifact: str | os.PathLike[str], threads: int, **options: Any) -> Backend:
-    """Build a backend by name (see BACKENDS); ValueError for an unknown name."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-    return BACKENDS[name](artifact, threads, **options)
-
-
-def percentile_summary(stats: LatencyStats) -> str:
-    """'median 1.23 ms (p90 1.40, p99 1.90)' for tables and logs."""
-    return f"median {stats.median_ms:.3f} ms (p90 {stats.p90_ms:.3f}, p99 {stats.p99_ms:.3f})"

@@ -51,7 +51,7 @@ from harp.checkpoint import load_checkpoint
 from harp.cli_errors import ScriptArgumentParser, script_main
 from harp.data import dataset_spec
 from harp.errors import HarpError
-from harp.io import atomic_write_bytes, atomic_write_json
+from harp.io import atomic_write_bytes, atomic_write_json, read_json
 from harp.pruning.finetune import finetune_checkpoint
 from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
 from harp.training.train import TrainOptions, load_data, train
@@ -335,11 +335,12 @@ def rerender(sources: list[Path], methods: list[str], name: str) -> None:
 def _read_results(path: Path) -> dict[str, Any]:
     """An earlier run's results JSON, checked for the parts a merge or a resume reads."""
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data.get("header"), dict) or not isinstance(data.get("rows"), list):
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("header"), dict) \
+                or not isinstance(data.get("rows"), list):
             raise ValueError("no header/rows")
         return data
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+    except (OSError, ValueError) as e:
         raise HarpError(f"{path}: not a pruning report's results JSON ({e})") from e
 
 

@@ -126,7 +126,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | os
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; the export is meant to be shared
         with writing(out):  # no other harp process writing `out`, and it is still what it was at the start
             _check_out_dir(out, force)
-            _publish(tmp, out, force)
+            _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -399,7 +399,7 @@ def _trim_json(summary: TrimSummary) -> dict[str, Any]:
     return out
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
+def _publish(tmp: Path, out: Path) -> None:
     """Rename the finished temporary directory to `out`; an existing export is moved aside, then deleted."""
     old: Path | None = None
     if out.is_dir() and any(out.iterdir()):  # a harp export that --force replaces (`_check_out_dir`, under the lock)

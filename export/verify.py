@@ -140,7 +140,7 @@ def csr_executor(path: str | os.PathLike[str], executor: str = "auto") -> tuple[
     return "reference", lambda x: run_reference(bundle.graph, x)
 
 
-def _runtime_loader() -> Callable[[str | os.PathLike[str]], Any] | None:
+def _runtime_loader() -> Callable[..., Any] | None:
     try:
         runtime = importlib.import_module("harp.kernels.runtime")
     except ModuleNotFoundError as e:

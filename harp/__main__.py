@@ -1,5 +1,5 @@
 """`python -m harp` (and `torchrun -m harp train ...`) run the harp CLI."""
 
-from .cli import main
+from .console import harp
 
-main()
+harp()

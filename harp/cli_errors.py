@@ -68,14 +68,19 @@ def script_main(main: Callable[[], object], prog: str) -> int:
 
 
 def _run(main: Callable[[], object], prog: str) -> int:
-    try:
-        from harp.kernels.threads import check_numba_environment  # numba-free; before anything imports numba
+    from harp.kernels.threads import check_numba_environment, numba_cache_error  # numba-free
 
-        check_numba_environment()
+    try:
+        check_numba_environment()  # before anything imports numba
         main()
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.Abort:
+    except click.Abort as e:
+        # click turns every EOFError into Abort: one from a damaged numba cache file is no Ctrl-D
+        cache_error = numba_cache_error(e.__cause__) if e.__cause__ is not None else None
+        if cache_error is not None:
+            click.echo(f"{prog}: error: {one_line(str(cache_error))}", err=True)
+            return 2
         click.echo(f"{prog}: aborted", err=True)
         return 130
     except Terminated:
@@ -98,6 +103,12 @@ def _run(main: Callable[[], object], prog: str) -> int:
         return 130
     except OSError as e:  # the file system refused: a full disk, a read-only or missing folder
         click.echo(f"{prog}: error: {os_error_line(e)}", err=True)
+        return 2
+    except Exception as e:  # numba's kernel cache failing where a kernel module is imported, outside load_runtime
+        cache_error = numba_cache_error(e)
+        if cache_error is None:
+            raise
+        click.echo(f"{prog}: error: {one_line(str(cache_error))}", err=True)
         return 2
     return 0
 

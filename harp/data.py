@@ -188,7 +188,13 @@ def _torchvision(name: str, train: bool, root: Path, download: bool) -> ImageDat
     if len(images) != len(labels):
         raise HarpError(f"dataset {name!r} under {root}: the {'train' if train else 'test'} split has "
                         f"{len(images)} images but {len(labels)} labels (files from different splits?)")
-    return ImageData(images.to(torch.uint8).contiguous(), labels.to(torch.int64))
+    labels = labels.to(torch.int64)
+    classes = _SPECS[name].classes
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = int(torch.nonzero((labels < 0) | (labels >= classes))[0])
+        raise HarpError(f"dataset {name!r} under {root}: the {'train' if train else 'test'} split has label "
+                        f"{int(labels[bad])} at index {bad}, outside 0..{classes - 1} (damaged labels file?)")
+    return ImageData(images.to(torch.uint8).contiguous(), labels)
 
 
 def _imagefolder_dirs(path: Path) -> tuple[Path, Path]:

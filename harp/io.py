@@ -159,11 +159,14 @@ def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
     """`path` opened for binary reading; ValueError("not a regular file") for a fifo, which would block
     the open and then the read forever, or a device such as /dev/zero, which never ends."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a fifo must not wait for a writer
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise ValueError("not a regular file")
-    return f
+    try:
+        # checked before fdopen, which refuses a directory with an error naming the fd, not the path
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_json(path: str | Path) -> Any:

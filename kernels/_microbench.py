@@ -15,18 +15,20 @@ Not a test: torch is imported here only to time the baseline.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
 
+from harp.cli_errors import ScriptArgumentParser, script_main
+from harp.errors import HarpError
 from harp.export.csr import dense_to_csr
 
 from .conv import plan_sparse_conv2d, sparse_conv2d, sparse_conv2d_workspace
 from .csr import kernel_csr
 from .dense import dense_conv2d
-from .threads import WAIT_POLICIES, init_threads
+from .threads import WAIT_POLICIES, init_threads, max_threads
 
 # (in channels, out channels, spatial size) of the 3x3, stride 1, padding 1 convs.
 VGG16_CIFAR_CONVS = (
@@ -71,8 +73,8 @@ def bench_layer(c, o, hw, batch, density, budget_s, rng):
     return sparse, dense, ref
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.15, help="seconds of timed runs per cell")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -80,6 +82,14 @@ def main(argv=None) -> None:
     parser.add_argument("--wait-policy", choices=WAIT_POLICIES, default="spin",
                         help="idle-thread policy of numba's and torch's OpenMP pools (both get it)")
     args = parser.parse_args(argv)
+    if not 1 <= args.threads <= max_threads():
+        raise HarpError(f"--threads must be in 1..{max_threads()} (NUMBA_NUM_THREADS), got {args.threads}")
+    if args.budget < 0:
+        raise HarpError(f"--budget must be >= 0 seconds, got {args.budget}")
+    if any(batch < 1 for batch in args.batches):
+        raise HarpError(f"--batches must be >= 1, got {args.batches}")
+    if any(not 0 < density <= 1 for density in args.densities):
+        raise HarpError(f"--densities must be in (0, 1], got {args.densities}")
 
     init_threads(args.threads, args.wait_policy)  # before torch loads its OpenMP runtime
     import torch
@@ -108,4 +118,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script_main(main, "_microbench"))

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from .arrays import as_kernel_array
-from .epilogue import apply_act, resolve_activation
+from .epilogue import apply_act, resolve_activation, resolve_out
 from .layout import Layout, row_offset
 
 _U = np.uint64
@@ -34,7 +34,7 @@ def add(a, b, act="none", clip_range=None, out=None) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"{op}: shapes {a.shape} and {b.shape} differ")
     act_code, lo, hi = resolve_activation(op, act, clip_range)
-    out = _resolve_out(op, out, a.shape)
+    out = resolve_out(op, out, a.shape)
     n, planes = _planes(a)
     bind_add_act(a.reshape(-1), planes, b.reshape(-1), planes, n, act_code, lo, hi, out.reshape(-1), planes)()
     return out
@@ -50,7 +50,7 @@ def clip(x, lo, hi, out=None) -> np.ndarray:
     op = "clip"
     x = _check_array(op, x)
     act_code, lo32, hi32 = resolve_activation(op, "clip", (lo, hi))
-    out = _resolve_out(op, out, x.shape)
+    out = resolve_out(op, out, x.shape)
     n, planes = _planes(x)
     bind_affine_act(x.reshape(-1), planes, n, None, None, act_code, lo32, hi32, out.reshape(-1), planes)()
     return out
@@ -62,7 +62,7 @@ def affine(x, scale, shift, out=None) -> np.ndarray:
     x = _check_array(op, x)
     if x.ndim < 2:
         raise ValueError(f"{op}: input must be (N, C, ...), got shape {x.shape}")
-    out = _resolve_out(op, out, x.shape)
+    out = resolve_out(op, out, x.shape)
     n, planes = _planes(x)
     act_code, lo, hi = resolve_activation(op, "none")
     bind_affine_act(x.reshape(-1), planes, n, scale, shift, act_code, lo, hi, out.reshape(-1), planes)()
@@ -140,15 +140,6 @@ def _check_array(op, x) -> np.ndarray:
         raise ValueError(f"{op}: expected a float32 ndarray, got "
                          f"{getattr(x, 'dtype', type(x).__name__)}")
     return as_kernel_array(x)
-
-
-def _resolve_out(op, out, shape) -> np.ndarray:
-    if out is None:
-        return np.empty(shape, np.float32)
-    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
-            or not out.flags.c_contiguous):
-        raise ValueError(f"{op}: out must be a C-contiguous float32 array of shape {shape}")
-    return out
 
 
 # Work item = (image block, channel) of the output. When every buffer uses the output's

@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from .arrays import as_kernel_array
+from .epilogue import resolve_out
 from .layout import Layout, image_row_offset, row_offset, row_stride
 from .reference import pool_output_size
 from .simd import LANES, vtranspose
@@ -27,7 +28,7 @@ def maxpool2d(x, kernel, stride=None, padding=(0, 0), dilation=(1, 1), ceil_mode
     x = _check_input("maxpool2d", x)
     n, c, h, w = x.shape
     shape = pool2d_output_shape("maxpool2d", (c, h, w), kernel, stride, padding, dilation, ceil_mode)
-    out = _resolve_out("maxpool2d", out, (n, *shape))
+    out = resolve_out("maxpool2d", out, (n, *shape))
     bind_maxpool2d(x.reshape(-1), Layout(c, h, w), n, kernel, stride, padding, dilation, ceil_mode,
                    out.reshape(-1), Layout(*shape))()
     return out
@@ -39,7 +40,7 @@ def avgpool2d(x, kernel, stride=None, padding=(0, 0), ceil_mode=False, count_inc
     x = _check_input("avgpool2d", x)
     n, c, h, w = x.shape
     shape = pool2d_output_shape("avgpool2d", (c, h, w), kernel, stride, padding, (1, 1), ceil_mode)
-    out = _resolve_out("avgpool2d", out, (n, *shape))
+    out = resolve_out("avgpool2d", out, (n, *shape))
     bind_avgpool2d(x.reshape(-1), Layout(c, h, w), n, kernel, stride, padding, ceil_mode, count_include_pad,
                    out.reshape(-1), Layout(*shape))()
     return out
@@ -49,7 +50,7 @@ def global_avgpool(x, out=None) -> np.ndarray:
     """Mean over H and W: (N, C, H, W) -> (N, C, 1, 1)."""
     x = _check_input("global_avgpool", x)
     n, c, h, w = x.shape
-    out = _resolve_out("global_avgpool", out, (n, c, 1, 1))
+    out = resolve_out("global_avgpool", out, (n, c, 1, 1))
     bind_global_avgpool(x.reshape(-1), Layout(c, h, w), n, out.reshape(-1), Layout(c, 1, 1))()
     return out
 
@@ -140,14 +141,6 @@ def _check_input(op, x) -> np.ndarray:
         raise ValueError(f"{op}: input must be a float32 NCHW array, got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     return as_kernel_array(x)
-
-
-def _resolve_out(op, out, shape) -> np.ndarray:
-    if out is None:
-        return np.empty(shape, np.float32)
-    if out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"{op}: out must be a C-contiguous float32 {tuple(shape)} array")
-    return out
 
 
 # Kernels: one (image block of the output, run of channels) per work item; the

@@ -120,7 +120,8 @@ def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fa
     kernel elsewhere; "unrolled" forces `unrolled` where it is offered and the sparse kernel elsewhere.
     warmup: prepare batch size 1 and run it once, so the first request pays no
     compilation, cache load or kernel choice. trim: skip the dead channels (same
-    logits). Raises BundleError for a missing or invalid bundle, ValueError for bad options.
+    logits). Raises BundleError for a missing or invalid bundle, ValueError for bad options,
+    NumbaSetupError (a ValueError) where numba's on-disk kernel cache fails (`threads.numba_cache_error`).
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"load_runtime: fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -129,10 +130,16 @@ def load_runtime(path: str | os.PathLike[str], *, threads: int | None = None, fa
         source, sha256 = bundle_source(path)
         bundle = load_bundle(source, sha256=sha256)
         loaded = time.perf_counter()
-        runtime = Runtime(bundle, threads=threads, fallback=fallback, trim=trim)
-        runtime.load_seconds["bundle"] = loaded - start
-        if warmup:
-            runtime.warmup()
+        try:
+            runtime = Runtime(bundle, threads=threads, fallback=fallback, trim=trim)
+            runtime.load_seconds["bundle"] = loaded - start
+            if warmup:
+                runtime.warmup()
+        except Exception as e:
+            cache_error = thread_settings.numba_cache_error(e)
+            if cache_error is not None:
+                raise cache_error from e
+            raise
     return runtime
 
 

@@ -32,6 +32,8 @@ threads and each product calls it once.
 from __future__ import annotations
 
 import os
+import traceback
+from pathlib import Path
 
 WAIT_POLICIES = ("spin", "passive", "active")
 
@@ -68,6 +70,24 @@ def check_numba_environment() -> None:
     if count < 1:
         raise NumbaSetupError(f"NUMBA_NUM_THREADS={value}: numba needs at least one thread "
                               f"(unset it, or set 1..{os.cpu_count()})")
+
+
+def numba_cache_error(error: BaseException) -> NumbaSetupError | None:
+    """`error` as a NumbaSetupError if numba's on-disk kernel cache raised it, else None.
+
+    Two ways the cache fails whatever harp does: no folder numba may write (a read-only install with
+    HOME and NUMBA_CACHE_DIR unwritable: every `cache=True` kernel refuses to compile, a warm cache
+    shipped with the package included), and a damaged cache file (cut short by a power loss: numba's
+    unpickling fails, an EOFError that click would report as Ctrl-C).
+    """
+    if not any(Path(frame.filename).parts[-3:] == ("numba", "core", "caching.py")
+               for frame in traceback.extract_tb(error.__traceback__)):
+        return None
+    if isinstance(error, RuntimeError) and "cannot cache function" in str(error):
+        return NumbaSetupError("numba has no writable folder for its kernel cache: set NUMBA_CACHE_DIR to one")
+    where = os.environ.get("NUMBA_CACHE_DIR") or "harp/kernels/__pycache__, or numba's folder in ~/.cache"
+    return NumbaSetupError(f"numba's kernel cache is damaged ({type(error).__name__}: {error}): delete its "
+                           f".nbi and .nbc files ({where}) and run again")
 
 
 def _start_pool() -> None:

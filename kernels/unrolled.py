@@ -35,7 +35,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +45,8 @@ from pathlib import Path
 import llvmlite.binding as llvm
 import numpy as np
 from numba import njit, prange
+
+from harp.io import atomic_write_bytes
 
 from .arrays import as_kernel_array
 from .conv import (SparseConvPlan, TILE_ELEMS, _check_flat, _check_output_layouts, equal_tiles, store_tile,
@@ -327,15 +328,9 @@ def _write_cached(path: Path, obj: bytes) -> None:
     """Keep `obj` at `path` (atomically); an unwritable cache only costs the next process a compile."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(CACHE_MAGIC + hashlib.sha256(obj).digest() + obj)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, CACHE_MAGIC + hashlib.sha256(obj).digest() + obj)
     except OSError:
-        try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
+        pass
 
 
 def compile_unrolled(plan: SparseConvPlan, indptr: np.ndarray, group: int) -> UnrolledConv:

@@ -1,10 +1,12 @@
 """Compile (first run) or load from numba's on-disk cache (later runs) every kernel.
 
-Calling `warmup()` once (e.g. when a device image is built) fills numba's cache
-for every kernel, so no later process pays for compilation; a Runtime itself
-warms up by preparing and running batch 1 (`Runtime.warmup`). Every kernel is jitted with `cache=True`; each is called here once on tiny
-inputs with every argument type it is used with (uint8/16/32 CSR indices, batch
-1 and >1, with and without residual), which is the whole set of signatures.
+Calling `warmup()` once (e.g. when a device image is built, with NUMBA_CACHE_DIR set to
+a folder the device may write) fills numba's cache for every kernel, so no later
+process pays for compilation; a Runtime itself warms up by preparing and running
+batch 1 (`Runtime.warmup`). Every kernel is jitted with `cache=True`; each is called
+here once on tiny inputs with every argument type it is used with (uint8/16/32 CSR
+indices, batch 1 and >1, with and without residual), which is the whole set of
+signatures.
 """
 
 from __future__ import annotations

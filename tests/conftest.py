@@ -55,7 +55,7 @@ def device_python() -> Callable[..., subprocess.CompletedProcess]:
 @pytest.fixture
 def device_harp(device_python) -> Callable[..., subprocess.CompletedProcess]:
     """Run the `harp` command with these arguments as on a device (see `device_python`)."""
-    code = "from harp.cli import main\nsys.argv = ['harp', *sys.argv[1:]]\nmain()\n"
+    code = "from harp.console import harp\nsys.argv = ['harp', *sys.argv[1:]]\nharp()\n"
     return lambda *args, timeout=300: device_python(code, *args, timeout=timeout)
 
 

@@ -26,7 +26,7 @@ def load_input(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with open_regular(path) as f:  # a fifo would block the read forever
             magic = f.read(len(NPY_MAGIC))
-    except (ValueError, IsADirectoryError):  # open_regular's "not a regular file"; a directory fails to open
+    except ValueError:  # open_regular's "not a regular file": a directory, a fifo, a device
         kind = "a directory" if os.path.isdir(path) else "not a regular file"
         raise HarpError(f"input {path}: is {kind}, not a .npy file") from None
     except FileNotFoundError as e:

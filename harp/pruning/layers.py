@@ -15,7 +15,7 @@ directly follows), so a pruned channel is exactly zero and the exporter can remo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Set as AbstractSet
 
 import torch
 import torch.nn.functional as F
@@ -222,7 +222,7 @@ def _subclass_for(layer: nn.Module, conv_cls: type, linear_cls: type) -> type:
 
 
 def make_scored(model: nn.Module, granularity: str, densities: dict[str, float], a_min: float,
-                learn_rate: bool, frozen_output: set[str] = frozenset()) -> dict[str, _Scored]:
+                learn_rate: bool, frozen_output: AbstractSet[str] = frozenset()) -> dict[str, _Scored]:
     """Swap every prunable layer for a scored twin; returns them by name.
 
     Layers in `frozen_output` (the classifier under channel pruning) keep every

@@ -115,7 +115,17 @@ def load_stage_data(spec: DatasetSpec, opts: PruneOptions) -> SplitData:
     return data
 
 
-Handler = Callable[[Checkpoint, Any, PruneOptions, Path, dict[str, Any]], dict[str, Any]]
+@dataclass(frozen=True)
+class StageRun:
+    """How a prune stage treats its output folder and console (`prune_checkpoint`'s keyword flags)."""
+    force: bool = False
+    resume: bool = False
+    quiet: bool = False
+
+
+# A method's implementation: (checkpoint, config, options, out, meta, run) -> metrics. The trained methods make
+# `out` themselves (under torchrun, rank 0 only); `prune_checkpoint` makes it for the one-shot ones.
+Handler = Callable[[Checkpoint, Any, PruneOptions, Path, dict[str, Any], StageRun], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,8 @@ def _channel_masks(model: nn.Module, keep: dict[str, int], rank: Callable[[nn.Mo
 
 
 def _one_shot(rule: str) -> Handler:
-    def handler(ckpt: Checkpoint, config, opts: PruneOptions, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    def handler(ckpt: Checkpoint, config, opts: PruneOptions, out: Path, meta: dict[str, Any],
+                _: StageRun) -> dict[str, Any]:
         model = ckpt.build_model()
         density = 1.0 - config.sparsity
         gen = torch.Generator().manual_seed(getattr(config, "seed", 0))
@@ -210,7 +221,8 @@ def _bake_and_save(model: nn.Module, masks: Masks, ckpt: Checkpoint, config, opt
     return _save_pruned(plain, masks, ckpt, config, opts, out, meta, data.test, extra)
 
 
-def _mrpf(ckpt: Checkpoint, config: MrpfConfig, opts: PruneOptions, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _mrpf(ckpt: Checkpoint, config: MrpfConfig, opts: PruneOptions, out: Path, meta: dict[str, Any],
+          _: StageRun) -> dict[str, Any]:
     """MRPF: magnitude masks at per-layer densities allocated by robustness sensitivity (see mrpf.py)."""
     model = ckpt.build_model()
     data = load_stage_data(ckpt.spec, opts)
@@ -256,16 +268,16 @@ def score_job(ckpt: Checkpoint, config, opts: PruneOptions, learn_rate: bool) ->
 
 def _learned(learn_rate: bool) -> Handler:
     def handler(ckpt: Checkpoint, config, opts: PruneOptions, out: Path, meta: dict[str, Any],
-                resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+                stage: StageRun) -> dict[str, Any]:
         if isinstance(config, HarpConfig) and config.rate_lr is None:  # recorded with its default filled in
             config = replace(config, rate_lr=stage_budget(PRUNE_DEFAULTS, ckpt.spec.name).rate_lr)
         job, run = score_job(ckpt, config, opts, learn_rate)
-        return _run_and_save(job, run, ckpt, config, opts, out, meta, resolve_device(opts.device), resume, quiet)
+        return _run_and_save(job, run, ckpt, config, opts, out, meta, resolve_device(opts.device), stage)
     return handler
 
 
 def _pwoa(ckpt: Checkpoint, config: PwoAConfig, opts: PruneOptions, out: Path, meta: dict[str, Any],
-          resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+          stage: StageRun) -> dict[str, Any]:
     """PwoA: distillation + HSIC bottleneck, ADMM then masked retraining (see pwoa.py)."""
     spec = ckpt.spec
     config = resolve_config(config, spec.name, opts.epochs)  # recorded with every default filled in
@@ -274,7 +286,7 @@ def _pwoa(ckpt: Checkpoint, config: PwoAConfig, opts: PruneOptions, out: Path, m
     run = RunConfig(epochs=config.admm_epochs + config.retrain_epochs,
                     batch_size=opts.batch_size or budget_for(spec).batch_size, optimizer=budget.optimizer,
                     lr=opts.lr or budget.lr, seed=opts.seed, select="best")
-    return _run_and_save(job, run, ckpt, config, opts, out, meta, resolve_device(opts.device), resume, quiet)
+    return _run_and_save(job, run, ckpt, config, opts, out, meta, resolve_device(opts.device), stage)
 
 
 def _loss(ckpt: Checkpoint, opts: PruneOptions) -> LossConfig:
@@ -283,19 +295,19 @@ def _loss(ckpt: Checkpoint, opts: PruneOptions) -> LossConfig:
 
 
 def _run_and_save(job, run: RunConfig, ckpt: Checkpoint, config, opts: PruneOptions, out: Path,
-                  meta: dict[str, Any], device, resume: bool, quiet: bool) -> dict[str, Any]:
+                  meta: dict[str, Any], device, stage: StageRun) -> dict[str, Any]:
     spec = ckpt.spec
     data = load_stage_data(spec, opts)
     dist = init_distributed(device)
     try:
         with writing(out, hold=dist.is_main):
             if dist.is_main:
-                make_out_dir(out, force=meta.pop("_force", False), resume=resume)
+                make_out_dir(out, force=stage.force, resume=stage.resume)
             dist.barrier()
             full_meta = {**meta, "pruning": _pruning_meta(config, None)}
             metrics = run_job(job, run, data.train, data.val, data.test, out, full_meta,
-                              eval_attack=eval_attack(spec, opts.eps), device=device, dist=dist, resume=resume,
-                              quiet=quiet, augment=spec.augment,
+                              eval_attack=eval_attack(spec, opts.eps), device=device, dist=dist,
+                              resume=stage.resume, quiet=stage.quiet, augment=spec.augment,
                               finish_meta=lambda model, m: _finish_pruning_meta(m, config, model, spec))
     finally:
         shutdown_distributed(dist)
@@ -364,16 +376,17 @@ def prune_checkpoint(src: str | Path, out: str | Path, config, opts: PruneOption
     check_out_dir(out, force=force, resume=resume, source=src)
     meta = {"architecture": ckpt.meta["architecture"], "dataset": ckpt.meta["dataset"],
             "training": ckpt.meta.get("training"), "source": _source(ckpt),
-            "prune": stage_options(ckpt.spec, opts), "_force": force}
+            "prune": stage_options(ckpt.spec, opts)}
     handler = METHODS[name][1]
+    stage = StageRun(force=force, resume=resume, quiet=quiet)
     if name in RESUMABLE:
-        return handler(ckpt, config, opts, out, meta, resume=resume, quiet=quiet)
+        return handler(ckpt, config, opts, out, meta, stage)
     if resume:
         raise HarpError(f"--resume: {name} is one-shot; there is nothing to resume")
     check_not_distributed(name)
     with writing(out):
-        make_out_dir(out, force=meta.pop("_force"), resume=False)
-        return handler(ckpt, config, opts, out, meta)
+        make_out_dir(out, force=force, resume=False)
+        return handler(ckpt, config, opts, out, meta, stage)
 
 
 def stage_options(spec: DatasetSpec, opts: PruneOptions) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ def _erk(layers: list[tuple[str, nn.Module]], density: float) -> dict[str, float
 
 
 def project_to_budget(fractions: dict[str, float], numel: dict[str, int], budget: int,
-                      a_min: float, fixed: set[str] = frozenset()) -> dict[str, int]:
+                      a_min: float, fixed: AbstractSet[str] = frozenset()) -> dict[str, int]:
     """Integer keep counts with the same allocation shape and a total of `budget` (or as close as possible).
 
     Shifts every layer's rate logit by one common offset (binary search), which keeps

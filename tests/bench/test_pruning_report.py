@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from harp.bench import pruning_report
@@ -60,9 +61,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # had been a RecursionError traceback
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # had blocked forever on the read
     for argv, message in [(["--methods", "obd"], "unknown method(s): obd"),
                           (["--from-json", str(bad)], "not a pruning report's results JSON"),
                           (["--from-json", str(tmp_path / "missing.json")], "No such file"),
+                          (["--from-json", str(deep)], "nested too deeply"),
+                          (["--from-json", str(fifo)], "not a regular file"),
+                          (["--from-json", str(tmp_path)], "not a regular file"),
                           # these had been a ValueError traceback, and a refusal after the dense model's
                           # training and timing
                           (["--sparsity", "abc", "--work", str(tmp_path / "w")], "is not a comma-separated list"),

@@ -68,3 +68,20 @@ sys.exit(run_script(main, "tool"))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 143 and done.stderr == "tool: terminated\n", done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("entry, prog", [("harp", "harp"), ("harp_bench", "harp-bench")])
+def test_the_console_scripts_without_click_say_so_in_one_line(device_python, entry, prog):
+    # a device that installed only numpy and numba for the runtime had a traceback from `import click`
+    code = ("class _NoClick:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'click':\n"
+            "            raise ModuleNotFoundError(\"No module named 'click'\", name='click')\n"
+            "sys.meta_path.insert(0, _NoClick())\n"
+            f"from harp.console import {entry}\n"
+            f"sys.argv = ['{prog}', 'info', '.']\n"
+            f"{entry}()\n")
+    result = device_python(code)
+    assert result.returncode == 2
+    assert result.stderr == (f"{prog}: error: the {prog} command needs click, which is not installed here "
+                             "(pip install click; the Python API harp.kernels.runtime does not need it)\n")

@@ -91,6 +91,7 @@ def _write_idx(path, array):
     ("garbage", "missing or unreadable"),  # torchvision's parser had raised an AssertionError
     ("int32-labels", "missing or unreadable"),  # a TypeError
     ("short-labels", "the test split has 12 images but 10 labels"),  # had scored mismatched pairs
+    ("label-12", "label 12 at index 3, outside 0..9"),  # had crashed in cross_entropy with a traceback
 ])
 def test_damaged_mnist_files_are_user_errors(tmp_path, damage, message):
     import numpy as np
@@ -109,6 +110,9 @@ def test_damaged_mnist_files_are_user_errors(tmp_path, damage, message):
         _write_idx(raw / "t10k-labels-idx1-ubyte", labels.astype(np.int32))
     if damage == "short-labels":
         _write_idx(raw / "t10k-labels-idx1-ubyte", labels[:10])
+    if damage == "label-12":
+        labels[3] = 12
+        _write_idx(raw / "t10k-labels-idx1-ubyte", labels)
     with pytest.raises(HarpError, match=message) as error:
         load_split("mnist", False, root=tmp_path)
     assert "Dataset not found" not in str(error.value)

@@ -85,6 +85,11 @@ def test_read_json_reads_only_regular_files_of_bounded_size(tmp_path: Path) -> N
     os.mkfifo(tmp_path / "fifo.json")  # a manifest.json that is a fifo had blocked `harp run` forever
     with pytest.raises(ValueError, match="not a regular file"):
         read_json(tmp_path / "fifo.json")
+    (tmp_path / "dir.json").mkdir()  # had been "[Errno 21] Is a directory: 12", naming a leaked fd
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_json(tmp_path / "dir.json")
+    assert len(os.listdir("/proc/self/fd")) == fds  # the refused file's descriptor is closed
     (tmp_path / "zero.json").symlink_to("/dev/zero")  # had been read until memory ran out
     with pytest.raises(ValueError, match="not a regular file"):
         read_json(tmp_path / "zero.json")

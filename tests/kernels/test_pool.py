@@ -61,6 +61,15 @@ def test_global_avgpool_matches_reference():
     assert_close(out, global_avgpool_ref(x))
 
 
+@pytest.mark.parametrize("pool", [lambda x, out: maxpool2d(x, 2, out=out), lambda x, out: avgpool2d(x, 2, out=out),
+                                  lambda x, out: global_avgpool(x, out=out)])
+@pytest.mark.parametrize("out", [[0.0], np.zeros((1, 1, 2, 2), np.float64), np.zeros((1, 1, 3, 3), np.float32)])
+def test_pool_rejects_an_out_that_is_not_a_float32_array_of_the_output_shape(pool, out):
+    # a list had been an AttributeError; every kernel shares epilogue.resolve_out's check
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array"):
+        pool(np.zeros((1, 1, 4, 4), np.float32), out)
+
+
 def test_pool_rejects_too_much_padding():
     x = np.zeros((1, 1, 4, 4), np.float32)
     with pytest.raises(ValueError, match="maxpool2d: padding"):

@@ -52,6 +52,7 @@ from harp.cli_errors import ScriptArgumentParser, script_main
 from harp.data import dataset_spec
 from harp.errors import HarpError
 from harp.io import atomic_write_bytes, atomic_write_json, read_json
+from harp.values import is_number
 from harp.pruning.finetune import finetune_checkpoint
 from harp.pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint
 from harp.training.train import TrainOptions, load_data, train
@@ -299,12 +300,14 @@ def winners(rows: list[dict[str, Any]], classes: int) -> list[str]:
 
 
 def write_results(name: str, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
-    RESULTS.mkdir(exist_ok=True)
     curves = {r["method"]: {"linf": r["linf_curve"]} for r in rows if "linf_curve" in r}
     if curves:
         header["curve_png"] = f"{name}-linf.png"
+    text = render(rows, header)  # before any file is written: a row it cannot show leaves none half-made
+    RESULTS.mkdir(exist_ok=True)
+    if curves:
         curves_plot(curves, RESULTS / header["curve_png"])
-    atomic_write_bytes(RESULTS / f"{name}.md", render(rows, header).encode())
+    atomic_write_bytes(RESULTS / f"{name}.md", text.encode())
     atomic_write_json(RESULTS / f"{name}.json", {"header": header, "rows": rows})
 
 
@@ -329,7 +332,11 @@ def rerender(sources: list[Path], methods: list[str], name: str) -> None:
                          f"--methods {','.join(methods)} --name {name}",
               "sources": f"Rows of {', '.join(methods)} merged from {files} (processes that ran side by side; "
                          "each file's header names the commands that produced it)."}
-    write_results(name, rows, header)
+    try:
+        write_results(name, rows, header)
+    except (KeyError, TypeError) as e:  # a row written by hand or cut short: it lacks what the table shows
+        raise HarpError(f"{', '.join(map(str, sources))}: a row of {', '.join(methods)} lacks a field the "
+                        f"report shows ({type(e).__name__}: {e})") from e
 
 
 def _read_results(path: Path) -> dict[str, Any]:
@@ -339,6 +346,13 @@ def _read_results(path: Path) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("header"), dict) \
                 or not isinstance(data.get("rows"), list):
             raise ValueError("no header/rows")
+        header = data["header"]
+        if not all(is_number(header.get(k)) for k in ("seconds", "dense_epoch_seconds")) \
+                or not isinstance(header.get("command"), str):
+            raise ValueError("its header lacks seconds, dense_epoch_seconds or command")
+        for i, row in enumerate(data["rows"]):
+            if not (isinstance(row, dict) and isinstance(row.get("method"), str) and is_number(row.get("sparsity"))):
+                raise ValueError(f"rows[{i}] lacks a method or a sparsity")
         return data
     except (OSError, ValueError) as e:
         raise HarpError(f"{path}: not a pruning report's results JSON ({e})") from e

@@ -109,6 +109,10 @@ class Artifact:
                                 "(name, shape, params, nonzero, density)")
         return list(layers)
 
+    def check(self) -> None:
+        """HarpError if a fact reports read is malformed: `harp verify` must not pass what they refuse."""
+        self.class_names, self.sparsity, self.layers  # noqa: B018 (each property checks its value)
+
     def file(self, name: str) -> Path:
         return self.root / name
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from harp.errors import HarpError
 from harp.io import read_json, sha256_file
 from harp.values import is_int
 
@@ -395,6 +396,12 @@ def verify_artifact(directory: str | os.PathLike[str], *, executor: str = "auto"
         raise VerifyError(f"{root} does not exist or is not a directory")
     manifest = read_manifest(root)
     files = check_files(root, manifest)
+    from .artifact import Artifact  # here: artifact imports this module
+
+    try:
+        Artifact(root, manifest).check()  # what harp info and harp-bench read: "ok" must not pass what they refuse
+    except HarpError as e:
+        raise VerifyError(str(e)) from e
     export = manifest["export"]
     exported, values_dtype = export.get("formats"), export.get("values_dtype")
     if not isinstance(exported, list) or not exported or \

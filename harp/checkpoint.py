@@ -27,6 +27,7 @@ from .data import DatasetSpec, dataset_spec, imagefolder_spec
 from .errors import HarpError
 from .io import atomic_save_tensors, atomic_write_json, read_json, sha256_file
 from .models import build_model
+from .values import is_int, is_number
 
 FORMAT = "harp-checkpoint"
 VERSION = 1
@@ -49,6 +50,12 @@ class Checkpoint:
     def build_model(self) -> nn.Module:
         """The architecture with these weights loaded (masks already baked into the weights)."""
         model = build_model(self.meta["architecture"], self.spec)
+        expected = model.state_dict()
+        for name, t in self.state.items():  # load_state_dict would cast an int8 or bool weight silently
+            if name in expected and t.dtype != expected[name].dtype:
+                raise HarpError(f"{self.path}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, "
+                                f"architecture {self.meta['architecture']!r} has "
+                                f"{str(expected[name].dtype).removeprefix('torch.')}")
         try:
             model.load_state_dict(self.state, strict=True)
         except RuntimeError as e:
@@ -121,7 +128,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if sha256_file(f) != digest:
             raise HarpError(f"checkpoint {path}: {name} does not match its SHA-256 in {META} (corrupted or tampered)")
     state = _load_tensors(path / MODEL)
-    _check_values(path, state)
+    check_values(path, state)
     masks = {k: v.bool() for k, v in _load_tensors(path / MASKS).items()} if MASKS in files else {}
     return Checkpoint(path, meta, state, masks)
 
@@ -137,7 +144,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise HarpError(f"checkpoint {path}: {META} is not valid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise HarpError(f"{path} is not a harp checkpoint ({META} lacks format={FORMAT!r})")
-    if meta.get("version") != VERSION:
+    if not is_int(meta.get("version")) or meta["version"] != VERSION:  # true == 1 in Python
         raise HarpError(f"checkpoint {path}: version {meta.get('version')!r} is not supported (expected {VERSION})")
     for key, kind in (("architecture", str), ("dataset", dict), ("files", dict)):
         if not isinstance(meta.get(key), kind):
@@ -147,6 +154,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     for key, nullable in (("metrics", False), ("pruning", False), ("training", True), ("source", True)):
         if key in meta and not (isinstance(meta[key], dict) or nullable and meta[key] is None):  # sections read later
             raise HarpError(f"checkpoint {path}: {META} field {key!r} is not an object")
+    for key, value in meta.get("metrics", {}).items():  # printed by harp info, tabled by harp pipeline
+        if key.endswith("accuracy") and not (is_number(value) and 0 <= value <= 1):
+            raise HarpError(f"checkpoint {path}: {META} metric {key!r} is {value!r}, not a fraction")
     ds = meta["dataset"]
     if not isinstance(ds.get("name"), str) or not isinstance(ds.get("input_shape"), list) \
             or not isinstance(ds.get("classes"), int):
@@ -154,10 +164,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """HarpError for weights no training run writes: NaN/inf, or a negative BatchNorm variance
-    (later stages would fail far from the cause: a NaN loss, a NaN sqrt in BatchNorm folding)."""
+def check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """HarpError for weights no training run writes: NaN/inf, floats other than float32 (a float64 1e300
+    is inf in the model), or a negative BatchNorm variance (later stages would fail far from the cause:
+    a NaN loss, a NaN sqrt in BatchNorm folding)."""
     for name, t in state.items():
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise HarpError(f"checkpoint {path}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, "
+                            "not the float32 harp writes")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise HarpError(f"checkpoint {path}: tensor {name!r} holds NaN or infinite values")
         if name.endswith("running_var") and (t < 0).any():

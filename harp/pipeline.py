@@ -101,20 +101,20 @@ def _run_stages(opts: PipelineOptions, config, out: Path, quiet: bool, log) -> d
         train(TrainOptions(dataset=opts.dataset, arch=opts.arch, adv=opts.adv, epochs=opts.train_epochs,
                            seed=opts.seed, data_root=opts.data_root, download=opts.download, device=opts.device),
               dense, resume=resume, force=dense.exists() and not resume, quiet=quiet)
-    results["dense"] = load_checkpoint(dense).meta["metrics"]
+    results["dense"] = _stage_metrics(dense)
     if not stage_done(pruned):
         resume = interrupted(pruned) and opts.method in RESUMABLE
         log(f"[2/4] pruning with {opts.method} to {opts.sparsity:.2%} {opts.granularity} sparsity -> {pruned}"
             f"{_resuming(resume)}")
         prune_checkpoint(dense, pruned, config, replace(stage_opts, epochs=opts.prune_epochs),
                          resume=resume, force=pruned.exists() and not resume, quiet=quiet)
-    results["pruned"] = load_checkpoint(pruned).meta["metrics"]
+    results["pruned"] = _stage_metrics(pruned)
     if not stage_done(tuned):
         resume = interrupted(tuned)
         log(f"[3/4] adversarial fine-tuning -> {tuned}{_resuming(resume)}")
         finetune_checkpoint(pruned, tuned, replace(stage_opts, epochs=opts.finetune_epochs),
                             resume=resume, force=tuned.exists() and not resume, quiet=quiet)
-    results["finetuned"] = load_checkpoint(tuned).meta["metrics"]
+    results["finetuned"] = _stage_metrics(tuned)
     if opts.export:
         results["artifact"] = _export(tuned, out / "artifact", opts, log)
     atomic_write_json(out / PIPELINE_FILE, {"options": asdict(opts), "results": {
@@ -125,6 +125,15 @@ def _run_stages(opts: PipelineOptions, config, out: Path, quiet: bool, log) -> d
 def interrupted(stage: Path) -> bool:
     """Whether a stage's directory holds the saved state of an unfinished run (`--resume` continues it)."""
     return (stage / STATE_DIR / "state.json").is_file()
+
+
+def _stage_metrics(stage: Path) -> dict[str, Any]:
+    """The accuracies a finished stage recorded (the pipeline's table)."""
+    metrics = load_checkpoint(stage).meta.get("metrics")
+    if not isinstance(metrics, dict) or not all(k in metrics for k in ("natural_accuracy", "robust_accuracy")):
+        raise HarpError(f"{stage}: its meta.json records no natural and robust accuracy (not a stage harp "
+                        "pipeline ran?); --force runs the pipeline again")
+    return metrics
 
 
 def _resuming(resume: bool) -> str:

@@ -4,6 +4,7 @@ An artifact is read from its checked manifest without torch, so `harp info` work
 device; a checkpoint needs torch (its model is rebuilt to count the nonzeros).
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,10 @@ def artifact_info(path: str) -> dict[str, Any]:
 def read_info(path: str) -> dict[str, Any]:
     """`checkpoint_info` or `artifact_info`, by what the directory holds."""
     root = Path(path)
-    if (root / "manifest.json").is_file():
+    # lexists: a manifest.json that is a folder or a symlink loop is named by the reader, not taken for no file
+    if os.path.lexists(root / "manifest.json"):
         return artifact_info(path)
-    if root.is_dir() and not (root / "meta.json").exists():
+    if root.is_dir() and not os.path.lexists(root / "meta.json"):
         raise HarpError(f"{root} is neither a harp checkpoint (no meta.json) nor an export (no manifest.json)")
     if not is_installed("torch"):
         raise HarpError(f"{root}: reading a checkpoint needs torch, which is not installed here "

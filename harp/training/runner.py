@@ -290,10 +290,36 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..checkpoint import check_values
+
     try:
-        return {k: v.to(device) for k, v in load_file(str(path)).items()}
+        state = load_file(str(path))
     except (SafetensorError, OSError) as e:  # missing or damaged saved state (state.json names the files)
         raise HarpError(f"saved weights {path} are missing or unreadable ({e})") from e
+    check_values(path, state)  # as a checkpoint's: a negative variance had trained on to a wrong result
+    return {k: v.to(device) for k, v in state.items()}
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer, before: list[dict[str, Any]]) -> None:
+    """ValueError for a loaded optimizer state no run writes, which torch takes as it is and fails on (or
+    trains with) mid-epoch: a setting that is no longer a number, a moment of another shape, or NaN."""
+    for group, old in zip(opt.param_groups, before, strict=True):
+        for key, value in old.items():
+            numbers = value if isinstance(value, tuple) else (value,)
+            loaded = group.get(key)
+            loaded = loaded if isinstance(loaded, tuple | list) else (loaded,)
+            if all(is_number(v) for v in numbers) and not (len(loaded) == len(numbers)
+                                                          and all(is_number(v) for v in loaded)):
+                raise ValueError(f"optimizer setting {key!r} is {group.get(key)!r}, not a number")
+        for param in group["params"]:
+            for key, value in opt.state.get(param, {}).items():
+                if not torch.is_tensor(value) or value.dim() == 0:  # the step count
+                    continue
+                if value.shape != param.shape:
+                    raise ValueError(f"optimizer state {key!r} has shape {list(value.shape)}, "
+                                     f"its parameter {list(param.shape)}")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"optimizer state {key!r} holds NaN or infinite values")
 
 
 def _load_optimizer_state(path: Path, device: torch.device) -> dict[str, Any]:
@@ -398,15 +424,20 @@ def _load_state(state_dir: Path, job: Job, opt, sched, cfg: RunConfig, meta: dic
         model_state = _load_tensors(state_dir / f"model-{epoch}.safetensors", device)
         job.model.load_state_dict(model_state, strict=True)
         extra = _load_optimizer_state(state_dir / f"optim-{epoch}.pt", device)
+        before = [dict(group) for group in opt.param_groups]
         opt.load_state_dict(extra["optimizer"])
+        _check_optimizer_state(opt, before)
         steps = extra["scheduler"]["total_steps"]
         if steps != sched.total_steps:  # its last epochs would overrun the schedule or cut its anneal short
             raise HarpError(f"--resume: {state_dir.parent} was started with a schedule of {steps} steps, this "
                             f"run has {sched.total_steps} (other data or process count); pass the same options, "
                             "or --force to start over")
         sched.load_state_dict(extra["scheduler"])
+        if sched.last_epoch != epoch * (sched.total_steps // max(cfg.epochs, 1)):
+            raise ValueError(f"optim-{epoch}.pt has taken {sched.last_epoch} scheduler steps, not the "
+                             f"{epoch} epochs state.json records")
         torch.set_rng_state(extra["rng"].cpu())
-    except (RuntimeError, OSError, KeyError, ValueError, TypeError) as e:
+    except (RuntimeError, OSError, KeyError, ValueError, TypeError, AttributeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HarpError(f"--resume: saved state in {state_dir} does not fit this run "
                         f"(architecture or method mismatch?): {first}") from e

@@ -56,8 +56,10 @@ def test_rerender_merges_runs_and_keeps_each_rows_reference(tmp_path, monkeypatc
     assert [r["dense_epoch_seconds"] for r in merged["rows"]] == [100.0, 100.0, 50.0, 50.0]
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     from harp.cli_errors import run_script
+
+    monkeypatch.setattr(pruning_report, "RESULTS", tmp_path / "results")
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -65,12 +67,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     deep.write_text("[" * 100_000 + "]" * 100_000)  # had been a RecursionError traceback
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # had blocked forever on the read
+    no_sparsity, short_row = tmp_path / "no_sparsity.json", tmp_path / "short_row.json"
+    header = {"seconds": 1.0, "dense_epoch_seconds": 1.0, "command": "x"}
+    no_sparsity.write_text(json.dumps({"header": header, "rows": [{"method": "lwm"}]}))  # had been a KeyError
+    short_row.write_text(json.dumps({"header": header, "rows": [{"method": "lwm", "sparsity": 0.9}]}))
     for argv, message in [(["--methods", "obd"], "unknown method(s): obd"),
                           (["--from-json", str(bad)], "not a pruning report's results JSON"),
                           (["--from-json", str(tmp_path / "missing.json")], "No such file"),
                           (["--from-json", str(deep)], "nested too deeply"),
                           (["--from-json", str(fifo)], "not a regular file"),
                           (["--from-json", str(tmp_path)], "not a regular file"),
+                          (["--from-json", str(no_sparsity), "--methods", "lwm"], "rows[0] lacks a method or a sparsity"),
+                          (["--from-json", str(short_row), "--methods", "lwm"], "lacks a field the report shows"),
                           # these had been a ValueError traceback, and a refusal after the dense model's
                           # training and timing
                           (["--sparsity", "abc", "--work", str(tmp_path / "w")], "is not a comma-separated list"),
@@ -80,6 +88,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "w").exists()  # nothing started
+    assert not list((tmp_path / "results").glob("*"))  # and nothing written
 
 
 def test_an_unwritable_results_folder_is_refused_before_the_dense_model_trains(tmp_path, monkeypatch, capsys):

@@ -96,3 +96,16 @@ def test_a_manifest_nested_too_deeply_is_one_line(capsys, digits_export, tmp_pat
         code = run_cli(cli, [command, str(art)])
         out, err = capsys.readouterr()
         assert code == 2 and "nested too deeply" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name", [MANIFEST, "meta.json"])
+def test_a_record_that_is_a_folder_or_a_symlink_loop_is_named(capsys, tmp_path, name):
+    # both had been "neither a harp checkpoint (no meta.json) nor an export (no manifest.json)"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / name).mkdir()
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / name).symlink_to(tmp_path / "loop" / name)
+    for root, cause in [("folder", "not a regular file"), ("loop", "Too many levels of symbolic links")]:
+        assert run_cli(cli, ["info", str(tmp_path / root)]) == 2
+        err = capsys.readouterr().err
+        assert cause in err and "neither" not in err and err.count("\n") == 1, err

@@ -181,6 +181,12 @@ def _dense_as_sparse(out: Path) -> None:
     (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(classes=10**30)), "model.classes 1000"),
     (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(input_shape=[True, 8, 8])), "model.input_shape"),
     (lambda out: _dense_as_sparse(out), "stores no sparse tensor"),
+    # these had verified "ok" while harp info and harp-bench refused them
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(sparsity=2)), "model.sparsity 2 is not a fraction"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(layers={})), "model.layers is not a list"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(layers=[{"name": 1}])), r"model.layers\[0\]"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"]["dataset"].update(class_names=["a"])),
+     "class_names is not"),
 ])
 def test_damaged_directory_is_a_verify_error(export_copy, damage, message):
     damage(export_copy)

@@ -67,6 +67,9 @@ def test_architecture_mismatch_is_refused(digits_ckpt, tmp_path):
     (lambda m: m.update(metrics=None), "field 'metrics' is not an object"),  # `harp info` and export had crashed
     (lambda m: m.update(pruning=[]), "field 'pruning' is not an object"),
     (lambda m: m.update(training="pgd"), "field 'training' is not an object"),
+    # harp info had printed them, harp pipeline crashed formatting them as percentages
+    (lambda m: m["metrics"].update(natural_accuracy="high"), "metric 'natural_accuracy' is 'high', not a fraction"),
+    (lambda m: m["metrics"].update(robust_accuracy=float("nan")), "metric 'robust_accuracy' is nan"),
 ])
 def test_wrongly_typed_sections_of_meta_are_refused(digits_ckpt, tmp_path, edit, message):
     bad = _copy(digits_ckpt, tmp_path / "meta")
@@ -100,3 +103,40 @@ def test_weights_no_training_writes_are_refused(digits_ckpt, tmp_path, suffix, v
     (bad / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(HarpError, match=message):
         load_checkpoint(bad)
+
+
+def _resave(ckpt, state):
+    from safetensors.torch import save_file
+
+    from harp.io import sha256_file
+
+    save_file(state, str(ckpt / "model.safetensors"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["model.safetensors"] = sha256_file(ckpt / "model.safetensors")
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_version_true_is_not_version_1(digits_ckpt, tmp_path):
+    bad = _copy(digits_ckpt, tmp_path / "version")
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["version"] = True  # true == 1 in Python: had been accepted
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(HarpError, match="version True is not supported"):
+        load_checkpoint(bad)
+
+
+def test_weights_of_another_dtype_are_refused_not_cast(digits_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    bad = _copy(digits_ckpt, tmp_path / "f64")
+    state = load_file(str(bad / "model.safetensors"))
+    name = next(k for k in state if k.endswith("weight"))
+    state[name] = state[name].double()
+    state[name].view(-1)[0] = 1e300  # finite in float64: had become inf in the float32 model, evaluated at 8%
+    _resave(bad, state)
+    with pytest.raises(HarpError, match=f"tensor '{name}' is float64, not the float32 harp writes"):
+        load_checkpoint(bad)
+    state[name] = state[name].float().ne(0)  # a bool weight had been cast to 0/1 and evaluated
+    _resave(bad, state)
+    with pytest.raises(HarpError, match=f"tensor '{name}' is bool, architecture 'small_cnn' has float32"):
+        load_checkpoint(bad).build_model()

@@ -92,3 +92,18 @@ def test_an_interrupted_stage_resumes_from_its_last_epoch(tmp_path):
     assert "(resuming the interrupted run)" in second.stdout.splitlines()[0]
     history = load_checkpoint(tmp_path / "run" / "dense").meta["history"]
     assert [h["epoch"] for h in history] == list(range(1, 41))
+
+
+def test_a_stage_that_records_no_accuracy_is_one_line(digits_ckpt, tmp_path):
+    import shutil
+
+    from harp.pipeline import _stage_metrics
+
+    stage = tmp_path / "dense"
+    shutil.copytree(digits_ckpt, stage)
+    assert _stage_metrics(stage)["natural_accuracy"] > 0.5
+    meta = json.loads((stage / "meta.json").read_text())
+    del meta["metrics"]  # had been a KeyError traceback after the stage was taken as done
+    (stage / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(HarpError, match="records no natural and robust accuracy"):
+        _stage_metrics(stage)

@@ -119,6 +119,48 @@ def test_a_damaged_saved_state_is_one_line_and_exit_2(capsys, tmp_path, edit, me
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def _damage_saved_tensors(state_dir, what):
+    from safetensors.torch import save_file
+
+    if what == "variance":
+        state = load_file(str(state_dir / "model-2.safetensors"))
+        state[next(k for k in state if k.endswith("running_var"))].fill_(-1.0)
+        save_file(state, str(state_dir / "model-2.safetensors"))
+        return
+    saved = torch.load(state_dir / "optim-2.pt", weights_only=True)
+    if what == "scheduler":  # optim-N.pt of another epoch than state.json's
+        saved["scheduler"]["last_epoch"] -= 1
+    elif what == "moment":
+        moments = next(iter(saved["optimizer"]["state"].values()))
+        key = next(k for k, v in moments.items() if v.dim() > 0)
+        moments[key] = torch.zeros(3)
+    elif what == "lr":
+        saved["optimizer"]["param_groups"][0]["lr"] = "x"
+    elif what == "rng":
+        saved["rng"] = 5
+    torch.save(saved, state_dir / "optim-2.pt")
+
+
+@pytest.mark.parametrize("what,message", [
+    ("variance", "BatchNorm variance 'net."),  # had trained on to 9.5% accuracy, exit 0
+    ("scheduler", "scheduler steps, not the 2 epochs state.json records"),  # these had been tracebacks mid-epoch
+    ("moment", "has shape [3], its parameter"),
+    ("lr", "optimizer setting 'lr' is 'x', not a number"),
+    ("rng", "'int' object has no attribute 'cpu'"),
+])
+def test_damaged_saved_tensors_are_one_line_and_exit_2(capsys, tmp_path, what, message):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--adv", "none", "--epochs", "2", "--subset", "200", "--quiet",
+            "--out", str(out)]
+    assert run_cli(cli, args) == 0
+    (out / "meta.json").unlink()  # as if interrupted after its last epoch
+    _damage_saved_tensors(out / "state", what)
+    capsys.readouterr()
+    assert run_cli(cli, [*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("code ran while loading",))

@@ -15,6 +15,7 @@ directly follows), so a pruned channel is exactly zero and the exporter can remo
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Set as AbstractSet
 
 import torch
@@ -312,13 +313,17 @@ def bake(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[nn.Module, dic
 
     For channel pruning the BatchNorm after a pruned channel gets weight = bias = 0
     there (and a layer without BN loses that bias entry), so the channel's output is
-    exactly zero in the plain model too.
+    exactly zero in the plain model too; and the weights that read such a channel
+    through ops keeping zero at zero (see `inert_inputs`) are zeroed, in the model
+    and the masks: they multiply a 0, so the model computes the same function and
+    its zero-weight count is the effective one.
     """
     import copy
 
     plain = copy.deepcopy(model)
     masks, pairs = {}, following_batchnorms(model) if any(
         getattr(m, "granularity", "weight") == "channel" for m in layers.values()) else {}
+    dead_channels = {}
     for name, layer in layers.items():
         with torch.no_grad():
             wmask = (layer.weight_mask() if isinstance(layer, _Scored) else layer.mask).detach().bool()
@@ -330,6 +335,7 @@ def bake(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[nn.Module, dic
             gate = layer.channel_gate()
             if gate is not None:
                 dead = gate == 0
+                dead_channels[name] = dead.detach().cpu()
                 if name in pairs:
                     bn = plain.get_submodule(pairs[name])
                     bn.weight.data[dead] = 0
@@ -341,6 +347,111 @@ def bake(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[nn.Module, dic
             new._buffers.pop(attr, None)
         _replace(plain, name, new)
         masks[name] = wmask.cpu()
+    for name, inert in inert_inputs(model, dead_channels, pairs).items():
+        _zero_inputs(plain.get_submodule(name), masks, name, inert)
     for m in plain.modules():
         m._forward_hooks.clear()
     return plain, masks
+
+
+# Ops whose output channel c is zero wherever their input channel c is (a BatchNorm only as the
+# producer's own, gated one: any other adds its shift to a zero).
+_ZERO_KEEPING = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
+                 nn.Identity)
+
+
+def inert_inputs(model: nn.Module, dead: dict[str, torch.Tensor], pairs: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Layer name -> bool mask over its weight's axis 1: inputs that are exactly zero for every model
+    input because they carry a pruned channel of `dead` (layer name -> bool per output channel).
+
+    Only a plain path counts: the consumer (a Linear, or a Conv2d with groups=1) reads the producer's
+    output through ReLU / ReLU6 / Hardtanh around 0, pooling, Dropout, Identity, the producer's own
+    BatchNorm (gated, in `pairs`) and at most one flatten from dimension 1 before a Linear. An add,
+    a concatenation, any other BatchNorm or an unknown op stops it: its channel may not be zero.
+    A depthwise/grouped conv is never a consumer here (its row would be all inert, but its
+    BatchNorm still emits a constant).
+    """
+    if not any(d.any() for d in dead.values()):
+        return {}
+    try:
+        gm = trace_layers(model)
+    except Exception:  # noqa: BLE001 - untraceable: keep every weight
+        return {}
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    out = {}
+    for node in gm.graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, nn.Conv2d | nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups != 1) \
+                or calls[node.target] > 1:  # a layer applied twice may read a live channel the other time
+            continue
+        producer, flattened = _plain_producer(node, modules, pairs)
+        if producer is None or producer not in dead:
+            continue
+        channels = dead[producer]
+        source = modules[producer]
+        if isinstance(layer, nn.Conv2d):
+            ok = isinstance(source, nn.Conv2d) and not flattened and layer.in_channels == channels.numel()
+            block = 1
+        elif flattened:
+            ok = isinstance(source, nn.Conv2d) and layer.in_features % channels.numel() == 0
+            block = layer.in_features // channels.numel()
+        else:
+            ok = isinstance(source, nn.Linear) and layer.in_features == channels.numel()
+            block = 1
+        if ok and channels.any():
+            out[node.target] = channels.repeat_interleave(block)
+    return out
+
+
+def _plain_producer(node, modules: dict[str, nn.Module], pairs: dict[str, str]) -> tuple[str | None, bool]:
+    """The layer whose output reaches `node`'s input along a zero-keeping path, and whether it was flattened."""
+    import torch.fx as fx
+
+    src, flattened = (node.args[0] if node.args else None), False
+    while isinstance(src, fx.Node) and len(src.args) >= 1:
+        prev = src.args[0]
+        if src.op == "call_module":
+            mod = modules.get(src.target)
+            if isinstance(mod, nn.Conv2d | nn.Linear):
+                return src.target, flattened
+            if isinstance(mod, nn.BatchNorm2d | nn.BatchNorm1d):
+                if not (isinstance(prev, fx.Node) and prev.op == "call_module" and pairs.get(prev.target) == src.target):
+                    return None, False
+            elif isinstance(mod, nn.Hardtanh):  # ReLU6 too
+                if not mod.min_val <= 0 <= mod.max_val:
+                    return None, False
+            elif isinstance(mod, nn.Flatten):
+                if flattened or mod.start_dim != 1 or mod.end_dim != -1:
+                    return None, False
+                flattened = True
+            elif not isinstance(mod, _ZERO_KEEPING):
+                return None, False
+        elif src.op == "call_function" and src.target in (F.relu, torch.relu, torch.relu_):
+            pass
+        elif src.op == "call_function" and src.target is torch.flatten and not flattened and \
+                _flatten_dims(src) == (1, -1):
+            flattened = True
+        else:
+            return None, False
+        src = prev
+    return None, False
+
+
+def _flatten_dims(node) -> tuple:
+    args = list(node.args[1:]) + [None] * 2
+    return (args[0] if args[0] is not None else node.kwargs.get("start_dim", 0),
+            args[1] if args[1] is not None else node.kwargs.get("end_dim", -1))
+
+
+def _zero_inputs(layer: nn.Module, masks: dict[str, torch.Tensor], name: str, inert: torch.Tensor) -> None:
+    """Zero `layer`'s weights (and mask entries) at the inert inputs; a row left with no nonzero weight
+    keeps its own (it still emits its bias or BatchNorm shift, and counts as a live channel)."""
+    with torch.no_grad():
+        w = layer.weight
+        inert = inert.to(w.device).view(1, -1, *[1] * (w.dim() - 2)).expand_as(w)
+        live_before = (w != 0).flatten(1).any(1)
+        emptied = live_before & ~((w != 0) & ~inert).flatten(1).any(1)
+        cut = inert & ~emptied.view(-1, *[1] * (w.dim() - 1))
+        w[cut] = 0
+        masks[name] = masks[name] & ~cut.cpu()

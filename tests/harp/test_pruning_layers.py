@@ -129,3 +129,96 @@ def test_global_magnitude_keeps_every_layer_alive():
     model = _net()
     masks = global_magnitude_masks(model, 0.999)
     assert all(m.any() for m in masks.values())
+
+
+def _channel_bake(model: nn.Module, kept: dict[str, int]) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+    """Channel-prune `model` keeping the first kept[name] output channels of the named layers (all of the
+    others), bake it, and check the plain model computes what the masked one does. Returns the plain
+    model, the baked masks and a reference input."""
+    from harp.models import prunable_layers
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):  # nonzero shifts: a pruned channel would leak them
+                m.running_mean.uniform_(-1, 1)
+                m.bias.uniform_(0.5, 1)
+    masks = {}
+    for name, m in prunable_layers(model):
+        mask = torch.zeros_like(m.weight, dtype=torch.bool)
+        mask[:kept.get(name, m.weight.shape[0])] = True
+        masks[name] = mask
+    layers = make_masked(model.eval(), masks, "channel")
+    x = torch.rand(4, *model.input_shape)
+    plain, baked = bake(model, layers)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), model(x), atol=1e-6)
+    return plain, baked, x
+
+
+def test_bake_zeroes_the_weights_that_read_a_pruned_channel():
+    # Conv (BN, ReLU, pool) -> conv -> functional relu and flatten -> Linear: the inputs a pruned channel
+    # feeds are 0, so the weights reading them are zeroed (model and masks) and count as zero.
+    class Net(nn.Module):
+        input_shape = (1, 6, 6)
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+            self.b = nn.Conv2d(8, 6, 3, padding=1, bias=True)  # no BatchNorm: its bias is gated
+            self.fc = nn.Linear(6 * 3 * 3, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.b(self.a(x))), 1))
+
+    net = Net()
+    with torch.no_grad():
+        net.fc.weight[9, :4 * 9] = 0  # this row reads pruned channels only: it keeps them (a live constant)
+    plain, baked, _ = _channel_bake(net, {"a.0": 3, "b": 4})
+    assert plain.b.weight[:, 3:].abs().max() == 0 and plain.b.weight[:4, :3].abs().min() > 0
+    assert not baked["b"][:, 3:].any() and baked["b"][:4, :3].all()
+    assert plain.fc.weight[:9, 4 * 9:].abs().max() == 0 and plain.fc.weight[:9, :4 * 9].abs().min() > 0
+    assert torch.equal(plain.fc.weight[9, 4 * 9:], net.fc.weight[9, 4 * 9:]) and baked["fc"][9].all()
+    from harp.sparsity import model_sparsity
+    kept = 3 * 9 + 4 * 3 * 9 + 9 * 4 * 9 + 2 * 9
+    assert model_sparsity(plain) == pytest.approx(1 - kept / (8 * 9 + 6 * 8 * 9 + 10 * 54))
+
+
+def test_bake_keeps_the_weights_that_read_a_channel_which_is_not_zero():
+    # A pruned channel reaches these layers through an add, a BatchNorm of another layer (its shift), a
+    # clip above 0, or as a depthwise conv's only input (whose BatchNorm emits a constant): all stay.
+    class Net(nn.Module):
+        input_shape = (2, 5, 5)
+
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 4, 1)  # reads c1 + the residual
+            self.c3 = nn.Conv2d(4, 4, 1, bias=False)  # its output passes ReLU, then a BatchNorm not its own
+            self.bn3 = nn.BatchNorm2d(4)
+            self.c4 = nn.Conv2d(4, 4, 1)
+            self.c5, self.bn5 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+            self.clip = nn.Hardtanh(0.5, 2.0)  # 0 -> 0.5
+            self.c6 = nn.Conv2d(4, 4, 1)
+            self.c7, self.bn7 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+            self.dw, self.bndw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.c1(x)))
+            h = torch.relu(self.c2(h + torch.ones_like(h)))
+            h = self.c4(self.bn3(torch.relu(self.c3(h))))
+            h = self.c6(self.clip(self.bn5(self.c5(h))))
+            h = torch.relu(self.bndw(self.dw(torch.relu(self.bn7(self.c7(h))))))
+            return self.fc(h.mean((2, 3)))
+
+    kept = {"c1": 2, "c3": 2, "c5": 2, "c7": 2}
+    model = Net()
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    plain, baked, _ = _channel_bake(model, kept)
+    for name in ("c2", "c4", "c6", "dw"):
+        keep = torch.ones(before[name].shape[0], dtype=torch.bool)
+        keep[kept.get(name, len(keep)):] = False
+        expected = before[name] * keep.view(-1, *[1] * (before[name].dim() - 1))
+        assert torch.equal(plain.get_submodule(name).weight, expected), name
+        assert baked[name].all(), name

@@ -27,6 +27,10 @@ of 1.6 ms). So when
 one thread and dense linear layers split each matrix product across `n` plain
 Python threads themselves (`dense_split`); without it, BLAS keeps its own
 threads and each product calls it once.
+
+numba failing to start with this process's environment (`check_numba_environment`,
+the thread pool) or its on-disk kernel cache failing (`numba_cache_error`) is a
+NumbaSetupError, which the harp CLIs print as one line.
 """
 
 from __future__ import annotations

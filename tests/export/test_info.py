@@ -77,7 +77,7 @@ def test_json_output_stays_strict_json_when_a_checkpoint_records_nan(capsys, pru
     ckpt = tmp_path / "ckpt"
     shutil.copytree(pruned_digits_ckpt, ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["metrics"]["natural_accuracy"] = float("nan")  # as a diverged run might record
+    meta["metrics"]["train_loss"] = float("nan")  # as a diverged run might record (accuracies must be fractions)
     (ckpt / "meta.json").write_text(json.dumps(meta))
     code, out, err = _info(capsys, ckpt, "--json")
     assert code == 0, err
@@ -85,7 +85,7 @@ def test_json_output_stays_strict_json_when_a_checkpoint_records_nan(capsys, pru
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
 
-    assert json.loads(out, parse_constant=refuse)["metrics"]["natural_accuracy"] is None  # had printed NaN
+    assert json.loads(out, parse_constant=refuse)["metrics"]["train_loss"] is None  # had printed NaN
 
 
 def test_a_manifest_nested_too_deeply_is_one_line(capsys, digits_export, tmp_path):

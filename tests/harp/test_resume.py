@@ -105,18 +105,27 @@ def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_p
 ])
 def test_a_damaged_saved_state_is_one_line_and_exit_2(capsys, tmp_path, edit, message):
     # Each of these had ended in a TypeError, KeyError or AttributeError traceback.
+    def damage(state_dir):
+        state = json.loads((state_dir / "state.json").read_text())
+        edit(state)
+        (state_dir / "state.json").write_text(json.dumps(state))
+
+    err = _resume_after(damage, capsys, tmp_path)
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _resume_after(damage, capsys, tmp_path) -> str:
+    """stderr of `--resume` of a 2-epoch run whose state/ `damage` changed (meta.json removed: as if
+    interrupted after its last epoch); the resume must fail with exit status 2."""
     out = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--adv", "none", "--epochs", "2", "--subset", "200", "--quiet",
             "--out", str(out)]
     assert run_cli(cli, args) == 0
-    (out / "meta.json").unlink()  # as if interrupted after its last epoch
-    state = json.loads((out / "state" / "state.json").read_text())
-    edit(state)
-    (out / "state" / "state.json").write_text(json.dumps(state))
+    (out / "meta.json").unlink()
+    damage(out / "state")
     capsys.readouterr()
     assert run_cli(cli, [*args, "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1, err
+    return capsys.readouterr().err
 
 
 def _damage_saved_tensors(state_dir, what):
@@ -149,15 +158,7 @@ def _damage_saved_tensors(state_dir, what):
     ("rng", "'int' object has no attribute 'cpu'"),
 ])
 def test_damaged_saved_tensors_are_one_line_and_exit_2(capsys, tmp_path, what, message):
-    out = tmp_path / "run"
-    args = ["train", "--dataset", "digits", "--adv", "none", "--epochs", "2", "--subset", "200", "--quiet",
-            "--out", str(out)]
-    assert run_cli(cli, args) == 0
-    (out / "meta.json").unlink()  # as if interrupted after its last epoch
-    _damage_saved_tensors(out / "state", what)
-    capsys.readouterr()
-    assert run_cli(cli, [*args, "--resume"]) == 2
-    err = capsys.readouterr().err
+    err = _resume_after(lambda state_dir: _damage_saved_tensors(state_dir, what), capsys, tmp_path)
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 

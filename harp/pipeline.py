@@ -43,6 +43,7 @@ class PipelineOptions:
     prune_epochs: int | None = None
     finetune_epochs: int | None = None
     seed: int = 0
+    subset: int | None = None  # every stage on the first N train/test examples (a smoke run)
     data_root: str = "data"
     download: bool = False
     device: str = "auto"
@@ -92,14 +93,15 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
 
 def _run_stages(opts: PipelineOptions, config, out: Path, quiet: bool, log) -> dict[str, Any]:
     stage_opts = PruneOptions(adv=opts.adv, seed=opts.seed, data_root=opts.data_root, download=opts.download,
-                              device=opts.device)
+                              device=opts.device, subset=opts.subset)
     results: dict[str, Any] = {}
     dense, pruned, tuned = out / "dense", out / "pruned", out / "finetuned"
     if not stage_done(dense):
         resume = interrupted(dense)
         log(f"[1/4] adversarial training ({opts.adv}) on {opts.dataset} -> {dense}{_resuming(resume)}")
         train(TrainOptions(dataset=opts.dataset, arch=opts.arch, adv=opts.adv, epochs=opts.train_epochs,
-                           seed=opts.seed, data_root=opts.data_root, download=opts.download, device=opts.device),
+                           seed=opts.seed, subset=opts.subset, data_root=opts.data_root, download=opts.download,
+                           device=opts.device),
               dense, resume=resume, force=dense.exists() and not resume, quiet=quiet)
     results["dense"] = _stage_metrics(dense)
     if not stage_done(pruned):

@@ -22,6 +22,7 @@ from . import options as o
 @click.option("--no-export", "export", is_flag=True, flag_value=False, default=True, help="Stop after evaluation.")
 @click.option("--out", required=True, type=click.Path())
 @o.seed
+@o.subset
 @o.data_root
 @o.download
 @o.device

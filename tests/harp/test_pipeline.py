@@ -107,3 +107,16 @@ def test_a_stage_that_records_no_accuracy_is_one_line(digits_ckpt, tmp_path):
     (stage / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(HarpError, match="records no natural and robust accuracy"):
         _stage_metrics(stage)
+
+
+def test_subset_reaches_every_stage(tmp_path, capsys):
+    from harp.cli import cli, run_cli
+
+    out = tmp_path / "run"
+    assert run_cli(cli, ["pipeline", "--dataset", "digits", "--method", "global-magnitude", "--sparsity", "0.5",
+                         "--adv", "none", "--train-epochs", "1", "--finetune-epochs", "1", "--no-export",
+                         "--subset", "200", "--out", str(out), "--quiet"]) == 0
+    assert "finetuned" in capsys.readouterr().out
+    for stage in ("dense", "pruned", "finetuned"):  # the full digits test split has 450 examples
+        assert load_checkpoint(out / stage).meta["metrics"]["test_examples"] == 200, stage
+    assert json.loads((out / "pipeline.json").read_text())["options"]["subset"] == 200

@@ -177,6 +177,8 @@ class _GatedOutput:
         gate = None if self.gate_after_bn else self.channel_gate()
         if gate is None:
             return y
+        if isinstance(self, nn.Linear):  # its channels are the last axis, whatever comes before (N, ..., C)
+            return y * gate
         return y * gate.view(1, -1, *[1] * (y.dim() - 2))
 
 
@@ -286,7 +288,8 @@ def following_batchnorms(model: nn.Module) -> dict[str, str]:
             continue
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module" and \
-                isinstance(modules.get(users[0].target), nn.BatchNorm2d | nn.BatchNorm1d):
+                isinstance(modules.get(users[0].target), nn.BatchNorm2d | nn.BatchNorm1d) and \
+                modules[users[0].target].affine:  # without weight and bias, bake cannot zero it there
             pairs[node.target] = users[0].target
     return pairs
 
@@ -386,8 +389,8 @@ def inert_inputs(model: nn.Module, dead: dict[str, torch.Tensor], pairs: dict[st
                 or calls[node.target] > 1:  # a layer applied twice may read a live channel the other time
             continue
         producer, flattened = _plain_producer(node, modules, pairs)
-        if producer is None or producer not in dead:
-            continue
+        if producer is None or producer not in dead or calls[producer] > 1:
+            continue  # a producer applied twice: its call without the BatchNorm is not gated
         channels = dead[producer]
         source = modules[producer]
         if isinstance(layer, nn.Conv2d):
@@ -411,6 +414,8 @@ def _plain_producer(node, modules: dict[str, nn.Module], pairs: dict[str, str]) 
     src, flattened = (node.args[0] if node.args else None), False
     while isinstance(src, fx.Node) and len(src.args) >= 1:
         prev = src.args[0]
+        if _mutated(src, modules):  # e.g. h.add_(1) after h was read into the path: h is not what fx shows
+            return None, False
         if src.op == "call_module":
             mod = modules.get(src.target)
             if isinstance(mod, nn.Conv2d | nn.Linear):
@@ -436,6 +441,37 @@ def _plain_producer(node, modules: dict[str, nn.Module], pairs: dict[str, str]) 
             return None, False
         src = prev
     return None, False
+
+
+_VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze", "unsqueeze",
+          "expand", "narrow", "select", "unbind", "split", "chunk", "view_as", "reshape_as", "as_strided",
+          "movedim", "swapaxes", "__getitem__", "getitem", "detach", "contiguous"}
+
+
+def _mutated(node, modules: dict[str, nn.Module], depth: int = 0) -> bool:
+    """Whether some op writes into `node`'s tensor, or a view of it, in place (fx records such an op as
+    a user whose result is unused, so the graph shows the value before the write)."""
+    for user in node.users:
+        target = user.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if user.op == "call_module":
+            mod = modules.get(target)
+            if getattr(mod, "inplace", False) and not (isinstance(mod, nn.ReLU) or (
+                    isinstance(mod, nn.Hardtanh) and mod.min_val <= 0 <= mod.max_val)):
+                return True
+            if isinstance(mod, nn.Flatten | nn.Unflatten | nn.Identity | nn.Dropout | nn.ReLU | nn.Hardtanh) \
+                    and depth < 8 and _mutated(user, modules, depth + 1):
+                return True
+        elif user.op in ("call_method", "call_function"):
+            if user.kwargs.get("inplace") or name in ("setitem", "__setitem__") or (
+                    name.endswith("_") and not name.startswith("_") and name != "relu_") or (
+                    user.op == "call_function" and getattr(target, "__module__", None) in ("_operator", "operator")
+                    and name.startswith("i") and name not in ("is_", "is_not", "index", "indexOf", "inv", "invert")):
+                return True
+            if (name in _VIEWS or name == "relu_" or target in (F.relu, torch.relu)) and depth < 8 \
+                    and _mutated(user, modules, depth + 1):
+                return True
+    return False
 
 
 def _flatten_dims(node) -> tuple:

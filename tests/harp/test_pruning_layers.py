@@ -142,7 +142,8 @@ def _channel_bake(model: nn.Module, kept: dict[str, int]) -> tuple[nn.Module, di
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):  # nonzero shifts: a pruned channel would leak them
                 m.running_mean.uniform_(-1, 1)
-                m.bias.uniform_(0.5, 1)
+                if m.affine:
+                    m.bias.uniform_(0.5, 1)
     masks = {}
     for name, m in prunable_layers(model):
         mask = torch.zeros_like(m.weight, dtype=torch.bool)
@@ -222,3 +223,50 @@ def test_bake_keeps_the_weights_that_read_a_channel_which_is_not_zero():
         expected = before[name] * keep.view(-1, *[1] * (before[name].dim() - 1))
         assert torch.equal(plain.get_submodule(name).weight, expected), name
         assert baked[name].all(), name
+
+
+def test_bake_keeps_the_weights_behind_an_in_place_write_or_a_producer_applied_twice():
+    # fx shows h before h.add_(1) wrote into it, and c1's call without its BatchNorm is not gated:
+    # the channels c2 and c3 read are not zero, so their weights stay.
+    class Net(nn.Module):
+        input_shape = (2, 5, 5)
+
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 4, 1)
+            self.c3 = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.bn1(self.c1(x))
+            h.add_(1)
+            y = self.c2(torch.relu(h)) + self.c3(torch.relu(self.c1(x * 2)))
+            return self.fc(y.mean((2, 3)))
+
+    model = Net()
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in ("c2", "c3")}
+    plain, baked, _ = _channel_bake(model, {"c1": 2})
+    for name in ("c2", "c3"):
+        assert torch.equal(plain.get_submodule(name).weight, before[name]) and baked[name].all(), name
+
+
+def test_channel_pruning_of_a_non_affine_batchnorm_and_a_linear_on_tokens():
+    # bake had crashed on BatchNorm(affine=False) (no weight to zero), and a Linear on (N, L, C)
+    # had its gate applied to axis 1
+    class Net(nn.Module):
+        input_shape = (2, 4, 4)
+
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn1 = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6, affine=False)
+            self.tok = nn.Linear(6, 5)
+            self.fc = nn.Linear(5 * 16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.c1(x)))  # (N, 6, 4, 4)
+            h = self.tok(h.flatten(2).transpose(1, 2))  # (N, 16, 5): tokens, channels last
+            return self.fc(torch.relu(h).flatten(1))
+
+    plain, baked, _ = _channel_bake(Net(), {"c1": 3, "tok": 2})
+    assert not baked["tok"][2:].any() and baked["tok"][:2].any()

@@ -26,7 +26,8 @@ from .io import atomic_write_json, read_json
 from .models import build_model, check_model_runs, default_arch
 from .outdir import check_out_dir, make_out_dir, writing
 from .pruning.finetune import finetune_checkpoint
-from .pruning.methods import RESUMABLE, PruneOptions, check_not_distributed, make_config, prune_checkpoint
+from .pruning.methods import RESUMABLE, PruneOptions, make_config, prune_checkpoint
+from .training.distributed import launched_processes
 from .training.runner import STATE_DIR
 from .training.train import TrainOptions, train
 
@@ -69,7 +70,9 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
     if opts.export:
         _check_exportable(opts)
     config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity, seed=opts.seed)
-    check_not_distributed(opts.method)  # before the dense stage trains
+    if launched_processes() > 1:  # every rank would take the folder's lock and run every stage itself
+        raise HarpError("harp pipeline runs in one process: run it without torchrun, or run train, prune "
+                        "and finetune under torchrun one by one")
     with writing(out):  # one pipeline per folder at a time
         if force:
             check_out_dir(out, force=True, resume=False)

@@ -223,11 +223,17 @@ def run_job(job: Job, cfg: RunConfig, train: ImageData, val: ImageData, test: Im
     if job.recalibrate_batchnorm:
         recalibrate_batchnorm(final_model, train, device)
         dist.sync_buffers(final_model)
-    torch.manual_seed(0)  # PGD's random starts, as `harp eval` seeds them: its number, whatever training drew
+    # The test scores are harp eval's numbers: one process draws PGD's random starts over the whole set (ranks
+    # scoring shards would each draw them from seed 0 for their own examples, and record another accuracy).
+    natural, robust = 0.0, 0.0
+    if dist.is_main:
+        torch.manual_seed(0)  # PGD's random starts, as `harp eval` seeds them: its number, whatever training drew
+        natural = accuracy(final_model, test, device, quiet=quiet, desc="test clean")
+        robust = accuracy(final_model, test, device, attack=val_attack, quiet=quiet, desc="test pgd")
+    natural, robust = dist.sum([natural, robust])  # the main rank's, on every rank
     metrics = {
-        "natural_accuracy": accuracy(final_model, test, device, dist_ctx=dist, quiet=quiet, desc="test clean"),
-        "robust_accuracy": accuracy(final_model, test, device, attack=val_attack, dist_ctx=dist, quiet=quiet,
-                                    desc="test pgd"),
+        "natural_accuracy": natural,
+        "robust_accuracy": robust,
         "robust_attack": {"name": "pgd", **asdict(eval_attack)},
         "test_examples": len(test),
         "epochs": cfg.epochs,

@@ -43,3 +43,21 @@ def test_sharded_accuracy_scores_every_example_once():
         for rank in range(world_size):
             accuracy(model, test, torch.device("cpu"), dist_ctx=Rank(rank, world_size), batch_size=64)
         assert sum(scored) == len(test), world_size
+
+
+def test_two_process_recorded_pgd_accuracy_is_the_one_harp_eval_measures(tmp_path):
+    # each rank had drawn PGD's random starts from seed 0 for its own shard: 11.5% recorded, 11.25% by harp eval
+    from harp.evaluate import evaluate_checkpoint
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--log-dir", str(tmp_path / "torchrun-logs"), "-m", "harp", "train", "--dataset", "digits",
+           "--epochs", "2", "--subset", "400", "--eps", "0.1", "--device", "cpu", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recorded = json.loads((out / "meta.json").read_text())["metrics"]
+    measured = evaluate_checkpoint(str(out), eps=0.1, steps=recorded["robust_attack"]["steps"],
+                                   n=recorded["test_examples"], device="cpu", quiet=True)
+    assert (recorded["natural_accuracy"], recorded["robust_accuracy"]) == \
+        (measured["natural_accuracy"], measured["robust_accuracy"])

@@ -120,3 +120,14 @@ def test_subset_reaches_every_stage(tmp_path, capsys):
     for stage in ("dense", "pruned", "finetuned"):  # the full digits test split has 450 examples
         assert load_checkpoint(out / stage).meta["metrics"]["test_examples"] == 200, stage
     assert json.loads((out / "pipeline.json").read_text())["options"]["subset"] == 200
+
+
+def test_pipeline_refuses_torchrun(tmp_path, monkeypatch):
+    # every rank took the folder's lock: the second was refused with "being written by another harp
+    # process (pid <its sibling rank>)" and torchrun stopped the other mid-training
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    opts = PipelineOptions(dataset="digits", method="hydra", sparsity=0.5, export=False)
+    with pytest.raises(HarpError, match="harp pipeline runs in one process"):
+        run_pipeline(opts, tmp_path / "run", quiet=True, log=lambda _: None)
+    assert not (tmp_path / "run").exists()

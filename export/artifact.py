@@ -51,9 +51,10 @@ class Artifact:
     def dataset(self) -> str | None:
         """The dataset name the model was trained on, None when the manifest does not say."""
         ds = self.model.get("dataset")
-        if isinstance(ds, dict):
-            return ds.get("name")
-        return ds if isinstance(ds, str) else None
+        name = ds.get("name") if isinstance(ds, dict) else ds
+        if name is not None and not isinstance(name, str):
+            raise HarpError(f"{self.root / MANIFEST}: model.dataset.name {name!r} is not a string")
+        return name if isinstance(ds, dict) or isinstance(ds, str) else None
 
     @property
     def class_names(self) -> list[str] | None:
@@ -111,7 +112,7 @@ class Artifact:
 
     def check(self) -> None:
         """HarpError if a fact reports read is malformed: `harp verify` must not pass what they refuse."""
-        self.class_names, self.sparsity, self.layers  # noqa: B018 (each property checks its value)
+        self.class_names, self.sparsity, self.layers, self.dataset  # noqa: B018 (each property checks its value)
 
     def file(self, name: str) -> Path:
         return self.root / name

@@ -187,6 +187,8 @@ def _dense_as_sparse(out: Path) -> None:
     (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(layers=[{"name": 1}])), r"model.layers\[0\]"),
     (lambda out: _rewrite_manifest(out, lambda m: m["model"]["dataset"].update(class_names=["a"])),
      "class_names is not"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"]["dataset"].update(name=5)),  # harp-bench: a traceback
+     "model.dataset.name 5 is not a string"),
 ])
 def test_damaged_directory_is_a_verify_error(export_copy, damage, message):
     damage(export_copy)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..attacks import AttackConfig
-from ..checkpoint import save_checkpoint
+from ..checkpoint import check_values, save_checkpoint
 from ..data import ImageData
 from ..errors import HarpError
 from ..evaluate import accuracy, make_attack
@@ -295,8 +295,6 @@ def _save_state(state_dir: Path, epoch: int, job: Job, opt, sched, cfg: RunConfi
 def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from ..checkpoint import check_values
 
     try:
         state = load_file(str(path))

@@ -14,6 +14,7 @@ are refused rather than mixed in; --force starts over.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -166,16 +167,27 @@ def check_continues(out: Path, opts: PipelineOptions) -> None:
             raise TypeError("options is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise HarpError(f"{record} is not readable ({e}); pass --force to start over") from e
-    changed = [k for k, v in asdict(opts).items() if k not in _SETTINGS and k in saved and saved[k] != v]
+    defaults = asdict(PipelineOptions())  # a key an older harp did not record had its default value
+    now = asdict(opts)
+    before = {k: saved.get(k, defaults[k]) for k in now}
+    changed = [k for k in now if k not in _SETTINGS and not _same(before[k], now[k])]
     if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {_shown(saved[k])} (now {_shown(getattr(opts, k))})"
+        was = ", ".join(f"--{k.replace('_', '-')} {_shown(before[k], now[k])} (now {_shown(now[k], before[k])})"
                         for k in changed)
         raise HarpError(f"{out} holds a run made with {was}; pass the same options to continue it, "
                         "or --force to start over")
 
 
-def _shown(value: Any) -> str:
-    return "default" if value is None else str(value)
+def _same(saved: Any, now: Any) -> bool:
+    """Equal and of one type: JSON keeps 0.9 a float and 0 an int, while `false == 0` in Python."""
+    return type(saved) is type(now) and saved == now
+
+
+def _shown(value: Any, other: Any) -> str:
+    """An option's value as a user passes it; JSON-quoted where its type differs from `other`'s."""
+    if value is None:
+        return "default"
+    return json.dumps(value) if type(value) is not type(other) and other is not None else str(value)
 
 
 def _check_exportable(opts: PipelineOptions) -> None:

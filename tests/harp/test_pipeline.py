@@ -7,13 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
 from harp.checkpoint import load_checkpoint
 from harp.errors import HarpError
-from harp.pipeline import PipelineOptions, run_pipeline, stage_done
+from harp.pipeline import PipelineOptions, check_continues, run_pipeline, stage_done
 
 
 def test_pipeline_runs_every_stage_and_a_rerun_reuses_them(tmp_path):
@@ -50,6 +50,22 @@ def test_a_rerun_with_other_options_is_refused_and_settings_may_change(tmp_path)
     assert logged == []  # where and on what it runs may change: every stage was reused
     assert json.loads((out / "pipeline.json").read_text())["options"]["sparsity"] == 0.5
 
+
+@pytest.mark.parametrize("edit, shown", [
+    (lambda o: o.pop("seed"), "--seed 0 (now 3)"),  # a missing key had matched any value
+    (lambda o: o.update(seed=False), "--seed false (now 3)"),  # false == 0 had matched --seed 0
+    (lambda o: o.update(sparsity="0.9"), '--sparsity "0.9" (now 0.9)'),  # had read '0.9 (now 0.9)'
+], ids=["missing", "false", "string"])
+def test_a_record_with_a_missing_or_mistyped_option_is_not_the_same_run(tmp_path, edit, shown):
+    opts = PipelineOptions(sparsity=0.9, seed=0)
+    options = asdict(opts)
+    edit(options)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"options": options, "results": None}))
+    now = replace(opts, seed=3) if "seed" in shown else opts
+    with pytest.raises(HarpError, match=re.escape(f"holds a run made with {shown}; pass the same options")):
+        check_continues(tmp_path, now)
+    if shown.startswith("--seed 0"):
+        check_continues(tmp_path, opts)  # a missing key is its default
 
 def test_an_out_that_is_not_a_pipeline_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")

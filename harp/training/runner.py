@@ -267,9 +267,9 @@ def _mean(xs: list[float]) -> float:
 
 
 def _format_record(kind: str, epochs: int, r: dict[str, Any]) -> str:
+    shown = ("epoch", "loss", "epoch_seconds", "val_natural", "val_robust")
     extras = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in r.items()
-                      if k not in ("epoch", "loss", "epoch_seconds", "val_natural", "val_robust") and not isinstance(v, dict))
+                      for k, v in r.items() if k not in shown and not isinstance(v, dict))
     return (f"{kind} epoch {r['epoch']}/{epochs}  loss {r['loss']:.4f}  val natural {r['val_natural']:.2%}  "
             f"val pgd {r['val_robust']:.2%}  {r['epoch_seconds']:.1f}s {extras}").rstrip()
 
@@ -365,12 +365,31 @@ def _state_problem(state: Any) -> str | None:
     epoch, history = state.get("epoch"), state["history"]
     if not is_int(epoch) or len(history) != epoch:  # one record per finished epoch
         return f"'epoch' {epoch!r} does not count the {len(history)} records of 'history'"
-    for record in history:
-        if not isinstance(record, dict) or not is_number(record.get("epoch_seconds")) \
-                or not is_int(record.get("adversarial_examples")):
-            return "a 'history' record lacks epoch_seconds or adversarial_examples"
-    if not is_int(state["best"].get("epoch")) or not is_number(state["best"].get("robust")):
-        return "'best' lacks epoch or robust"
+    counted = 0
+    for i, record in enumerate(history):  # copied into the finished checkpoint's meta.json as they are
+        problem = _record_problem(record, i + 1, counted)
+        if problem:
+            return f"'history' record {i + 1} {problem}"
+        counted = record["adversarial_examples"]
+    best = state["best"]
+    if not (is_int(best.get("epoch")) and (best["epoch"] == -1 or 1 <= best["epoch"] <= epoch)
+            and is_number(best.get("robust")) and -1 <= best["robust"] <= 1):
+        return "'best' is not an epoch run so far and its robust accuracy"
+    return None
+
+
+def _record_problem(record: Any, epoch: int, counted_before: int) -> str | None:
+    """What is wrong with one epoch's history record, None if nothing: the fields `run_job` writes."""
+    if not isinstance(record, dict) or record.get("epoch") != epoch or not is_int(record["epoch"]):
+        return f"does not say epoch {epoch}"
+    if not (is_number(record.get("epoch_seconds")) and record["epoch_seconds"] >= 0):
+        return "lacks a non-negative epoch_seconds"
+    if not (is_int(record.get("adversarial_examples")) and record["adversarial_examples"] >= counted_before):
+        return "lacks a count of adversarial_examples that never falls"
+    if not (isinstance(record.get("loss"), int | float) and not isinstance(record["loss"], bool)):
+        return "lacks a numeric loss"  # NaN and inf are kept: a diverged loss is what happened
+    if not all(is_number(record.get(k)) and 0 <= record[k] <= 1 for k in ("val_natural", "val_robust")):
+        return "lacks val_natural and val_robust fractions"
     return None
 
 

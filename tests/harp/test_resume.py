@@ -99,7 +99,14 @@ def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_p
 @pytest.mark.parametrize("edit,message", [
     (lambda s: s.update(history=None), "'history' is missing or not a JSON array"),
     (lambda s: s.update(epoch=5), "'epoch' 5 does not count the 2 records of 'history'"),
-    (lambda s: s["history"].__setitem__(0, {}), "a 'history' record lacks epoch_seconds"),
+    (lambda s: s["history"].__setitem__(0, {}), "'history' record 1 does not say epoch 1"),
+    # these had been copied into the finished meta.json as they were
+    (lambda s: s["history"][1].update(epoch=7), "'history' record 2 does not say epoch 2"),
+    (lambda s: s["history"][0].update(epoch_seconds=-4.0), "record 1 lacks a non-negative epoch_seconds"),
+    (lambda s: s["history"][1].update(loss="low"), "record 2 lacks a numeric loss"),
+    (lambda s: s["history"][0].update(adversarial_examples=-1), "record 1 lacks a count of adversarial_examples"),
+    (lambda s: s["history"][0].update(val_robust=3), "record 1 lacks val_natural and val_robust fractions"),
+    (lambda s: s["best"].update(epoch=9), "'best' is not an epoch run so far"),
     (lambda s: s.update(best="x"), "'best' is missing or not a JSON object"),
     (lambda s: s.update(epoch=1, history=s["history"][:1]), "model-1.safetensors are missing"),
 ])

@@ -16,7 +16,10 @@ from typing import Any
 from harp.errors import HarpError
 from harp.values import is_int, is_number
 
-from .verify import MANIFEST, check_files, read_manifest
+from .bundle import BundleError, read_header
+from .verify import MANIFEST, VerifyError, check_files, read_manifest
+
+BUNDLE = "model.harpz"
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,46 @@ class Artifact:
     def metrics(self) -> dict[str, Any]:
         """The checkpoint's recorded accuracy (natural_accuracy, robust_accuracy, test_examples), {} if none."""
         metrics = self.model.get("metrics")
-        return metrics if isinstance(metrics, dict) else {}
+        if not isinstance(metrics, dict):
+            return {}
+        for key in ("natural_accuracy", "robust_accuracy"):
+            if key in metrics and not (is_number(metrics[key]) and 0 <= metrics[key] <= 1):
+                raise HarpError(f"{self.root / MANIFEST}: model.metrics.{key} {metrics[key]!r} is not a fraction")
+        if "test_examples" in metrics and not _count(metrics["test_examples"]):
+            raise HarpError(f"{self.root / MANIFEST}: model.metrics.test_examples {metrics['test_examples']!r} "
+                            "is not a count")
+        return metrics
+
+    @property
+    def params(self) -> tuple[int, int]:
+        """(prunable weights, nonzero ones) of the source model, (0, 0) when the manifest does not say."""
+        total, nonzero = self.model.get("prunable_params", 0), self.model.get("nonzero_params", 0)
+        if not (_count(total) and _count(nonzero) and nonzero <= total):
+            raise HarpError(f"{self.root / MANIFEST}: model.prunable_params {total!r} and nonzero_params "
+                            f"{nonzero!r} are not two counts, the second no larger")
+        return total, nonzero
+
+    @property
+    def channel_trimming(self) -> tuple[int, int] | None:
+        """(channels removed, channels before) by the export's trimming, None when it trimmed none."""
+        trim = self.manifest.get("channel_trimming")
+        if not trim:
+            return None
+        removed = trim.get("channels_removed") if isinstance(trim, dict) else None
+        before = trim.get("channels_before") if isinstance(trim, dict) else None
+        if not (_count(removed) and _count(before) and removed <= before):
+            raise HarpError(f"{self.root / MANIFEST}: channel_trimming does not count channels_removed "
+                            "of channels_before")
+        return removed, before
+
+    @property
+    def source_checkpoint(self) -> str | None:
+        """The path of the checkpoint the export read, None when the manifest does not say."""
+        source = self.manifest.get("source")
+        path = source.get("checkpoint") if isinstance(source, dict) else None
+        if path is not None and not isinstance(path, str):
+            raise HarpError(f"{self.root / MANIFEST}: source.checkpoint {path!r} is not a path")
+        return path
 
     @property
     def layers(self) -> list[dict[str, Any]]:
@@ -112,7 +154,8 @@ class Artifact:
 
     def check(self) -> None:
         """HarpError if a fact reports read is malformed: `harp verify` must not pass what they refuse."""
-        self.class_names, self.sparsity, self.layers, self.dataset  # noqa: B018 (each property checks its value)
+        (self.class_names, self.sparsity, self.layers, self.dataset,  # noqa: B018 (each property checks its value)
+         self.metrics, self.params, self.channel_trimming, self.source_checkpoint)
 
     def file(self, name: str) -> Path:
         return self.root / name
@@ -129,7 +172,28 @@ def open_artifact(path: str | os.PathLike[str]) -> Artifact:
         raise HarpError(f"{root} is not an artifact directory (expected the folder `harp export` wrote)")
     manifest = read_manifest(root)  # checks the model's input shape and class count too
     check_files(root, manifest)
+    if BUNDLE in manifest["files"]:
+        _check_bundle_agrees(root, manifest["model"])
     return Artifact(root.resolve(), manifest)
+
+
+def _check_bundle_agrees(root: Path, model: dict[str, Any]) -> None:
+    """VerifyError unless the bundle's header records the manifest's input shape and class count.
+
+    The manifest's own hash is recorded nowhere, so an edited one would pass `check_files`; readers
+    feed inputs of its shape, which the model then refuses mid-benchmark."""
+    try:
+        header = read_header(root / BUNDLE)
+    except BundleError as e:
+        raise VerifyError(str(e)) from None
+    graph_input = header["graph"].get("input") if isinstance(header["graph"], dict) else None
+    shape = graph_input.get("shape") if isinstance(graph_input, dict) else None
+    classes = header["meta"].get("classes") if isinstance(header["meta"], dict) else None
+    for what, stored in (("input_shape", shape), ("classes", classes)):
+        recorded = model[what]
+        if stored is not None and stored != recorded:
+            raise VerifyError(f"{root / MANIFEST}: model.{what} {recorded!r} differs from {BUNDLE}'s "
+                              f"{stored!r} (the manifest was edited)")
 
 
 def _count(value: Any) -> bool:

@@ -248,36 +248,17 @@ def _parse(buf: np.ndarray, source: str) -> Bundle:
     size = buf.size
     if size < PREAMBLE.size:
         raise fail(f"file of {size} bytes is shorter than the {PREAMBLE.size}-byte preamble")
-    magic, major, minor, flags, header_length, header_sha = PREAMBLE.unpack(buf[:PREAMBLE.size].tobytes())
-    if magic != MAGIC:
-        raise fail(f"magic {magic!r} is not {MAGIC!r}: not a harp CSR bundle")
-    if major < FORMAT_MAJOR:
-        raise fail(f"format version {major}.{minor} is not supported (re-export with this harp version)")
-    if major > FORMAT_MAJOR:
-        raise fail(f"format version {major}.{minor} is not supported (this reader reads {FORMAT_MAJOR}.x)")
-    if flags != 0:
-        raise fail(f"preamble flags {flags:#x} must be 0")
-    if header_length > MAX_HEADER_BYTES:
-        raise fail(f"header_length {header_length} exceeds {MAX_HEADER_BYTES}")
+    minor, header_length, header_sha = _preamble(buf[:PREAMBLE.size].tobytes(), fail)
     header_end = PREAMBLE.size + header_length
     if header_end > size:
         raise fail(f"header_length {header_length} runs past the end of the {size}-byte file")
-    stored = buf[PREAMBLE.size:header_end].tobytes()
-    if hashlib.sha256(stored).digest() != header_sha:
-        raise fail("header SHA-256 does not match the preamble")
+    strict = minor <= FORMAT_MINOR  # a newer minor may add fields this reader can ignore
+    header = _header(buf[PREAMBLE.size:header_end].tobytes(), header_sha, strict, fail)
     data_start = _align(header_end)
     if data_start > size:
         raise fail(f"file of {size} bytes ends inside the header padding (data starts at {data_start})")
     if buf[header_end:data_start].any():
         raise fail("header padding bytes are not zero")
-    header_bytes = _inflate(stored, fail)
-    try:
-        header = _decode_header(header_bytes)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise fail(f"header is not well-formed JSON: {e}") from e
-
-    strict = minor <= FORMAT_MINOR  # a newer minor may add fields this reader can ignore
-    header = _fields(header, _HEADER_KEYS, "header", strict, fail)
     data_size = _nonneg_int(header["data_size"], "header.data_size", fail)
     if data_start + data_size != size:
         raise fail(f"header.data_size {data_size} + data start {data_start} != file size {size}")
@@ -317,7 +298,59 @@ def _parse(buf: np.ndarray, source: str) -> Bundle:
                 raise fail(f"tensor {name!r}: stored as {have}, but node {node.name!r} ({node.op}) "
                            f"takes its {role} as {want}")
     _check_value_sizes(shapes, fail)
-    return Bundle(graph=graph, meta=meta, version=(major, minor), header=header)
+    return Bundle(graph=graph, meta=meta, version=(FORMAT_MAJOR, minor), header=header)  # `_preamble` read no other
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked header of the bundle at `path` (graph structure, tensor table, meta), read without
+    its data region: what a reader of an export's manifest compares it with. BundleError on any problem."""
+    source = os.fspath(path)
+
+    def fail(msg: str) -> BundleError:
+        return BundleError(f"bundle {source}: {msg}")
+
+    try:
+        with open_regular(source) as f:
+            preamble = f.read(PREAMBLE.size)
+            if len(preamble) < PREAMBLE.size:
+                raise fail(f"file of {len(preamble)} bytes is shorter than the {PREAMBLE.size}-byte preamble")
+            minor, header_length, header_sha = _preamble(preamble, fail)
+            stored = f.read(header_length)
+    except BundleError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: not a regular file (a fifo would block forever)
+        raise fail(f"cannot read: {e}") from e
+    if len(stored) < header_length:
+        raise fail(f"header_length {header_length} runs past the end of the file")
+    return _header(stored, header_sha, minor <= FORMAT_MINOR, fail)
+
+
+def _preamble(preamble: bytes, fail: Fail) -> tuple[int, int, bytes]:
+    """(minor version, header_length, header SHA-256) of a checked preamble."""
+    magic, major, minor, flags, header_length, header_sha = PREAMBLE.unpack(preamble)
+    if magic != MAGIC:
+        raise fail(f"magic {magic!r} is not {MAGIC!r}: not a harp CSR bundle")
+    if major < FORMAT_MAJOR:
+        raise fail(f"format version {major}.{minor} is not supported (re-export with this harp version)")
+    if major > FORMAT_MAJOR:
+        raise fail(f"format version {major}.{minor} is not supported (this reader reads {FORMAT_MAJOR}.x)")
+    if flags != 0:
+        raise fail(f"preamble flags {flags:#x} must be 0")
+    if header_length > MAX_HEADER_BYTES:
+        raise fail(f"header_length {header_length} exceeds {MAX_HEADER_BYTES}")
+    return minor, header_length, header_sha
+
+
+def _header(stored: bytes, header_sha: bytes, strict: bool, fail: Fail) -> dict[str, Any]:
+    """The header JSON of its stored (compressed) bytes, with the fields every reader needs."""
+    if hashlib.sha256(stored).digest() != header_sha:
+        raise fail("header SHA-256 does not match the preamble")
+    header_bytes = _inflate(stored, fail)
+    try:
+        header = _decode_header(header_bytes)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise fail(f"header is not well-formed JSON: {e}") from e
+    return _fields(header, _HEADER_KEYS, "header", strict, fail)
 
 
 def _tensor(entry: Any, i: int, data: np.ndarray, strict: bool,

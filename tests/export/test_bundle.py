@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from harp.export import bundle as bundle_mod
-from harp.export.bundle import ALIGN, BundleError, load_bundle, write_bundle
+from harp.export.bundle import ALIGN, BundleError, load_bundle, read_header, write_bundle
 from harp.export.csr import CSRTensor
 from harp.export.graph import Graph, Node
 
@@ -202,6 +202,23 @@ def test_write_rejects_invalid_graph_and_weights(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="'conv1.weight'.*non-finite"):
         write_bundle(graph, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_header_reads_the_header_alone_and_checks_it(tmp_path: Path) -> None:
+    info = write_bundle(small_graph(), tmp_path / "m", meta=META)
+    assert read_header(tmp_path / "m") == info["header"] == load_bundle(tmp_path / "m").header
+    raw = (tmp_path / "m").read_bytes()
+    (tmp_path / "cut").write_bytes(raw[:80])  # the data region is not read: a cut inside the header is caught
+    with pytest.raises(BundleError, match="header_length .* runs past the end of the file"):
+        read_header(tmp_path / "cut")
+    (tmp_path / "bad").write_bytes(raw[:60] + bytes([raw[60] ^ 1]) + raw[61:])
+    with pytest.raises(BundleError, match="header SHA-256 does not match the preamble"):
+        read_header(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(raw[:10])
+    with pytest.raises(BundleError, match="shorter than the 56-byte preamble"):
+        read_header(tmp_path / "short")
+    with pytest.raises(BundleError, match="cannot read: not a regular file"):
+        read_header("/dev/zero")
 
 
 def test_load_refuses_missing_and_oversized_files(tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ def test_a_csr_only_export_names_no_opset(capsys, pruned_digits_ckpt, tmp_path):
     (lambda m: m["model"]["layers"][0].update(density="high"), "model.layers[0] is not a layer"),
     (lambda m: m["model"].update(layers={"net.features.0": 0.5}), "model.layers is not a list"),
     (lambda m: m["model"].update(sparsity="99%"), "model.sparsity '99%' is not a fraction"),
+    # readers fed inputs of this shape: harp-bench kernels had ended in a RuntimeInputError traceback
+    (lambda m: m["model"].update(input_shape=[1, 9, 9]),
+     "model.input_shape [1, 9, 9] differs from model.harpz's [1, 8, 8] (the manifest was edited)"),
+    (lambda m: m["model"].update(classes=3), "model.classes 3 differs from model.harpz's 10"),
 ])
 def test_a_malformed_manifest_layer_is_one_line(capsys, digits_export, tmp_path, edit, message):
     art = tmp_path / "art"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,23 +45,23 @@ class ReportOptions:
 
 
 def model_card(art: Artifact, sparsity_png: str) -> str:
-    """Markdown: what the model is, how it was pruned and exported, and its per-layer sparsity."""
-    m = art.model
-    pruning = m.get("pruning") if isinstance(m.get("pruning"), dict) else {}
-    trim = art.manifest.get("channel_trimming") or {}
-    metrics = m.get("metrics") or {}
+    """Markdown: what the model is, how it was pruned and exported, and its per-layer sparsity.
+
+    HarpError for a manifest fact it cannot show (`Artifact` checks each), so `write_report` renders
+    every card before it times anything."""
+    pruning = art.model.get("pruning") if isinstance(art.model.get("pruning"), dict) else {}
+    total, nonzero = art.params
+    trim, metrics, target = art.channel_trimming, art.metrics, art.target_sparsity
     facts = [
         ("architecture", art.architecture),
         ("dataset", f"{art.dataset} (input {'x'.join(map(str, art.input_shape))}, {art.classes} classes)"),
         ("pruning method", f"{art.method} ({pruning.get('granularity', '?')} granularity)" if pruning else "none"),
-        ("sparsity", f"{art.sparsity:.2%} of {m.get('prunable_params', 0):,} prunable weights "
-                     f"({m.get('nonzero_params', 0):,} nonzero)"
-                     + (f"; target {pruning['target_sparsity']:.2%}" if "target_sparsity" in pruning else "")),
-        ("channels trimmed at export", f"{trim.get('channels_removed', 0):,} of {trim.get('channels_before', 0):,}"
-                                       if trim else "no"),
+        ("sparsity", f"{art.sparsity:.2%} of {total:,} prunable weights ({nonzero:,} nonzero)"
+                     + (f"; target {target:.2%}" if target is not None else "")),
+        ("channels trimmed at export", f"{trim[0]:,} of {trim[1]:,}" if trim else "no"),
         ("files", ", ".join(f"{name} {entry['bytes'] / 1000:,.1f} kB"
                             for name, entry in art.manifest["files"].items())),
-        ("source checkpoint", str((art.manifest.get("source") or {}).get("checkpoint"))),
+        ("source checkpoint", str(art.source_checkpoint)),
     ]
     if "natural_accuracy" in metrics:
         facts.append(("accuracy recorded at training", f"natural {metrics['natural_accuracy']:.2%}, PGD "
@@ -78,29 +79,42 @@ def write_report(artifacts: list[str | os.PathLike[str]], out: str | os.PathLike
                  options: ReportOptions = ReportOptions(), *, log: Callable[[str], None] = lambda s: None,
                  note: Callable[[str], None] = lambda s: None) -> Path:
     """Benchmark every artifact and write out/report.md, its PNGs and report.json; returns the report's path."""
-    from .plots import curves_plot, latency_plot, sparsity_plot
-
     opened = [open_artifact(a) for a in artifacts]
     checked = [_checked(art, options, note) for art in opened]  # everything refused before anything runs
     slugs = distinct([re.sub(r"[^A-Za-z0-9_.-]+", "-", art.name).strip("-") or "artifact" for art in opened])
+    cards = [model_card(art, f"{slug}-sparsity.png") for art, slug in zip(opened, slugs)]
     out = Path(out)
     check_can_create(out)  # before the benchmarks run
     if out.is_dir():  # a folder in the way of a figure would fail after the benchmarks
         for name in [REPORT, "report.json", CURVES_PNG, *(f"{s}-{kind}.png" for s in slugs
                                                           for kind in ("latency", "sparsity"))]:
             check_output_file(out / name)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _benchmark_and_write(opened, slugs, cards, checked, out, options, log)
+    except BaseException:
+        if created:  # a benchmark failed or was stopped: no folder of plots without their report
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _benchmark_and_write(opened: list[Artifact], slugs: list[str], cards: list[str],
+                         checked: list[tuple[LatencyOptions, RobustnessOptions | None]], out: Path,
+                         options: ReportOptions, log: Callable[[str], None]) -> Path:
+    from .plots import curves_plot, latency_plot, sparsity_plot
+
     machine = machine_info(max(options.latency.threads))
     sections, raw = [], {"machine": machine, "artifacts": []}
     robust_runs = []
-    for art, slug, (latency_options, robustness_options) in zip(opened, slugs, checked):
+    for art, slug, card, (latency_options, robustness_options) in zip(opened, slugs, cards, checked):
         log(f"{art.name}: latency")
         latency = run_latency(art, latency_options, warn_busy=False)
         latency_plot(latency, out / f"{slug}-latency.png")
         sparsity_plot(art.layers, art.sparsity, f"{art.name}: density per layer", out / f"{slug}-sparsity.png")
         entry: dict[str, Any] = {"name": slug, "path": str(art.root), "latency": latency}
         parts = [f"## {slug}", "", f"`{art.root}`", "", "### Model card", "",
-                 model_card(art, f"{slug}-sparsity.png"), "### Latency", "", latency_markdown(latency),
+                 card, "### Latency", "", latency_markdown(latency),
                  f"![latency]({slug}-latency.png)", ""]
         if robustness_options is not None:
             log(f"{art.name}: robustness")

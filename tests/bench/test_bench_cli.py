@@ -17,6 +17,7 @@ from harp.bench.latency_bench import LatencyOptions, run_latency
 from harp.bench.robustness import RobustnessOptions, run_robustness
 from harp.bench.sparse_attack import greedy_pixel_attack
 from harp.bench.torch_graph import HANDLERS, load_torch_model
+from harp.cli import cli as harp_cli
 from harp.cli_errors import run_cli
 from harp.export.artifact import open_artifact
 
@@ -571,6 +572,42 @@ def test_missing_evaluation_data_is_refused_before_anything_runs(artifact, tmp_p
     code, _, err = bench(["report", artifact, "--out", tmp_path / "report", "--backends", "torch", "--iters", "50",
                           "--batch", "1", "--n", "8", "--attacks", "fgsm"], capsys)
     assert code == 2 and "missing or unreadable" in err and not (tmp_path / "report").exists(), err
+
+
+@pytest.mark.parametrize("edit, message", [  # each had been a traceback after the latency run, beside its PNGs
+    (lambda m: m.update(channel_trimming="lots"), "channel_trimming does not count channels_removed"),
+    (lambda m: m.update(source={"checkpoint": 5}), "source.checkpoint 5 is not a path"),
+    (lambda m: m["model"].update(nonzero_params=-5), "nonzero_params -5 are not two counts"),  # had been printed
+    (lambda m: m["model"]["metrics"].update(natural_accuracy="high"), "natural_accuracy 'high' is not a fraction"),
+])
+def test_a_manifest_fact_the_model_card_cannot_show_is_refused_before_timing(artifact, tmp_path, capsys, edit,
+                                                                              message):
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    edit(manifest)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = bench(["report", art, "--out", tmp_path / "report", "--backends", "harp", "--iters", "50",
+                          "--batch", "1", "--no-robustness"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "report").exists()
+    assert run_cli(harp_cli, ["verify", str(art), "--formats", "csr"]) == 2  # verify refuses what reports do
+    assert message in capsys.readouterr().err
+
+
+def test_a_report_that_fails_midway_leaves_no_folder(artifact, tmp_path, monkeypatch):
+    from harp.bench import report
+    from harp.errors import HarpError
+
+    def fails(*args, **kwargs):
+        raise HarpError("attack diverged")
+
+    monkeypatch.setattr(report, "run_robustness", fails)  # after the latency plots were written
+    options = report.ReportOptions(LatencyOptions(backends=("harp",), batches=(1,), iters=50, warmup=2),
+                                   RobustnessOptions(n=8, attacks=("fgsm",), curves=(), backends=("torch",)))
+    with pytest.raises(HarpError, match="attack diverged"):
+        report.write_report([artifact], tmp_path / "report", options)
+    assert not (tmp_path / "report").exists()  # had held the latency and sparsity PNGs, no report.md
 
 
 def test_robustness_by_default_evaluates_what_the_artifact_can_run(csr_artifact, capsys):

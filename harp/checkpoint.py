@@ -166,8 +166,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
     """HarpError for weights no training run writes: NaN/inf, floats other than float32 (a float64 1e300
-    is inf in the model), or a negative BatchNorm variance (later stages would fail far from the cause:
-    a NaN loss, a NaN sqrt in BatchNorm folding)."""
+    is inf in the model), a negative BatchNorm variance or an input std that is not positive (later
+    stages would fail far from the cause: a NaN loss, a NaN sqrt in BatchNorm folding)."""
     for name, t in state.items():
         if t.is_floating_point() and t.dtype != torch.float32:
             raise HarpError(f"checkpoint {path}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, "
@@ -176,6 +176,8 @@ def check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
             raise HarpError(f"checkpoint {path}: tensor {name!r} holds NaN or infinite values")
         if name.endswith("running_var") and (t < 0).any():
             raise HarpError(f"checkpoint {path}: BatchNorm variance {name!r} is negative")
+        if name == "normalize.std" and (t <= 0).any():  # a division by zero: every logit inf or NaN
+            raise HarpError(f"checkpoint {path}: input normalization std {t.flatten().tolist()} is not positive")
 
 
 def _load_tensors(f: Path) -> dict[str, torch.Tensor]:

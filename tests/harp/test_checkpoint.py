@@ -87,6 +87,7 @@ def test_wrongly_typed_sections_of_meta_are_refused(digits_ckpt, tmp_path, edit,
 @pytest.mark.parametrize("suffix,value,message", [
     ("weight", float("nan"), "holds NaN or infinite values"),  # finetune had blamed the learning rate
     ("running_var", -1.0, "BatchNorm variance .* is negative"),  # export had printed numpy's sqrt warning
+    ("normalize.std", 0.0, r"input normalization std \[0.0\] is not positive"),  # harp eval: 10%, NaN logits
 ])
 def test_weights_no_training_writes_are_refused(digits_ckpt, tmp_path, suffix, value, message):
     from safetensors.torch import load_file, save_file

@@ -118,6 +118,30 @@ def test_damaged_mnist_files_are_user_errors(tmp_path, damage, message):
     assert "Dataset not found" not in str(error.value)
 
 
+class _RunsOnLoad:
+    """A pickle that, when loaded, creates the file it names: what a crafted CIFAR batch could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_cifar_batch_is_refused_without_unpickling_it(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):
+        (folder / name).write_bytes(pickle.dumps(_RunsOnLoad(marker)))
+    with pytest.raises(HarpError, match="missing or unreadable"):
+        load_split("cifar10", False, root=tmp_path)
+    assert not marker.exists()
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="shared MNIST not present")
 def test_mnist_loads_offline_from_shared_data():
     test = load_split("mnist", False, root=SHARED_DATA)

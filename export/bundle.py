@@ -22,6 +22,7 @@ upcast, exactly, at load).
 `load_bundle` is the only way a bundle enters the runtime: it checks every byte
 and every header field before it returns, and reports any failure as one
 `BundleError` that names the tensor or header field and the broken invariant.
+`read_header` checks and returns the header alone, for readers that only compare it with a manifest.
 """
 
 from __future__ import annotations

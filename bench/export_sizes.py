@@ -11,8 +11,9 @@ Protocol
   unpruned-size baseline the acceptance ratios are meant against); both ratios are reported.
 - Parity: every registry architecture on CIFAR-10 shapes, random init with randomised BatchNorm
   statistics (seeded) so folding matters, pruned two ways: weight = global magnitude 90%, channel =
-  50% of the output channels of every conv/linear except the classifier zeroed the way harp's channel
-  pruning leaves them (weight rows and the following BatchNorm's weight and bias zero). No CIFAR data
+  50% of the output channels of every conv/linear except the classifier zeroed, and baked as harp's
+  channel pruning bakes them (weight rows, the following BatchNorm's weight and bias, and the weights
+  that read a zeroed channel, zero). No CIFAR data
   is on disk, so their parity inputs are 16 uniform [0, 1] random images (numpy seed 0); the digits
   rows use 256 test images + 64 PGD examples. fp16 rows repeat the channel-pruned export with fp16
   weight values.
@@ -44,7 +45,8 @@ from harp.export.exporter import export_checkpoint, export_model
 from harp.export.onnx_writer import graph_to_onnx
 from harp.export.trace import trace_model
 from harp.io import atomic_write_bytes
-from harp.models import build_model
+from harp.models import build_model, prunable_layers
+from harp.pruning.layers import bake, make_masked
 from harp.pruning.masks import apply_masks, global_magnitude_masks
 from harp.sparsity import model_sparsity
 
@@ -64,9 +66,11 @@ FILES = ("model.onnx", "model.sparse.onnx", "model.harpz", "parity.npz")
 
 
 def prune_channels(model: nn.Module, fraction: float, seed: int = 0) -> nn.Module:
-    """Zero `fraction` of the output channels as harp's channel pruning leaves them (see zero_channels_like_pruner)."""
+    """`model` with `fraction` of its output channels zeroed (`zero_channels_like_pruner`), then baked as
+    `harp prune --granularity channel` bakes its masks: the weights reading a zeroed channel are zero too."""
     zero_channels_like_pruner(model, fraction, seed)
-    return model
+    masks = {name: layer.weight != 0 for name, layer in prunable_layers(model)}
+    return bake(model, make_masked(model, masks, "channel"))[0].eval()
 
 
 def random_model(arch: str, seed: int = 0) -> nn.Module:
@@ -215,7 +219,7 @@ def run(out_md: Path, work: Path, digits_checkpoint: Path | None, digits_epochs:
                 apply_masks(model, global_magnitude_masks(model, 0.9))
                 label = "weight 90%"
             else:
-                prune_channels(model, CHANNEL_FRACTION)
+                model = prune_channels(model, CHANNEL_FRACTION)
                 label = f"channel {CHANNEL_FRACTION:.0%}"
             meta = {"architecture": arch, "dataset": cifar.to_json()}
             out = work / f"parity-{arch}-{granularity}"

@@ -45,9 +45,10 @@ def random_pruned_model(arch: str, spec: DatasetSpec, sparsity: float, rule: str
 
 
 def zero_channels_like_pruner(model: nn.Module, fraction: float, seed: int = 0) -> dict[str, list[int]]:
-    """Zero `fraction` of the output channels of every dense conv / hidden linear, in place, the way
-    harp's channel pruning leaves them: weight rows zero and, where a BatchNorm is the layer's only
-    reader, that BatchNorm's weight and bias zero (else the layer's bias). Returns the zeroed rows."""
+    """Zero `fraction` of the output channels of every dense conv / hidden linear, in place: weight rows
+    zero and, where a BatchNorm is the layer's only reader, that BatchNorm's weight and bias zero (else
+    the layer's bias). The weights reading those channels stay, as in a model zeroed by hand or by a harp
+    older than `bake`'s zeroing of them: the harder input for channel trimming. Returns the zeroed rows."""
     gen = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     nodes = [n for n in fx.symbolic_trace(model).graph.nodes

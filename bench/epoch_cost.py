@@ -56,7 +56,7 @@ def measure(dense: Path, data_root: str, sparsity: float, batches: int) -> dict[
     ckpt = load_checkpoint(dense)
     spec = ckpt.spec
     budget = budget_for(spec)
-    opts = PruneOptions(data_root=data_root)
+    opts = PruneOptions(data_root=data_root, download=None)
     harp_job, harp_run = score_job(ckpt, make_config("harp", sparsity=sparsity), opts, learn_rate=True)
     dense_job = TrainJob(ckpt.build_model(), LossConfig("pgd", train_attack(spec, None, None, None)))
     dense_run = RunConfig(epochs=1, batch_size=harp_run.batch_size, optimizer=budget.optimizer, lr=budget.lr,

@@ -72,15 +72,15 @@ def dense_reference(dataset: str, dense: Path | None, work: Path, data_root: str
     """The dense checkpoint and the seconds of one PGD-AT epoch of it (on `subset` examples), timed here."""
     if dense is None:
         dense = work / "dense"
-        metrics = train(TrainOptions(dataset=dataset, data_root=data_root, subset=subset), dense, force=True,
-                        quiet=True)
+        metrics = train(TrainOptions(dataset=dataset, data_root=data_root, download=None, subset=subset), dense,
+                        force=True, quiet=True)
         return dense, metrics["mean_epoch_seconds"]
     ckpt = load_checkpoint(dense)  # validated before anything runs
     # one epoch on a slice of the training data, scaled to the stages' epoch (keeps MNIST's probe short)
-    full = len(load_data(ckpt.spec, data_root, False, 0, subset).train)
-    sliced = len(load_data(ckpt.spec, data_root, False, 0, PROBE_EXAMPLES).train)
+    full = len(load_data(ckpt.spec, data_root, None, 0, subset).train)
+    sliced = len(load_data(ckpt.spec, data_root, None, 0, PROBE_EXAMPLES).train)
     metrics = train(TrainOptions(dataset=dataset, arch=ckpt.meta["architecture"], epochs=1, data_root=data_root,
-                                 subset=PROBE_EXAMPLES, test_size=100),  # the probe's own score is not used
+                                 download=None, subset=PROBE_EXAMPLES, test_size=100),  # its own score is not used
                     work / "dense-epoch", force=True, quiet=True)
     return dense, metrics["mean_epoch_seconds"] * full / sliced
 
@@ -116,7 +116,7 @@ def run_method(method: str, sparsity: float, dense: Path, work: Path, p: Protoco
     epochs = p.prune_epochs
     if method == "pwoa" and p.prune_epochs and p.finetune_epochs:
         epochs = p.prune_epochs + p.finetune_epochs  # ADMM + retraining: as many passes as prune + finetune
-    common = {"data_root": p.data_root, "subset": p.subset}
+    common = {"data_root": p.data_root, "download": None, "subset": p.subset}  # it offers no --download
     t0 = time.perf_counter()
     pruned = prune_checkpoint(dense, work / tag, make_config(method, sparsity=sparsity, granularity=p.granularity),
                               PruneOptions(epochs=epochs, test_size=prune_test, **common), force=True, quiet=True)
@@ -162,7 +162,7 @@ def attack_final(row: dict[str, Any], work: Path, p: Protocol) -> dict[str, Any]
         return row
     ckpt = load_checkpoint(final_dir(row, work))
     model = ckpt.build_model().eval()
-    test = load_data(ckpt.spec, p.data_root, False, 0).test
+    test = load_data(ckpt.spec, p.data_root, None, 0).test
     for key, (n, attacks) in wanted.items():
         x, y = next(test.subset(n).batches(n))
         t1 = time.perf_counter()

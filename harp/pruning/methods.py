@@ -102,7 +102,7 @@ class PruneOptions:
     batch_size: int | None = None
     seed: int = 0
     data_root: str = "data"
-    download: bool = False
+    download: bool | None = False  # None: the caller offers no --download, so errors do not suggest it
     device: str = "auto"
     subset: int | None = None
     test_size: int | None = None  # score only the first N test examples at the end (None: all)

@@ -64,7 +64,7 @@ class TrainOptions:
     optimizer: str | None = None
     seed: int = 0
     data_root: str = "data"
-    download: bool = False
+    download: bool | None = False  # None: the caller offers no --download, so errors do not suggest it
     device: str = "auto"
     subset: int | None = None  # use only the first N training and test examples (smoke runs)
     test_size: int | None = None  # score only the first N test examples at the end (None: all)
@@ -103,8 +103,10 @@ class SplitData:
     test: ImageData
 
 
-def load_data(spec: DatasetSpec, data_root: str, download: bool, seed: int, subset: int | None = None) -> SplitData:
-    """Train/validation/test; the validation split is a seeded 10% of the training split."""
+def load_data(spec: DatasetSpec, data_root: str, download: bool | None, seed: int,
+              subset: int | None = None) -> SplitData:
+    """Train/validation/test; the validation split is a seeded 10% of the training split. download:
+    None where the caller offers no --download (as `load_split`)."""
     full = load_split(spec.name, True, root=data_root, download=download)
     test = load_split(spec.name, False, root=data_root, download=download)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))

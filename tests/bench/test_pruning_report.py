@@ -91,6 +91,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert not list((tmp_path / "results").glob("*"))  # and nothing written
 
 
+def test_missing_data_is_one_line_that_suggests_no_option_the_script_lacks(tmp_path, monkeypatch, capsys):
+    from harp.cli_errors import run_script
+
+    monkeypatch.setattr(pruning_report, "RESULTS", tmp_path / "results")
+    argv = ["--dataset", "mnist", "--data-root", str(tmp_path / "nodata"), "--work", str(tmp_path / "w")]
+    assert run_script(lambda: pruning_report.main(argv), "pruning_report") == 2
+    err = capsys.readouterr().err
+    assert "missing or unreadable (pass --data-root to point at it)" in err, err  # had suggested --download
+    assert err.count("\n") == 1
+
+
 def test_an_unwritable_results_folder_is_refused_before_the_dense_model_trains(tmp_path, monkeypatch, capsys):
     from harp.cli_errors import run_script
 

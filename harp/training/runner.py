@@ -304,9 +304,14 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in state.items()}
 
 
+# The per-parameter state each optimizer of `make_optimizer` writes (Adam's max_exp_avg_sq: amsgrad only)
+_STATE_KEYS = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq"}, torch.optim.SGD: {"momentum_buffer"}}
+
+
 def _check_optimizer_state(opt: torch.optim.Optimizer, before: list[dict[str, Any]]) -> None:
     """ValueError for a loaded optimizer state no run writes, which torch takes as it is and fails on (or
-    trains with) mid-epoch: a setting that is no longer a number, a moment of another shape, or NaN."""
+    trains with) mid-epoch: a setting that is no longer a number, a missing or foreign moment, one of
+    another shape, NaN, a negative second moment or step count."""
     for group, old in zip(opt.param_groups, before, strict=True):
         for key, value in old.items():
             numbers = value if isinstance(value, tuple) else (value,)
@@ -316,9 +321,21 @@ def _check_optimizer_state(opt: torch.optim.Optimizer, before: list[dict[str, An
                                                           and all(is_number(v) for v in loaded)):
                 raise ValueError(f"optimizer setting {key!r} is {group.get(key)!r}, not a number")
         for param in group["params"]:
-            for key, value in opt.state.get(param, {}).items():
-                if not torch.is_tensor(value) or value.dim() == 0:  # the step count
+            state = opt.state.get(param, {})
+            expected = _STATE_KEYS.get(type(opt), set(state))
+            if state and set(state) != expected:
+                raise ValueError(f"optimizer state keys {sorted(state)} are not {sorted(expected)}")
+            for key, value in state.items():
+                if value is None and key == "momentum_buffer":  # SGD without momentum keeps none
                     continue
+                if not torch.is_tensor(value):
+                    raise ValueError(f"optimizer state {key!r} is a {type(value).__name__}, not a tensor")
+                if value.dim() == 0:  # the step count
+                    if not (torch.isfinite(value) and value >= 0):
+                        raise ValueError(f"optimizer state {key!r} is {value.item()}, not a step count")
+                    continue
+                if key == "exp_avg_sq" and (value < 0).any():  # its square root divides the step
+                    raise ValueError(f"optimizer state {key!r} holds negative second moments")
                 if value.shape != param.shape:
                     raise ValueError(f"optimizer state {key!r} has shape {list(value.shape)}, "
                                      f"its parameter {list(param.shape)}")

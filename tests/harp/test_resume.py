@@ -150,6 +150,16 @@ def _damage_saved_tensors(state_dir, what):
         moments = next(iter(saved["optimizer"]["state"].values()))
         key = next(k for k, v in moments.items() if v.dim() > 0)
         moments[key] = torch.zeros(3)
+    elif what in ("string", "missing", "nan-step", "negative"):  # tracebacks, or a NaN loss blamed on --lr
+        moments = next(iter(saved["optimizer"]["state"].values()))
+        if what == "string":
+            moments["exp_avg"] = "x"
+        elif what == "missing":
+            del moments["exp_avg_sq"]
+        elif what == "nan-step":
+            moments["step"] = torch.tensor(float("nan"))
+        else:
+            moments["exp_avg_sq"] = -moments["exp_avg_sq"].abs() - 1
     elif what == "lr":
         saved["optimizer"]["param_groups"][0]["lr"] = "x"
     elif what == "rng":
@@ -161,6 +171,10 @@ def _damage_saved_tensors(state_dir, what):
     ("variance", "BatchNorm variance 'net."),  # had trained on to 9.5% accuracy, exit 0
     ("scheduler", "scheduler steps, not the 2 epochs state.json records"),  # these had been tracebacks mid-epoch
     ("moment", "has shape [3], its parameter"),
+    ("string", "optimizer state 'exp_avg' is a str, not a tensor"),
+    ("missing", "optimizer state keys ['exp_avg', 'step'] are not ['exp_avg', 'exp_avg_sq', 'step']"),
+    ("nan-step", "optimizer state 'step' is nan, not a step count"),
+    ("negative", "optimizer state 'exp_avg_sq' holds negative second moments"),
     ("lr", "optimizer setting 'lr' is 'x', not a number"),
     ("rng", "'int' object has no attribute 'cpu'"),
 ])

@@ -443,9 +443,12 @@ def _plain_producer(node, modules: dict[str, nn.Module], pairs: dict[str, str]) 
     return None, False
 
 
+# Ops whose result may share the tensor's memory: a write into it is a write into the tensor.
+# getattr: h.data, h.T, h.mT (an attribute that is not a tensor has no writes to find).
 _VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze", "unsqueeze",
           "expand", "narrow", "select", "unbind", "split", "chunk", "view_as", "reshape_as", "as_strided",
-          "movedim", "swapaxes", "__getitem__", "getitem", "detach", "contiguous"}
+          "movedim", "moveaxis", "swapaxes", "swapdims", "unfold", "diagonal", "view_as_real", "view_as_complex",
+          "__getitem__", "getitem", "getattr", "detach", "contiguous"}
 
 
 def _mutated(node, modules: dict[str, nn.Module], depth: int = 0) -> bool:
@@ -463,7 +466,8 @@ def _mutated(node, modules: dict[str, nn.Module], depth: int = 0) -> bool:
                     and depth < 8 and _mutated(user, modules, depth + 1):
                 return True
         elif user.op in ("call_method", "call_function"):
-            if user.kwargs.get("inplace") or name in ("setitem", "__setitem__") or (
+            if user.kwargs.get("inplace") or user.kwargs.get("out") is not None \
+                    or name in ("setitem", "__setitem__") or (
                     name.endswith("_") and not name.startswith("_") and name != "relu_") or (
                     user.op == "call_function" and getattr(target, "__module__", None) in ("_operator", "operator")
                     and name.startswith("i") and name not in ("is_", "is_not", "index", "indexOf", "inv", "invert")):

@@ -56,8 +56,9 @@ class Artifact:
         ds = self.model.get("dataset")
         name = ds.get("name") if isinstance(ds, dict) else ds
         if name is not None and not isinstance(name, str):
-            raise HarpError(f"{self.root / MANIFEST}: model.dataset.name {name!r} is not a string")
-        return name if isinstance(ds, dict) or isinstance(ds, str) else None
+            field = "model.dataset.name" if isinstance(ds, dict) else "model.dataset"
+            raise HarpError(f"{self.root / MANIFEST}: {field} {name!r} is not a string")
+        return name
 
     @property
     def class_names(self) -> list[str] | None:
@@ -185,7 +186,7 @@ def _check_bundle_agrees(root: Path, model: dict[str, Any]) -> None:
     try:
         header = read_header(root / BUNDLE)
     except BundleError as e:
-        raise VerifyError(str(e)) from None
+        raise VerifyError(str(e)) from e
     graph_input = header["graph"].get("input") if isinstance(header["graph"], dict) else None
     shape = graph_input.get("shape") if isinstance(graph_input, dict) else None
     classes = header["meta"].get("classes") if isinstance(header["meta"], dict) else None

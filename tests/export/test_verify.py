@@ -189,6 +189,8 @@ def _dense_as_sparse(out: Path) -> None:
      "class_names is not"),
     (lambda out: _rewrite_manifest(out, lambda m: m["model"]["dataset"].update(name=5)),  # harp-bench: a traceback
      "model.dataset.name 5 is not a string"),
+    (lambda out: _rewrite_manifest(out, lambda m: m["model"].update(dataset=5)),  # had named a .name it lacks
+     r"model.dataset 5 is not a string"),
 ])
 def test_damaged_directory_is_a_verify_error(export_copy, damage, message):
     damage(export_copy)

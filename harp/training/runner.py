@@ -392,6 +392,8 @@ def _state_problem(state: Any) -> str | None:
     if not (is_int(best.get("epoch")) and (best["epoch"] == -1 or 1 <= best["epoch"] <= epoch)
             and is_number(best.get("robust")) and -1 <= best["robust"] <= 1):
         return "'best' is not an epoch run so far and its robust accuracy"
+    if best["epoch"] > 0 and best["robust"] != history[best["epoch"] - 1]["val_robust"]:  # later epochs beat it
+        return f"'best' robust accuracy {best['robust']} is not its epoch's val_robust"
     return None
 
 

@@ -107,6 +107,7 @@ def test_sigkill_during_harp_prune_then_resume_matches(digits_robust_ckpt, tmp_p
     (lambda s: s["history"][0].update(adversarial_examples=-1), "record 1 lacks a count of adversarial_examples"),
     (lambda s: s["history"][0].update(val_robust=3), "record 1 lacks val_natural and val_robust fractions"),
     (lambda s: s["best"].update(epoch=9), "'best' is not an epoch run so far"),
+    (lambda s: s["best"].update(epoch=1, robust=0.999), "'best' robust accuracy 0.999 is not its epoch's"),
     (lambda s: s.update(best="x"), "'best' is missing or not a JSON object"),
     (lambda s: s.update(epoch=1, history=s["history"][:1]), "model-1.safetensors are missing"),
 ])

@@ -330,9 +330,9 @@ def _check_optimizer_state(opt: torch.optim.Optimizer, before: list[dict[str, An
                     continue
                 if not torch.is_tensor(value):
                     raise ValueError(f"optimizer state {key!r} is a {type(value).__name__}, not a tensor")
-                if value.dim() == 0:  # the step count
-                    if not (torch.isfinite(value) and value >= 0):
-                        raise ValueError(f"optimizer state {key!r} is {value.item()}, not a step count")
+                if key == "step":
+                    if value.dim() != 0 or not (torch.isfinite(value) and value >= 0):
+                        raise ValueError(f"optimizer state 'step' is {value.tolist()}, not a step count")
                     continue
                 if key == "exp_avg_sq" and (value < 0).any():  # its square root divides the step
                     raise ValueError(f"optimizer state {key!r} holds negative second moments")

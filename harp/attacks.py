@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HarpError
+from .values import FLOAT32_MAX
 
 NORMS = ("linf", "l2")
 
@@ -33,8 +34,10 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise HarpError(f"unknown norm {self.norm!r} (choose from {', '.join(NORMS)})")
-        if not (math.isfinite(self.eps) and math.isfinite(self.step_size)) \
-                or self.eps < 0 or self.step_size < 0 or self.steps < 0 or self.restarts < 1:
+        if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (self.eps, self.step_size)):
+            raise HarpError(f"attack budget eps={self.eps:g}, step size {self.step_size:g} is beyond float32's "
+                            f"range (images are float32): give a smaller --eps")
+        if self.eps < 0 or self.step_size < 0 or self.steps < 0 or self.restarts < 1:
             raise HarpError(f"attack budget must be non-negative with restarts >= 1, got {self}")
 
 

@@ -9,6 +9,8 @@ import json
 import math
 from typing import Any
 
+FLOAT32_MAX = 3.4028234663852886e38  # options end up in float32 tensors (lr, eps, beta, images)
+
 
 def is_int(value: Any) -> bool:
     """An int that is not a bool."""

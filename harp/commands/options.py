@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from ..values import json_text
+from ..values import FLOAT32_MAX, json_text
 
 
 class FiniteFloat(click.FloatRange):
-    """A float option that also refuses nan and inf, which pass every range check (they compare False)."""
+    """A float option that also refuses nan and inf, which pass every range check (they compare False),
+    and magnitudes beyond float32's, which torch refuses mid-run (`--lr 1e308` had been a traceback)."""
 
     name = "float"
 
@@ -21,6 +22,8 @@ class FiniteFloat(click.FloatRange):
         value = super().convert(value, param, ctx)
         if not math.isfinite(value):
             self.fail(f"{value} is not a finite number", param, ctx)
+        if abs(value) > FLOAT32_MAX:
+            self.fail(f"{value:g} is beyond float32's range (3.4e38)", param, ctx)
         return value
 
     def _describe_range(self) -> str:

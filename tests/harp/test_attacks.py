@@ -60,11 +60,13 @@ def test_restarts_keep_what_the_first_run_fooled_and_fool_more(digits_ckpt):
     assert int(fooled[5].sum()) > int(fooled[1].sum())  # an ignored --restarts fools exactly as many
 
 
-@pytest.mark.parametrize("field", ["eps", "step_size"])
-def test_a_non_finite_budget_is_refused(field):
-    # nan passed the sign checks (it compares False) and failed deep inside torch
-    with pytest.raises(HarpError, match="attack budget"):
-        AttackConfig(**{"eps": 0.1, "step_size": 0.01, "steps": 3, field: float("nan")})
+@pytest.mark.parametrize("field, value", [("eps", float("nan")), ("step_size", float("nan")),
+                                          ("eps", 1e39), ("step_size", float("inf"))])
+def test_a_non_finite_budget_is_refused(field, value):
+    # nan passed the sign checks (it compares False) and failed deep inside torch, as did budgets
+    # beyond float32's range; an overflowed step size had been called negative
+    with pytest.raises(HarpError, match="is beyond float32's range"):
+        AttackConfig(**{"eps": 0.1, "step_size": 0.01, "steps": 3, field: value})
 
 
 def test_attack_defaults_follow_the_norm_and_the_step_count():

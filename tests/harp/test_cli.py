@@ -37,6 +37,9 @@ def _run(capsys, *args):
     (["eval", "{tmp}/empty", "--steps", "-1"], "'--steps': -1 is not in the range x>=0"),
     (["eval", "{tmp}/empty", "--restarts", "0"], "'--restarts': 0 is not in the range x>=1"),
     (["prune", "{tmp}/empty", "--out", "{tmp}/o", "--gamma0", "inf"], "inf is not a finite number"),
+    # float32 overflows: torch's RuntimeError tracebacks mid-run, o/state left behind
+    (["train", "--lr", "1e308", "--out", "{tmp}/o"], "'--lr': 1e+308 is beyond float32's range"),
+    (["eval", "{tmp}/empty", "--eps", "1e39"], "'--eps': 1e+39 is beyond float32's range"),
     # an ImageNet network pools 8x8 digits away: had been a traceback from the first PGD step, leaving o/state
     (["train", "--arch", "torchvision:squeezenet1_0", "--out", "{tmp}/o"],
      "--arch torchvision:squeezenet1_0 cannot run on the 1x8x8 images of digits: Given input size"),

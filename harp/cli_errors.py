@@ -81,7 +81,8 @@ def _run(main: Callable[[], object], prog: str) -> int:
         if cache_error is not None:
             click.echo(f"{prog}: error: {one_line(str(cache_error))}", err=True)
             return 2
-        click.echo(f"{prog}: aborted", err=True)
+        # and every Ctrl-C, outside standalone mode: said as when a script is stopped
+        click.echo(f"{prog}: {'interrupted' if isinstance(e.__cause__, KeyboardInterrupt) else 'aborted'}", err=True)
         return 130
     except Terminated:
         click.echo(f"{prog}: terminated", err=True)

@@ -7,7 +7,7 @@ import sys
 import click
 import pytest
 
-from harp.cli_errors import Terminated, run_script
+from harp.cli_errors import Terminated, run_cli, run_script
 from harp.errors import HarpError
 
 
@@ -33,6 +33,16 @@ def test_each_ending_is_one_line_and_its_exit_status(capsys, error, code, line):
     assert run_script(_raise(error), "tool") == code
     out, err = capsys.readouterr()
     assert out == "" and err == line + "\n"
+
+
+def test_ctrl_c_in_a_click_command_is_interrupted_not_aborted(capsys):
+    # click turns KeyboardInterrupt into Abort outside standalone mode: `harp train` had said "aborted"
+    @click.command()
+    def stopped():
+        raise KeyboardInterrupt
+
+    assert run_cli(stopped, [], prog="tool") == 130
+    assert capsys.readouterr().err.strip() == "tool: interrupted"
 
 
 def test_success_and_click_exits_keep_their_status(capsys):

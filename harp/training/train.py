@@ -116,6 +116,9 @@ def load_data(spec: DatasetSpec, data_root: str, download: bool | None, seed: in
     val = ImageData(full.images[val_idx], full.labels[val_idx])
     if subset is not None:
         train, val, test = train.subset(subset), val.subset(max(subset // 4, 1)), test.subset(subset)
+    if len(train) < 2:  # one example makes no batch (BatchNorm needs two): every epoch would train nothing
+        raise HarpError(f"{spec.name}: {len(train)} training example(s){f' with --subset {subset}' if subset else ''};"
+                        " a training batch needs at least 2")
     return SplitData(train, val, test)
 
 

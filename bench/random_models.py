@@ -8,7 +8,8 @@ import torch.fx as fx
 from torch import nn
 
 from harp.data import DatasetSpec
-from harp.models import build_model, prunable_layers
+from harp.errors import HarpError
+from harp.models import build_model, check_model_runs, prunable_layers
 from harp.pruning.masks import apply_masks, global_magnitude_masks, layerwise_magnitude_masks
 
 PRUNING_RULES = ("global-magnitude", "uniform")
@@ -33,7 +34,14 @@ def random_pruned_model(arch: str, spec: DatasetSpec, sparsity: float, rule: str
     """`arch` for `spec` with seeded random weights and BatchNorm, pruned one-shot by magnitude:
     over the whole model ("global-magnitude") or every layer alike ("uniform")."""
     torch.manual_seed(seed)
-    model = randomise_batchnorm(build_model(arch, spec), seed).eval()
+    try:
+        model = randomise_batchnorm(build_model(arch, spec), seed).eval()
+    except RuntimeError as e:  # an allocation beyond this machine: a what-if of 10^8 classes
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        shape = "x".join(map(str, spec.input_shape))
+        raise HarpError(f"--arch {arch} for {shape} inputs and {spec.classes} classes cannot be built here: "
+                        f"{first}") from e
+    check_model_runs(model, arch, spec)  # an input too small for its pooling, or too large for memory
     if rule == "global-magnitude":
         masks = global_magnitude_masks(model, sparsity)
     elif rule == "uniform":

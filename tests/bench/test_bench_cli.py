@@ -509,6 +509,15 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, monkeypatc
     assert len(lines) == 1 and lines[0].startswith("harp-bench: error:") and expected in lines[0], err
 
 
+def test_a_whatif_input_too_small_for_the_architecture_is_one_error_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the what-if artifact is written under runs/
+    code, _, err = bench(["latency", "--arch", "small_cnn", "--input-shape", "1,2,2", "--iters", "50", "--batch",
+                          "1", "--backends", "harp"], capsys)
+    assert code == 2 and "Traceback" not in err, err  # had been a RuntimeError traceback from topk_mask
+    assert err.splitlines()[-1].startswith("harp-bench: error: --arch small_cnn cannot run on the 1x2x2 images "
+                                           "of what-if: ")
+
+
 @pytest.mark.parametrize("classes", [3, 5])
 def test_autoattack_runs_on_models_with_fewer_than_ten_classes(classes):
     # the standard version's 9 target classes had ended in an IndexError traceback below 10 classes

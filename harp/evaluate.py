@@ -74,6 +74,9 @@ def evaluate_checkpoint(path: str, *, attack: str = "pgd", eps: float | None = N
 
     if attack not in EVAL_ATTACKS:
         raise HarpError(f"unknown attack {attack!r} (choose from {', '.join(EVAL_ATTACKS)})")
+    if attack == "fgsm" and (steps is not None or restarts != 1):  # they had been ignored without a word
+        raise HarpError("--attack fgsm takes one step of eps from the image itself: drop --steps and --restarts "
+                        "(or use --attack all, whose PGD uses them)")
     dev = resolve_device(device)
     ckpt = load_checkpoint(path)
     spec = ckpt.spec

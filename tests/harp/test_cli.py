@@ -40,6 +40,7 @@ def _run(capsys, *args):
     # float32 overflows: torch's RuntimeError tracebacks mid-run, o/state left behind
     (["train", "--lr", "1e308", "--out", "{tmp}/o"], "'--lr': 1e+308 is beyond float32's range"),
     (["eval", "{tmp}/empty", "--eps", "1e39"], "'--eps': 1e+39 is beyond float32's range"),
+    (["eval", "{tmp}/empty", "--attack", "fgsm", "--steps", "5"], "--attack fgsm takes one step"),  # ignored
     # had trained no batch and reported 100% accuracy, exit 0
     (["train", "--subset", "1", "--out", "{tmp}/o"], "1 training example(s) with --subset 1; a training batch"),
     # an ImageNet network pools 8x8 digits away: had been a traceback from the first PGD step, leaving o/state

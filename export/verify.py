@@ -421,6 +421,9 @@ def verify_artifact(directory: str | os.PathLike[str], *, executor: str = "auto"
             raise VerifyError(f"{root} holds the formats {', '.join(exported)}; "
                               + (f"it has no {', '.join(missing)}" if missing else "no format was asked for"))
         formats = [f for f in exported if f in formats]
+    if executor != "auto" and "csr" not in formats:  # it had been ignored without a word
+        raise VerifyError(f"executor {executor!r} runs the CSR bundle, and the formats re-run here are "
+                          f"{', '.join(formats)}: add csr or drop the executor")
 
     arrays = load_parity(root / PARITY_FILE)
     x = np.concatenate([arrays["x_clean"], arrays["x_adv"]])

@@ -230,6 +230,9 @@ def test_formats_choose_what_is_rerun_but_every_hash_is_checked(export_copy):
     assert list(result["parity"]) == ["csr"] and len(result["files"]) == 4
     with pytest.raises(VerifyError, match="holds the formats onnx, onnx-sparse, csr; it has no tflite"):
         verify_artifact(export_copy, formats=["csr", "tflite"])
+    with pytest.raises(VerifyError, match="executor 'reference' runs the CSR bundle, and the formats re-run "
+                                          "here are onnx: add csr or drop the executor"):  # had been ignored
+        verify_artifact(export_copy, formats=["onnx"], executor="reference")
     with pytest.raises(VerifyError, match="no format was asked for"):
         verify_artifact(export_copy, formats=[])
     onnx = export_copy / "model.onnx"

@@ -121,6 +121,9 @@ def writing(out: Path, hold: bool = True) -> Iterator[None]:
     directory (not beside `out`: --force replaces `out`, and a pipeline's stages are inside one);
     the kernel releases it when the process dies, however it dies. Where flock is missing (Windows)
     nothing is locked.
+
+    A block that fails or is stopped (Ctrl-C, SIGTERM) before its first finished epoch removes the
+    `out` it created: an empty folder, or a state/ with nothing to resume, would be all it left.
     """
     try:
         import fcntl
@@ -145,10 +148,15 @@ def writing(out: Path, hold: bool = True) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
+    existed = os.path.lexists(out)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
+    except BaseException:
+        if not existed and out.is_dir() and (not any(out.iterdir()) or never_finished_an_epoch(out)):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)

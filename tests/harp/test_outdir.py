@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from harp.errors import HarpError
-from harp.outdir import _lock_path, writing
+from harp.outdir import _lock_path, make_out_dir, writing
 
 HOLD = """
 import sys, time
@@ -47,3 +47,25 @@ def test_a_second_process_writing_the_same_folder_is_refused(tmp_path):
     assert not _lock_path(out).exists()  # removed once released
     with writing(tmp_path / "other"), writing(out):  # other folders are independent
         pass
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, HarpError])
+def test_a_run_stopped_before_its_first_epoch_leaves_no_folder_it_made(tmp_path, stop):
+    # Ctrl-C or SIGTERM in the first epoch of train/prune/finetune had left an empty --out (or state/)
+    def run(out, state_json=False):
+        with pytest.raises(stop):
+            with writing(out):
+                make_out_dir(out, force=False, resume=False)
+                (out / "state").mkdir()
+                (out / "state" / "model-1.safetensors").write_bytes(b"weights")
+                if state_json:  # an epoch finished: --resume continues it, so it stays
+                    (out / "state" / "state.json").write_text("{}")
+                raise stop()
+
+    run(tmp_path / "new" / "run")
+    assert not (tmp_path / "new" / "run").exists()
+    run(tmp_path / "resumable", state_json=True)
+    assert (tmp_path / "resumable" / "state" / "state.json").is_file()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, emptied or not
+    run(tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()

@@ -68,6 +68,8 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
                  log=print) -> dict[str, Any]:
     """Run every stage whose output is missing; returns {stage: metrics}."""
     out = Path(out)
+    if opts.method not in RESUMABLE and opts.prune_epochs is not None:  # had been recorded as if used
+        raise HarpError(f"--method {opts.method} prunes in one shot: --prune-epochs would change nothing; drop it")
     if opts.export:
         _check_exportable(opts)
     config = make_config(opts.method, sparsity=opts.sparsity, granularity=opts.granularity, seed=opts.seed)

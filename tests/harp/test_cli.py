@@ -41,6 +41,11 @@ def _run(capsys, *args):
     (["train", "--lr", "1e308", "--out", "{tmp}/o"], "'--lr': 1e+308 is beyond float32's range"),
     (["eval", "{tmp}/empty", "--eps", "1e39"], "'--eps': 1e+39 is beyond float32's range"),
     (["eval", "{tmp}/empty", "--attack", "fgsm", "--steps", "5"], "--attack fgsm takes one step"),  # ignored
+    # a one-shot method had recorded training options it never used
+    (["prune", "{tmp}/empty", "--method", "lwm", "--epochs", "5", "--lr", "3", "--out", "{tmp}/o"],
+     "--method lwm prunes in one shot, with no training loop: --epochs, --lr would change nothing"),
+    (["pipeline", "--method", "lwm", "--prune-epochs", "3", "--out", "{tmp}/o"],
+     "--method lwm prunes in one shot: --prune-epochs would change nothing"),
     # had trained no batch and reported 100% accuracy, exit 0
     (["train", "--subset", "1", "--out", "{tmp}/o"], "1 training example(s) with --subset 1; a training batch"),
     # an ImageNet network pools 8x8 digits away: had been a traceback from the first PGD step, leaving o/state

@@ -27,7 +27,7 @@ from .io import atomic_write_json, read_json
 from .models import build_model, check_model_runs, default_arch
 from .outdir import check_out_dir, make_out_dir, writing
 from .pruning.finetune import finetune_checkpoint
-from .pruning.methods import RESUMABLE, PruneOptions, make_config, prune_checkpoint
+from .pruning.methods import RESUMABLE, PruneOptions, make_config, prune_checkpoint, unread_stage_options
 from .training.distributed import launched_processes
 from .training.runner import STATE_DIR
 from .training.train import TrainOptions, train
@@ -68,7 +68,7 @@ def run_pipeline(opts: PipelineOptions, out: str | Path, *, force: bool = False,
                  log=print) -> dict[str, Any]:
     """Run every stage whose output is missing; returns {stage: metrics}."""
     out = Path(out)
-    if opts.method not in RESUMABLE and opts.prune_epochs is not None:  # had been recorded as if used
+    if opts.prune_epochs is not None and "epochs" in unread_stage_options(opts.method):  # recorded as if used
         raise HarpError(f"--method {opts.method} prunes in one shot: --prune-epochs would change nothing; drop it")
     if opts.export:
         _check_exportable(opts)

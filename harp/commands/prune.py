@@ -4,7 +4,7 @@ import click
 
 from ..pruning.finetune import finetune_checkpoint
 from ..pruning.layers import GRANULARITIES
-from ..pruning.methods import METHODS, RESUMABLE, PruneOptions, make_config, prune_checkpoint
+from ..pruning.methods import METHODS, PruneOptions, make_config, prune_checkpoint, unread_stage_options
 from ..pruning.mrpf import ALLOCATIONS, SENSITIVITIES
 from ..pruning.pwoa import PROJECTIONS
 from ..pruning.rates import RATE_INITS
@@ -45,8 +45,6 @@ _mrpf_options = [
     click.option("--noise-scale", type=o.FINITE, default=None, help="MRPF: noise std / weight std (default 0.5)."),
     click.option("--mrs-examples", type=int, default=None, help="MRPF: held-out examples measured (default 256)."),
 ]
-# The stage options only a training loop reads (MRPF's sensitivity attack reads --steps too)
-_TRAINING_KEYS = ("epochs", "adv", "lr", "batch_size", "steps")
 _METHOD_KEYS = ("distill_temperature", "lambda_x", "lambda_y", "rho", "mix_ratio", "admm_epochs", "retrain_epochs",
                 "hsic_sigma", "projection", "sensitivity", "temperature", "allocation", "noise_scale",
                 "mrs_examples")
@@ -69,13 +67,12 @@ _METHOD_KEYS = ("distill_temperature", "lambda_x", "lambda_y", "rho", "mix_ratio
 def prune_command(ctx, checkpoint, out, method, sparsity, granularity, gamma0, alpha, rate_init, rate_lr,
                   resume, force, quiet, **kw):
     """Prune a dense checkpoint to a target sparsity (HARP by default)."""
-    if method not in RESUMABLE:  # they had been recorded in meta.json as if a training loop had used them
-        given = [f"--{name.replace('_', '-')}" for name in _TRAINING_KEYS
-                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-                 and not (method == "mrpf" and name == "steps")]
-        if given:
-            raise click.UsageError(f"--method {method} prunes in one shot, with no training loop: "
-                                   f"{', '.join(given)} would change nothing; drop them")
+    # they had been recorded in meta.json as if a training loop had used them
+    given = [f"--{name.replace('_', '-')}" for name in unread_stage_options(method)
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"--method {method} prunes in one shot, with no training loop: "
+                               f"{', '.join(given)} would change nothing; drop them")
     method_kw = {name: kw.pop(name) for name in _METHOD_KEYS}
     config = make_config(method, sparsity=sparsity, granularity=granularity, gamma0=gamma0, alpha=alpha,
                          rate_init=rate_init, rate_lr=rate_lr, seed=kw["seed"], **method_kw)

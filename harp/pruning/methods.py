@@ -328,6 +328,14 @@ METHODS: dict[str, tuple[type, Handler]] = {
 RESUMABLE = ("harp", "hydra", "pwoa")  # methods that run the epoch loop
 
 
+def unread_stage_options(method: str) -> tuple[str, ...]:
+    """The PruneOptions fields `method` never reads: a training loop's, for the one-shot methods (MRPF's
+    sensitivity attack reads `steps`). A command refuses them when given rather than record them unused."""
+    if method in RESUMABLE:
+        return ()
+    return ("epochs", "adv", "lr", "batch_size") + (() if method == "mrpf" else ("steps",))
+
+
 def make_config(method: str, **kw: Any):
     """The config dataclass of `method` from keyword arguments (None means default)."""
     if method not in METHODS:

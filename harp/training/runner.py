@@ -326,21 +326,25 @@ def _check_optimizer_state(opt: torch.optim.Optimizer, before: list[dict[str, An
             if state and set(state) != expected:
                 raise ValueError(f"optimizer state keys {sorted(state)} are not {sorted(expected)}")
             for key, value in state.items():
-                if value is None and key == "momentum_buffer":  # SGD without momentum keeps none
-                    continue
-                if not torch.is_tensor(value):
-                    raise ValueError(f"optimizer state {key!r} is a {type(value).__name__}, not a tensor")
-                if key == "step":
-                    if value.dim() != 0 or not (torch.isfinite(value) and value >= 0):
-                        raise ValueError(f"optimizer state 'step' is {value.tolist()}, not a step count")
-                    continue
-                if key == "exp_avg_sq" and (value < 0).any():  # its square root divides the step
-                    raise ValueError(f"optimizer state {key!r} holds negative second moments")
-                if value.shape != param.shape:
-                    raise ValueError(f"optimizer state {key!r} has shape {list(value.shape)}, "
-                                     f"its parameter {list(param.shape)}")
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"optimizer state {key!r} holds NaN or infinite values")
+                _check_moment(key, value, param)
+
+
+def _check_moment(key: str, value: Any, param: torch.Tensor) -> None:
+    """ValueError unless `value` is what the optimizer keeps as `key` for `param`."""
+    if value is None and key == "momentum_buffer":  # SGD without momentum keeps none
+        return
+    if not torch.is_tensor(value):
+        raise ValueError(f"optimizer state {key!r} is a {type(value).__name__}, not a tensor")
+    if key == "step":
+        if value.dim() != 0 or not (torch.isfinite(value) and value >= 0):
+            raise ValueError(f"optimizer state 'step' is {value.tolist()}, not a step count")
+        return
+    if key == "exp_avg_sq" and (value < 0).any():  # its square root divides the step
+        raise ValueError(f"optimizer state {key!r} holds negative second moments")
+    if value.shape != param.shape:
+        raise ValueError(f"optimizer state {key!r} has shape {list(value.shape)}, its parameter {list(param.shape)}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"optimizer state {key!r} holds NaN or infinite values")
 
 
 def _load_optimizer_state(path: Path, device: torch.device) -> dict[str, Any]:

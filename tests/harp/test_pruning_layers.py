@@ -225,19 +225,24 @@ def test_bake_keeps_the_weights_that_read_a_channel_which_is_not_zero():
         assert baked[name].all(), name
 
 
+class _ConvBnConv(nn.Module):
+    """Convs c1 (with BatchNorm bn1), c2, c3 and a head fc, for the in-place write tests: each test's
+    forward wires them."""
+
+    input_shape = (2, 5, 5)
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 1)
+        self.c3 = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+
 def test_bake_keeps_the_weights_behind_an_in_place_write_or_a_producer_applied_twice():
     # fx shows h before h.add_(1) wrote into it, and c1's call without its BatchNorm is not gated:
     # the channels c2 and c3 read are not zero, so their weights stay.
-    class Net(nn.Module):
-        input_shape = (2, 5, 5)
-
-        def __init__(self):
-            super().__init__()
-            self.c1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
-            self.c2 = nn.Conv2d(4, 4, 1)
-            self.c3 = nn.Conv2d(4, 4, 1)
-            self.fc = nn.Linear(4, 3)
-
+    class Net(_ConvBnConv):
         def forward(self, x):
             h = self.bn1(self.c1(x))
             h.add_(1)
@@ -261,15 +266,7 @@ def test_bake_keeps_the_weights_behind_an_in_place_write_or_a_producer_applied_t
     lambda h: h.moveaxis(1, 3).add_(1),
 ], ids=["none", "add_", "data", "out=", "mT", "moveaxis"])
 def test_bake_sees_every_kind_of_in_place_write(write):
-    class Net(nn.Module):
-        input_shape = (2, 5, 5)
-
-        def __init__(self):
-            super().__init__()
-            self.c1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
-            self.c2 = nn.Conv2d(4, 4, 1)
-            self.fc = nn.Linear(4, 3)
-
+    class Net(_ConvBnConv):  # c3 unused
         def forward(self, x):
             h = self.bn1(self.c1(x))
             if write is not None:
